@@ -1,0 +1,16 @@
+"""mergesmith: merge large language models from mergekit-style YAML recipes.
+
+Python API::
+
+    import mergesmith
+    report = mergesmith.check("recipe.yml")      # validate + plan, no tensor data read
+    print(report.summary())
+    mergesmith.run("recipe.yml", "merged-model")  # write the merged model atomically
+"""
+
+__version__ = "0.1.0"
+
+from .api import CheckReport, check, plan, run  # noqa: E402
+from .errors import MergeError, MergeIOError  # noqa: E402
+
+__all__ = ["CheckReport", "MergeError", "MergeIOError", "__version__", "check", "plan", "run"]

@@ -1,0 +1,135 @@
+"""Python API: ``run`` a recipe, ``check`` it, or ``plan`` it without reading tensor data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .checkpoint import ModelSource, resolve
+from .errors import MergeError
+from .execute import CHUNK_ELEMENTS, execute, resolve_device, work_items
+from .output import partial_path, prepare_output, publish, verify, write_side_files
+from .plan import DEFAULT_SHARD_SIZE, Plan, PlanOptions, make_plan, referenced_models
+from .recipe import Recipe, load_recipe
+from .units import parse_dtype, parse_size
+
+RecipeLike = Any  # path, YAML text, mapping or Recipe
+
+
+@dataclass
+class CheckReport:
+    """What ``check`` found: the plan and its cost estimate."""
+
+    plan: Plan
+    peak_memory: int
+    threads: int
+
+    def summary(self) -> str:
+        from .units import format_bytes as fb
+
+        p = self.plan
+        lines = [
+            f"recipe:        {p.recipe.source} — merge_method {p.method.name}",
+            "models:",
+        ]
+        for i, m in enumerate(p.models):
+            role = " (base, donor of config and tokenizer)" if i == p.donor else ""
+            pending = ", weights to download" if m.pending_download else ""
+            lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "
+                         f"{fb(m.index.total_bytes)}{pending}{role}")
+        lines += [
+            f"output:        {len(p.tensors)} tensors in {len(p.shards)} file(s), "
+            f"dtype {', '.join(sorted({str(t.dtype).removeprefix('torch.') for t in p.tensors}))}",
+            f"bytes to read: {fb(p.bytes_read)}",
+            f"bytes to write: {fb(p.bytes_written)}",
+            f"peak memory:   about {fb(self.peak_memory)} with {self.threads} thread(s) "
+            "(tensor data in flight; plus about 0.3 GB for Python and torch)",
+        ]
+        lines += [f"note: {n}" for n in p.notes]
+        lines += [f"warning: {w}" for w in p.warnings]
+        return "\n".join(lines)
+
+
+def _options(out_shard_size: int | str, compute_dtype: str | torch.dtype, seed: int | None,
+             allow_crimes: bool, recipe: Recipe) -> PlanOptions:
+    compute = (compute_dtype if isinstance(compute_dtype, torch.dtype)
+               else parse_dtype(compute_dtype, "--compute-dtype"))
+    if compute not in (torch.float32, torch.float64):
+        raise MergeError("--compute-dtype must be float32 or float64")
+    return PlanOptions(out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
+                       compute_dtype=compute,
+                       seed=seed if seed is not None else recipe.seed,
+                       allow_crimes=allow_crimes)
+
+
+def plan(recipe: RecipeLike, *, out_shard_size: int | str = DEFAULT_SHARD_SIZE,
+         compute_dtype: str | torch.dtype = torch.float32, seed: int | None = None,
+         allow_crimes: bool = False) -> Plan:
+    """Parse and validate a recipe, resolve its models, and plan the merge (no tensor data)."""
+    r = load_recipe(recipe)
+    options = _options(out_shard_size, compute_dtype, seed, allow_crimes, r)
+    sources: dict = {}
+    for ref, where in referenced_models(r):
+        sources[ref] = resolve(ref, where)
+    return make_plan(r, sources, options)
+
+
+def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Bytes of tensor data in flight at once: the ``threads`` largest work items."""
+    costs = []
+    for item in work_items(p, chunk_elements):
+        t = item.tensor
+        rows = item.rows[1] - item.rows[0] if item.rows else (t.shape[0] if t.shape else 1)
+        frac = rows / t.shape[0] if t.shape and t.shape[0] else 1.0
+        numel = max(1, int(round(frac * max(1, torch.Size(t.shape).numel()))))
+        width = torch.promote_types(p.options.compute_dtype, t.dtype).itemsize
+        raw = sum(p.input_info(i).dtype.itemsize for i in t.inputs) * numel
+        compute = (len(t.inputs) + 2) * width * numel if t.method != "copy" else 0
+        costs.append(raw + compute + t.dtype.itemsize * numel)
+    costs.sort(reverse=True)
+    return sum(costs[:threads])
+
+
+def check(recipe: RecipeLike, *, threads: int | None = None, **plan_options: Any) -> CheckReport:
+    """Validate a recipe and estimate the merge without reading any tensor data."""
+    p = plan(recipe, **plan_options)
+    n = max(1, threads or os.cpu_count() or 1)
+    return CheckReport(p, estimate_peak_memory(p, n), n)
+
+
+def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
+        threads: int | None = None, device: str = "cpu",
+        out_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+        compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
+        progress: Callable[[Plan], Callable[[int], None]] | None = None) -> Plan:
+    """Merge: validate and plan everything, then write ``out`` atomically.
+
+    ``progress``, if given, is called with the plan and returns a callback receiving the
+    number of bytes written by each finished work item.
+    """
+    out = os.fspath(out)
+    resolve_device(device)
+    p = plan(recipe, out_shard_size=out_shard_size, compute_dtype=compute_dtype, seed=seed,
+             allow_crimes=allow_crimes)
+    for w in p.warnings:
+        warnings.warn(w, stacklevel=2)
+    partial = prepare_output(out, overwrite)
+    try:
+        execute(p, partial, threads=threads, device=device,
+                progress=progress(p) if progress else None)
+        write_side_files(p, partial)
+        verify(p, partial)
+        publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial_path(out), ignore_errors=True)
+        raise
+    return p
+
+
+__all__ = ["CheckReport", "ModelSource", "check", "plan", "run"]

@@ -1,0 +1,8 @@
+"""Reading input checkpoints without holding them: indexes from headers, reads by byte range."""
+
+from .index import CheckpointIndex, TensorInfo, index_folder, read_config
+from .reader import TensorReader
+from .resolve import ModelSource, resolve
+
+__all__ = ["CheckpointIndex", "ModelSource", "TensorInfo", "TensorReader", "index_folder",
+           "read_config", "resolve"]

@@ -1,0 +1,174 @@
+"""Model references → tensor indexes: local folders, or Hugging Face Hub repositories.
+
+A reference that exists on disk is a local folder. Anything else that looks like a Hub id
+(``org/name``) is resolved through ``huggingface_hub``, which honours its cache
+(``HF_HUB_CACHE``/``HF_HOME``) and ``HF_HUB_OFFLINE``. When a Hub model is not in the
+cache, planning needs only its metadata (``config.json`` and safetensors headers, fetched
+without the weights); the weights are downloaded after the whole recipe has been checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..errors import MergeError
+from ..recipe.refs import ModelReference
+from .index import WEIGHT_SUFFIXES, CheckpointIndex, TensorInfo, index_folder, read_config
+from .safetensors_format import ST_TO_TORCH
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# Everything but weight formats we do not read: side files (tokenizer, chat template,
+# generation config, processor configs ...) travel with the model.
+_IGNORE_WITH_SAFETENSORS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack",
+                            "*.onnx", "*.ot", "*.tflite", "*.pkl", "original/*", "onnx/*"]
+_IGNORE_WITH_BIN = [p for p in _IGNORE_WITH_SAFETENSORS if p != "*.bin"]
+
+
+@dataclass
+class ModelSource:
+    """A resolved input model: its tensor index, and where its files are (or will be)."""
+
+    ref: ModelReference
+    index: CheckpointIndex
+    repo_id: str | None = None  # set for Hub models
+    pending_download: bool = False
+    _ignore: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def folder(self) -> str:
+        return self.index.folder
+
+    @property
+    def config(self) -> dict | None:
+        return self.index.config
+
+    def ensure_local(self) -> CheckpointIndex:
+        """Download the weights of a Hub model if needed; return an index with file offsets."""
+        if not self.pending_download:
+            return self.index
+        planned = self.index
+        folder = _snapshot(self.repo_id or "", self.ref.model.revision, self._ignore,
+                           local_only=False)
+        local = index_folder(folder)
+        for name, info in planned.tensors.items():
+            got = local.tensors.get(name)
+            if got is None or got.shape != info.shape or got.dtype != info.dtype:
+                raise MergeError(f"{self.ref}: downloaded files differ from the metadata used "
+                                 f"for planning (tensor '{name}'); run the merge again")
+        self.index, self.pending_download = local, False
+        return local
+
+
+def looks_like_path(path: str) -> bool:
+    """True for references that can only be meant as local paths."""
+    return (path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path in (".", "..")
+            or os.sep + os.sep in path or (os.name == "nt" and ":" in path))
+
+
+def resolve(ref: ModelReference, where: str) -> ModelSource:
+    """Resolve one reference without reading tensor data (may fetch Hub metadata)."""
+    if ref.lora is not None:
+        raise MergeError(f"{where}: '{ref}' applies a LoRA adapter; model+lora references are "
+                         "not supported yet. Merge the adapter into its base first "
+                         "(PEFT's merge_and_unload) and refer to that folder.")
+    path = os.path.expanduser(ref.model.path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise MergeError(f"{where}: '{ref.model.path}' is a file; a model is a folder with "
+                             "config.json and weight files")
+        return ModelSource(ref, index_folder(path))
+    if looks_like_path(ref.model.path) or not _HUB_ID.match(ref.model.path):
+        raise MergeError(f"{where}: model folder not found: {ref.model.path} (relative paths "
+                         f"are resolved from the current folder, {os.getcwd()})")
+    return _resolve_hub(ref, where)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _resolve_hub(ref: ModelReference, where: str) -> ModelSource:
+    repo, revision = ref.model.path, ref.model.revision
+    # 1. Complete in the local cache? Then it is a local folder.
+    try:
+        folder = _snapshot(repo, revision, _IGNORE_WITH_SAFETENSORS, local_only=True)
+        return ModelSource(ref, index_folder(folder), repo_id=repo)
+    except MergeError as cached_error:
+        if _offline():
+            raise MergeError(f"{where}: '{repo}' is not a local folder and is not complete in "
+                             "the Hugging Face cache, and HF_HUB_OFFLINE is set "
+                             f"({cached_error}). Download it first or give a local path."
+                             ) from None
+    # 2. Online: plan from metadata, download weights after validation.
+    return _remote_metadata(ref, where)
+
+
+def _snapshot(repo: str, revision: str | None, ignore: list[str], local_only: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo, revision=revision, ignore_patterns=ignore,
+                                   local_files_only=local_only)
+    except Exception as e:  # huggingface_hub raises many types; all mean "cannot get it"
+        raise MergeError(_hub_message(repo, e)) from None
+    return folder
+
+
+def _remote_metadata(ref: ModelReference, where: str) -> ModelSource:
+    from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download
+
+    repo, revision = ref.model.path, ref.model.revision
+    try:
+        info = HfApi().model_info(repo, revision=revision)
+        files = [s.rfilename for s in (info.siblings or [])]
+        has_safetensors = any(f.endswith(".safetensors") for f in files)
+        ignore = _IGNORE_WITH_SAFETENSORS if has_safetensors else _IGNORE_WITH_BIN
+        if not has_safetensors:
+            # .bin checkpoints have no remote header: fetch them now (still before planning).
+            folder = _snapshot(repo, revision, ignore, local_only=False)
+            return ModelSource(ref, index_folder(folder), repo_id=repo)
+        small = [f for f in files if not f.endswith(WEIGHT_SUFFIXES) and "/" not in f]
+        folder = None
+        for name in small:
+            folder = os.path.dirname(hf_hub_download(repo, name, revision=revision))
+        meta = get_safetensors_metadata(repo, revision=revision)
+    except MergeError:
+        raise
+    except Exception as e:
+        raise MergeError(f"{where}: {_hub_message(repo, e)}") from None
+    folder = folder or ""
+    tensors: dict[str, TensorInfo] = {}
+    shard_files = []
+    for filename, fmeta in meta.files_metadata.items():
+        path = os.path.join(folder, filename)
+        shard_files.append(path)
+        for name, t in fmeta.tensors.items():
+            dtype = ST_TO_TORCH.get(t.dtype)
+            if dtype is None:
+                raise MergeError(f"{where}: tensor '{name}' of {repo} has dtype {t.dtype}, "
+                                 "which mergesmith cannot read")
+            begin, end = t.data_offsets
+            tensors[name] = TensorInfo(name, path, dtype, tuple(t.shape), None, end - begin)
+    index = CheckpointIndex(folder, tensors, shard_files, read_config(folder) if folder else None,
+                            "safetensors")
+    return ModelSource(ref, index, repo_id=repo, pending_download=True, _ignore=ignore)
+
+
+def _hub_message(repo: str, e: Exception) -> str:
+    kind = type(e).__name__
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    if "RepositoryNotFound" in kind or "404" in first:
+        hint = "check the spelling, or log in (huggingface-cli login) if it is private or gated"
+    elif "RevisionNotFound" in kind:
+        hint = "check the revision after '@'"
+    elif "Gated" in kind:
+        hint = "accept the model's licence on the Hub and log in"
+    elif "LocalEntryNotFound" in kind or "Offline" in kind:
+        hint = "it is not in the local cache"
+    else:
+        hint = "check your network connection or use a local folder"
+    return f"cannot get '{repo}' from the Hugging Face Hub: {kind}: {first} ({hint})"

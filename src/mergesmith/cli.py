@@ -1,0 +1,195 @@
+"""Command line: arguments → API calls; user errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import MergeError
+
+EPILOG = """\b
+Exit codes: 0 success, 1 I/O failure (disk full, unreadable file), 2 bad input
+(recipe, model folder, output path), 130 interrupted.
+"""
+
+
+def _one_line_warnings() -> None:
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show  # type: ignore[assignment]
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print MergeError as one line and exit with its code; --debug shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug", False)
+        if not debug:
+            _one_line_warnings()
+        try:
+            return fn(*args, **kwargs)
+        except MergeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: stopped cleanly; the output folder was not written",
+                       err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mergesmith")
+def cli() -> None:
+    """Merge language models from a mergekit-style YAML recipe.
+
+    \b
+    Start here:
+      mergesmith demo                 build tiny models, merge them, verify the result
+      mergesmith check recipe.yml     validate a recipe and show the plan (reads no weights)
+      mergesmith run recipe.yml OUT   merge into the folder OUT
+      mergesmith methods              list merge methods and their parameters
+    """
+
+
+def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--out-shard-size", default="5GB", show_default=True, metavar="SIZE",
+                     help="Largest output file: bytes with an optional decimal suffix "
+                          "(500M, 2GB) or binary (4GiB)."),
+        click.option("--compute-dtype", type=click.Choice(["float32", "float64"]),
+                     default="float32", show_default=True,
+                     help="Precision of the arithmetic; results are rounded once to the "
+                          "output dtype."),
+        click.option("--allow-crimes", is_flag=True,
+                     help="Allow inputs whose config.json architectures differ."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Worker threads [default: number of CPU cores]."),
+        click.option("--debug", is_flag=True, help="Show tracebacks and warnings in full."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=None,
+              help="Seed for random methods (overrides the recipe's 'seed:').")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the math runs: cpu, cuda, cuda:N, mps or auto.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_common_plan_options
+@friendly
+def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, quiet: bool,
+        out_shard_size: str, compute_dtype: str, allow_crimes: bool, threads: int | None,
+        debug: bool) -> None:
+    """Merge the models of RECIPE into the folder OUT.
+
+    The whole recipe is validated and planned before any weights are read. The model is
+    built in OUT.partial/ and renamed to OUT only when complete.
+
+    \b
+    Example:
+      mergesmith run recipe.yml ./merged --threads 4
+    """
+    from .api import run as api_run
+
+    bar = None
+
+    def progress(plan: Any) -> Callable[[int], None]:
+        nonlocal bar
+        if quiet:
+            return lambda n: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, unit_divisor=1000,
+                   desc=f"merging {len(plan.tensors)} tensors", dynamic_ncols=True)
+        return bar.update
+
+    try:
+        plan = api_run(recipe, out, seed=seed, threads=threads, device=device,
+                       out_shard_size=out_shard_size, overwrite=overwrite,
+                       compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+                       progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        from .units import format_bytes
+
+        click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
+                   f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@_common_plan_options
+@friendly
+def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bool,
+          threads: int | None, debug: bool) -> None:
+    """Validate RECIPE and print the merge plan, without reading any weights.
+
+    Checks every key, parameter, model folder, tensor name and shape; prints the output
+    tensor count, bytes to read and write, and the estimated peak memory.
+    """
+    from .api import check as api_check
+
+    report = api_check(recipe, threads=threads, out_shard_size=out_shard_size,
+                       compute_dtype=compute_dtype, allow_crimes=allow_crimes)
+    click.echo(report.summary())
+    click.echo("ok: the recipe is valid")
+
+
+@cli.command()
+@click.argument("directory", default="mergesmith-demo", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Rebuild DIRECTORY if it exists.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly
+def demo(directory: str, overwrite: bool, debug: bool) -> None:
+    """Build a tiny base model and two fine-tunes in DIRECTORY, merge them with task
+    arithmetic, and verify the result (no downloads)."""
+    from .demo import run_demo
+
+    run_demo(directory, overwrite=overwrite, echo=click.echo)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@friendly
+def methods(name: str | None) -> None:
+    """List merge methods and their parameters (or show one method)."""
+    from .methods import all_methods, get_method
+
+    specs = [get_method(name)] if name else list(all_methods().values())
+    for spec in specs:
+        click.echo(f"{spec.name}  (base: {spec.base.value})")
+        if spec.summary:
+            click.echo(f"  {spec.summary}")
+        for p in spec.params:
+            click.echo(f"    {p.describe()}{': ' + p.doc if p.doc else ''}")
+        click.echo("")
+
+
+def main() -> None:
+    cli(prog_name="mergesmith")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

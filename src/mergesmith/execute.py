@@ -1,0 +1,199 @@
+"""Executing a plan: read → math → write for every output tensor, in parallel, bounded memory.
+
+Work items are output tensors, and row chunks of them for element-wise methods, processed
+in input-file order by a pool of worker threads (torch kernels release the GIL). Each
+worker uses one intra-op thread: parallelism comes from independent work items, and the
+bytes written never depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from .checkpoint import CheckpointIndex, TensorReader
+from .errors import MergeError
+from .methods import MergeInputs, get_method
+from .plan import COPY, OutputTensor, Plan
+from .writer import ShardWriter
+
+CHUNK_ELEMENTS = 2 * 1024 * 1024
+"""Rows of element-wise tensors are processed in chunks of about this many elements
+(8 MB per input in float32), so memory stays flat however large a tensor is."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    tensor: OutputTensor
+    rows: tuple[int, int] | None  # None: the whole tensor
+
+    @property
+    def nbytes(self) -> int:
+        t = self.tensor
+        if self.rows is None:
+            return t.nbytes
+        return (self.rows[1] - self.rows[0]) * prod(t.shape[1:]) * t.dtype.itemsize
+
+
+def work_items(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[WorkItem]:
+    """Split the plan into work items; chunk boundaries depend only on shapes."""
+    for t in plan.tensors:
+        numel = prod(t.shape)
+        if not t.elementwise or len(t.shape) == 0 or numel <= chunk_elements:
+            yield WorkItem(t, None)
+            continue
+        row = max(1, prod(t.shape[1:]))
+        step = max(1, chunk_elements // row)
+        for start in range(0, t.shape[0], step):
+            yield WorkItem(t, (start, min(start + step, t.shape[0])))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (a GPU when there is one)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MergeError(f"--device: unknown device '{name}' (use cpu, cuda, cuda:N, mps or "
+                         "auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda: no CUDA GPU is available to this torch build; use "
+                         "--device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MergeError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                     and torch.backends.mps.is_available()):
+        raise MergeError("--device mps: Apple GPU support is not available here")
+    return device
+
+
+def tensor_seed(seed: int | None, name: str, rows: tuple[int, int] | None) -> int:
+    """Stable 63-bit seed from (seed, tensor name, chunk): never Python's ``hash()``."""
+    h = hashlib.blake2b(f"{seed}\0{name}\0{rows}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+class _Job:
+    """Computes one work item. Shared state is read-only except the reader and writer."""
+
+    def __init__(self, plan: Plan, indexes: list[CheckpointIndex], reader: TensorReader,
+                 writer: ShardWriter, device: torch.device) -> None:
+        self.plan, self.indexes, self.reader, self.writer = plan, indexes, reader, writer
+        self.device = device
+        self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
+
+    def __call__(self, item: WorkItem) -> int:
+        t = item.tensor
+        raw = [self.reader.read(self.indexes[i.model].tensors[i.name], item.rows)
+               for i in t.inputs]
+        if t.method == COPY:
+            for other, inp in zip(raw[1:], t.inputs[1:]):
+                if not torch.equal(raw[0], other):
+                    name = self.plan.models[inp.model].ref
+                    raise MergeError(f"non-floating tensor '{t.name}' differs between the "
+                                     f"inputs (e.g. in '{name}'); such buffers cannot be "
+                                     "averaged, so they must be equal")
+            result = raw[0]
+        else:
+            xs = [self._prepare(x) for x in raw]
+            del raw
+            generator = None
+            if self.plan.method.random:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(tensor_seed(self.plan.seed, t.name, item.rows))
+            inputs = MergeInputs(xs, t.base_index, t.params, list(t.model_params), t.name,
+                                 generator)
+            result = self.fn[t.method](inputs)
+            if result.device.type != "cpu":
+                result = result.to("cpu")
+        self.writer.write(t, item.rows, result)
+        return item.nbytes
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Round to the recipe's ``dtype`` (mergekit reads inputs in it), then upcast."""
+        read_dtype = self.plan.read_dtype
+        if read_dtype is not None and x.dtype != read_dtype:
+            x = x.to(read_dtype)
+        compute = torch.promote_types(self.plan.options.compute_dtype, x.dtype)
+        return x.to(device=self.device, dtype=compute)
+
+
+def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str = "cpu",
+            progress: Callable[[int], None] | None = None,
+            chunk_elements: int = CHUNK_ELEMENTS) -> None:
+    """Write every planned tensor into ``out_dir`` (which must exist)."""
+    threads = max(1, threads or os.cpu_count() or 1)
+    torch_device = resolve_device(device)
+    indexes = [m.ensure_local() for m in plan.models]
+    writer = ShardWriter(out_dir, plan.shards)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ok = False
+    try:
+        with TensorReader() as reader:
+            job = _Job(plan, indexes, reader, writer, torch_device)
+            _run_pool(job, work_items(plan, chunk_elements), threads, progress)
+        ok = True
+    finally:
+        torch.set_num_threads(old_threads)
+        try:
+            writer.close(sync=ok)
+        except Exception:
+            if ok:
+                raise
+
+
+def _run_pool(job: _Job, items: Iterator[WorkItem], threads: int,
+              progress: Callable[[int], None] | None) -> None:
+    """Run items with at most ``threads`` in flight; stop at the first error."""
+    if threads == 1:
+        for item in items:
+            done = job(item)
+            if progress:
+                progress(done)
+        return
+    stop = threading.Event()
+
+    def init() -> None:
+        torch.set_num_threads(1)
+
+    def guarded(item: WorkItem) -> int:
+        return 0 if stop.is_set() else job(item)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="mergesmith", initializer=init) as pool:
+        pending: deque[Future[int]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(guarded, item))
+                if len(pending) >= 2 * threads:
+                    _drain(pending, progress, block_for_one=True)
+            while pending:
+                _drain(pending, progress, block_for_one=True)
+        except BaseException:
+            stop.set()
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def _drain(pending: deque[Future[int]], progress: Callable[[int], None] | None,
+           block_for_one: bool) -> None:
+    done, _ = wait(list(pending), return_when=FIRST_COMPLETED if block_for_one else "ALL_COMPLETED")
+    for f in done:
+        pending.remove(f)
+        n = f.result()  # re-raises a worker's exception
+        if progress:
+            progress(n)

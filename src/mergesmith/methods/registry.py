@@ -1,0 +1,189 @@
+"""The method registry: how a merge method declares itself.
+
+A merge method is a pure function ``fn(inputs: MergeInputs) -> Tensor`` registered with
+:func:`merge_method`, which declares its parameters (name, type, default, scope) and its
+input contract (base required/optional/ignored/forbidden, how many inputs). The planner
+uses the declaration to validate recipes and resolve parameters; ``mergesmith methods``
+and the docs are generated from it. Third-party packages register methods by exposing a
+module (or a :class:`MethodSpec`) in the ``mergesmith.methods`` entry-point group.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MergeError, did_you_mean
+
+
+class Scope(str, enum.Enum):
+    """Who a parameter's value belongs to."""
+
+    SHARED = "shared"  # one value per output tensor (mergekit's "global" parameters)
+    INPUT = "input"  # one value per input model, the base included
+    NON_BASE = "non_base"  # one value per input model other than the base
+
+
+class BasePolicy(str, enum.Enum):
+    """What a method does with ``base_model``."""
+
+    REQUIRED = "required"  # task-vector methods: the base is input 0 of the math
+    OPTIONAL = "optional"
+    IGNORED = "ignored"  # a configured base is just another input
+    FORBIDDEN = "forbidden"
+
+
+REQUIRED = object()
+"""Default marker of a parameter the recipe must give."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared parameter of a merge method."""
+
+    name: str
+    type: type = float
+    default: Any = REQUIRED
+    scope: Scope = Scope.SHARED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def per_model(self) -> bool:
+        return self.scope is not Scope.SHARED
+
+    def describe(self) -> str:
+        kind = {float: "number", bool: "boolean", int: "integer"}.get(self.type, self.type.__name__)
+        who = "per model" if self.per_model else "per tensor"
+        default = "required" if self.required else f"default {self.default!r}"
+        return f"{self.name} ({kind}, {who}, {default})"
+
+
+@dataclass
+class MergeInputs:
+    """What a method function receives for one output tensor (or one chunk of its rows).
+
+    ``tensors`` are in recipe order in the compute dtype; ``model_params[i]`` holds the
+    per-model parameters of ``tensors[i]``; ``params`` the shared ones.
+    """
+
+    tensors: list[torch.Tensor]
+    base_index: int | None
+    params: Mapping[str, Any]
+    model_params: list[Mapping[str, Any]]
+    tensor_name: str = ""
+    generator: torch.Generator | None = None
+
+    @property
+    def base(self) -> torch.Tensor:
+        if self.base_index is None:
+            raise ValueError("this merge has no base tensor")
+        return self.tensors[self.base_index]
+
+    def others(self) -> list[tuple[torch.Tensor, Mapping[str, Any]]]:
+        """Non-base inputs with their per-model parameters, in recipe order."""
+        return [(t, p) for i, (t, p) in enumerate(zip(self.tensors, self.model_params))
+                if i != self.base_index]
+
+
+MethodFn = Callable[[MergeInputs], torch.Tensor]
+CheckFn = Callable[[str, Mapping[str, Any], Sequence[Mapping[str, Any]], "int | None"], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method: its math and its declaration."""
+
+    name: str
+    fn: MethodFn
+    params: tuple[Param, ...]
+    base: BasePolicy
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    elementwise: bool = False
+    random: bool = False
+    summary: str = ""
+    reference: str = ""
+    check: CheckFn | None = None
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def describe_params(self) -> str:
+        return ", ".join(p.describe() for p in self.params) or "no parameters"
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add a method to the registry (``replace`` to override an existing name)."""
+    if spec.name in _REGISTRY and not replace and _REGISTRY[spec.name].fn is not spec.fn:
+        raise ValueError(f"merge method '{spec.name}' is already registered")
+    names = [p.name for p in spec.params]
+    if len(set(names)) != len(names):
+        raise ValueError(f"merge method '{spec.name}' declares a parameter twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = BasePolicy.IGNORED,
+                 min_inputs: int = 1, max_inputs: int | None = None, elementwise: bool = False,
+                 random: bool = False, reference: str = "", check: CheckFn | None = None,
+                 replace: bool = False) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
+
+    ``elementwise`` methods may be applied to row chunks of a tensor (bounded memory);
+    ``check`` validates resolved parameters at plan time (before any data is read).
+    """
+
+    def wrap(fn: MethodFn) -> MethodFn:
+        summary = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, elementwise,
+                            random, summary, reference, check), replace=replace)
+        return fn
+
+    return wrap
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="mergesmith.methods"):
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not break the built-in methods
+            import warnings
+
+            warnings.warn(f"could not load merge method plugin '{ep.name}' ({ep.value}): {e}",
+                          stacklevel=2)
+            continue
+        if isinstance(obj, MethodSpec):
+            register(obj, replace=True)
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    """Every registered method, built-in and from plugins, by name."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str, where: str = "merge_method") -> MethodSpec:
+    """Look a method up by name; unknown names raise with the closest names."""
+    methods = all_methods()
+    if name not in methods:
+        raise MergeError(f"{where}: unknown merge method '{name}'.{did_you_mean(name, methods)} "
+                         f"Available: {', '.join(methods)}.")
+    return methods[name]

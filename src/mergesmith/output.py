@@ -1,0 +1,159 @@
+"""The output folder: side files, config, model card, verification and the atomic publish.
+
+A merge is built in ``OUT.partial/`` and renamed to ``OUT`` only once every file is written
+and the shard headers have been read back and checked against the plan, so a folder named
+``OUT`` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+from . import __version__
+from .checkpoint.safetensors_format import read_header
+from .errors import MergeError, MergeIOError
+from .plan import Plan
+from .units import dtype_name
+
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5",
+                        ".msgpack", ".onnx", ".pkl", ".index.json")
+_NOT_COPIED = {"config.json", "README.md", "mergekit_config.yml", "mergesmith_config.yml",
+               "mergesmith_manifest.json"}
+
+
+def partial_path(out: str) -> str:
+    return os.path.normpath(out) + ".partial"
+
+
+def prepare_output(out: str, overwrite: bool) -> str:
+    """Check the output path and create a fresh ``OUT.partial/``; return its path."""
+    out = os.path.normpath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MergeError(f"output path {out} is a file; give a folder name")
+    if os.path.isdir(out) and not overwrite:
+        raise MergeError(f"output folder {out} already exists; pass --overwrite to replace it "
+                         "or choose another name")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise MergeError(f"cannot create the folder {parent} for the output: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise MergeError(f"no permission to write in {parent}; choose an output folder you "
+                         "can write to")
+    partial = partial_path(out)
+    if os.path.exists(partial):
+        shutil.rmtree(partial)  # left over from an interrupted merge
+    try:
+        os.makedirs(partial)
+    except OSError as e:
+        raise MergeError(f"cannot create {partial}: {e.strerror}") from None
+    return partial
+
+
+def write_side_files(plan: Plan, folder: str) -> None:
+    """Index, config.json, donor's tokenizer and other side files, model card, the recipe."""
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": plan.bytes_written, "mergesmith_version": __version__},
+            "weight_map": {t.name: t.file for t in sorted(plan.tensors, key=lambda t: t.name)},
+        }
+        _write_json(os.path.join(folder, "model.safetensors.index.json"), index)
+    donor = plan.models[plan.donor].folder
+    for name in sorted(os.listdir(donor)):
+        src = os.path.join(donor, name)
+        if (name in _NOT_COPIED or name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES)
+                or not os.path.isfile(src)):
+            continue
+        try:
+            shutil.copyfile(src, os.path.join(folder, name))
+        except OSError as e:
+            raise MergeIOError(f"cannot copy {src} to the output: {e.strerror}") from None
+    _write_json(os.path.join(folder, "config.json"), plan.config)
+    _write_text(os.path.join(folder, "mergesmith_config.yml"), plan.recipe.text)
+    _write_text(os.path.join(folder, "README.md"), model_card(plan, os.path.basename(folder)))
+
+
+def _write_json(path: str, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise MergeIOError(f"cannot write {path}: {e.strerror}") from None
+
+
+def model_card(plan: Plan, folder_name: str) -> str:
+    """README.md with Hub front matter: method, inputs, precision and the recipe."""
+    name = plan.recipe.name or folder_name.removesuffix(".partial")
+    hub_models = [m.repo_id for m in plan.models if m.repo_id]
+    front = ["---"]
+    front.append("base_model:" + ("" if hub_models else " []"))
+    front += [f"- {r}" for r in dict.fromkeys(hub_models)]
+    front += ["library_name: transformers", "tags:", "- merge", "- mergesmith", "---", ""]
+    spec = plan.method
+    method = f"[{spec.name}]({spec.reference})" if spec.reference else f"`{spec.name}`"
+    base = plan.recipe.base_model
+    using = f" with `{base}` as the base" if base is not None else ""
+    inputs = "\n".join(f"* `{m.ref}`" for m in plan.models)
+    out_dtypes = sorted({dtype_name(t.dtype) for t in plan.tensors})
+    read = (f"Inputs were first rounded to {dtype_name(plan.read_dtype)} (the recipe's "
+            "`dtype`), then " if plan.read_dtype else "Inputs were ")
+    body = f"""# {name}
+
+This model is a merge of pre-trained language models made with
+[mergesmith](https://github.com/mergesmith/mergesmith) {__version__}.
+
+## Method
+
+Merged with {method}{using}. {spec.summary}
+
+## Inputs
+
+{inputs}
+
+## Precision
+
+{read}upcast to {dtype_name(plan.options.compute_dtype)} for the arithmetic; each result
+was rounded once to the output dtype ({', '.join(out_dtypes)}).
+
+## Recipe
+
+```yaml
+{plan.recipe.text.rstrip()}
+```
+"""
+    return "\n".join(front) + body
+
+
+def verify(plan: Plan, folder: str) -> None:
+    """Read every written header back and check it holds exactly the planned tensors."""
+    for shard in plan.shards:
+        path = os.path.join(folder, shard.filename)
+        if os.path.getsize(path) != shard.size:
+            raise MergeIOError(f"{path} has {os.path.getsize(path)} bytes, expected "
+                               f"{shard.size}; the disk may be failing")
+        entries, _ = read_header(path)
+        got = {e.name: (e.dtype, e.shape, e.offset) for e in entries}
+        want = {t.name: (t.dtype, t.shape, t.offset) for t in shard.tensors}
+        if got != want:
+            raise MergeIOError(f"{path} does not hold the planned tensors after writing")
+
+
+def publish(partial: str, out: str) -> None:
+    """Rename the finished ``OUT.partial`` to ``OUT`` (replacing an old ``OUT``)."""
+    out = os.path.normpath(out)
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(partial, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

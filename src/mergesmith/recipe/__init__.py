@@ -1,0 +1,11 @@
+"""Recipes: mergekit's YAML format, parsed and validated before any model is opened."""
+
+from .params import Conditional, Gradient, Setting, coerce, evaluate
+from .refs import ModelPath, ModelReference, parse_model_reference
+from .schema import InputModel, OutputSlice, Recipe, SliceSource, load_recipe
+
+__all__ = [
+    "Conditional", "Gradient", "InputModel", "ModelPath", "ModelReference", "OutputSlice",
+    "Recipe", "Setting", "SliceSource", "coerce", "evaluate", "load_recipe",
+    "parse_model_reference",
+]

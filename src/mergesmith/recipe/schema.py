@@ -1,0 +1,326 @@
+"""The recipe: mergekit's YAML format, validated strictly.
+
+Structure (keys and their types) is checked by pydantic models with ``extra="forbid"``;
+model references and parameter settings are then parsed by :mod:`.refs` and :mod:`.params`.
+The result is a plain :class:`Recipe` the planner reads. Unknown keys, wrong types and
+conflicting fields are :class:`~mergesmith.errors.MergeError` with the file, line and the
+closest valid key.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+
+from ..errors import MergeError, did_you_mean
+from ..units import parse_dtype
+from .params import Setting, parse_setting
+from .refs import ModelReference, parse_model_reference
+from .yaml_positions import load_yaml
+
+# ------------------------------------------------------------------ structure (pydantic)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _InputModel(_Strict):
+    model: Any
+    parameters: Optional[dict[str, Any]] = None
+
+
+class _SliceSource(_Strict):
+    model: Any
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: Optional[dict[str, Any]] = None
+
+
+class _OutputSlice(_Strict):
+    sources: list[_SliceSource]
+    base_model: Any = None
+    parameters: Optional[dict[str, Any]] = None
+    residual_weight: Optional[float] = None
+
+
+class _Module(_Strict):
+    models: Optional[list[_InputModel]] = None
+    slices: Optional[list[_OutputSlice]] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class _TokenSource(_Strict):
+    kind: Optional[str] = None
+    model: Any = None
+    token: Optional[str] = None
+    token_id: Optional[int] = None
+
+
+class _TokenEmbedding(_Strict):
+    source: Any = None
+    force: bool = False
+
+
+class _Tokenizer(_Strict):
+    source: Any = "union"
+    tokens: Optional[dict[str, _TokenEmbedding]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+class _Recipe(_Strict):
+    merge_method: str
+    base_model: Any = None
+    models: Optional[list[_InputModel]] = None
+    slices: Optional[list[_OutputSlice]] = None
+    modules: Optional[dict[str, _Module]] = None
+    parameters: Optional[dict[str, Any]] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer: Optional[_Tokenizer] = None
+    tokenizer_source: Any = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None
+    seed: Optional[StrictInt] = None
+
+
+# ------------------------------------------------------------------ the parsed recipe
+
+
+@dataclass
+class InputModel:
+    """An entry of ``models:`` (a whole model)."""
+
+    ref: ModelReference
+    parameters: dict[str, Setting]
+    where: str
+
+
+@dataclass
+class SliceSource:
+    """One source of an output slice: ``layer_range`` of one model."""
+
+    ref: ModelReference
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting]
+    where: str
+
+
+@dataclass
+class OutputSlice:
+    """An entry of ``slices:``: consecutive output layers merged from its sources."""
+
+    sources: list[SliceSource]
+    base_model: ModelReference | None
+    parameters: dict[str, Setting]
+    where: str
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``text`` is the YAML as written (saved next to the merged model)."""
+
+    merge_method: str
+    base_model: ModelReference | None
+    models: list[InputModel] | None
+    slices: list[OutputSlice] | None
+    parameters: dict[str, Setting]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+    seed: int | None = None
+    name: str | None = None
+    modules: dict[str, Any] | None = None
+    tokenizer: Any = None
+    tokenizer_source: Any = None
+    chat_template: str | None = None
+    text: str = ""
+    source: str = "<recipe>"
+    positions: dict[tuple, tuple[int, int]] = field(default_factory=dict, repr=False)
+
+    def at(self, *path: Any) -> str:
+        """``models[1].parameters`` plus ``(recipe.yml:12)`` when the line is known."""
+        text = _format_path(path)
+        pos = None
+        for n in range(len(path), 0, -1):
+            pos = self.positions.get(tuple(path[:n]))
+            if pos:
+                break
+        return f"{text} ({self.source}:{pos[0]})" if pos else text
+
+
+def _format_path(path: typing.Sequence[Any]) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "recipe"
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_recipe(source: Union[str, os.PathLike, dict, Recipe]) -> Recipe:
+    """Read a recipe from a YAML file path, YAML text, or an already-parsed mapping."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, dict):
+        import yaml
+
+        return parse_recipe(source, yaml.safe_dump(source, sort_keys=False), "<recipe>", {})
+    text_or_path = os.fspath(source)
+    if "\n" not in text_or_path and not text_or_path.lstrip().startswith("merge_method"):
+        path = os.path.expanduser(text_or_path)
+        if not os.path.exists(path):
+            raise MergeError(f"recipe file not found: {text_or_path}")
+        if os.path.isdir(path):
+            raise MergeError(f"recipe path {text_or_path} is a folder; give the YAML file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MergeError(f"cannot read recipe {text_or_path}: {e}") from None
+        name = text_or_path
+    else:
+        text, name = text_or_path, "<recipe>"
+    data, positions = load_yaml(text, name)
+    return parse_recipe(data, text, name, positions)
+
+
+def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
+    """Validate the YAML data of a recipe and build a :class:`Recipe`."""
+    if not isinstance(data, dict):
+        raise MergeError(f"{source}: a recipe is a YAML mapping starting with "
+                         f"'merge_method: ...', got {type(data).__name__}")
+    try:
+        raw = _Recipe.model_validate(data)
+    except ValidationError as e:
+        raise MergeError(_explain(e, source, positions)) from None
+
+    r = Recipe(merge_method=raw.merge_method, base_model=None, models=None, slices=None,
+               parameters={}, dtype=None, out_dtype=None, text=text, source=source,
+               positions=positions)
+
+    given = [k for k in ("models", "slices", "modules") if getattr(raw, k)]
+    if len(given) != 1:
+        what = "none of them" if not given else " and ".join(given)
+        raise MergeError(f"{source}: give exactly one of 'models', 'slices' or 'modules' "
+                         f"(found {what})")
+    if raw.tokenizer is not None and raw.tokenizer_source is not None:
+        raise MergeError(f"{r.at('tokenizer_source')}: 'tokenizer_source' and 'tokenizer' "
+                         "cannot be used together; move the source into "
+                         "'tokenizer: {source: ...}'")
+
+    if raw.base_model is not None:
+        r.base_model = parse_model_reference(raw.base_model, r.at("base_model"))
+    r.parameters = _settings(raw.parameters, r, ("parameters",))
+    if raw.models:
+        r.models = [
+            InputModel(parse_model_reference(m.model, r.at("models", i, "model")),
+                       _settings(m.parameters, r, ("models", i, "parameters")),
+                       _format_path(("models", i)))
+            for i, m in enumerate(raw.models)
+        ]
+    if raw.slices:
+        r.slices = [_slice(s, r, ("slices", i)) for i, s in enumerate(raw.slices)]
+    if raw.modules:
+        r.modules = dict(raw.modules)
+    r.dtype = parse_dtype(raw.dtype, r.at("dtype")) if raw.dtype else None
+    r.out_dtype = parse_dtype(raw.out_dtype, r.at("out_dtype")) if raw.out_dtype else None
+    r.seed = raw.seed
+    r.name = raw.name
+    r.tokenizer = raw.tokenizer
+    r.tokenizer_source = raw.tokenizer_source
+    r.chat_template = raw.chat_template
+    return r
+
+
+def _slice(s: _OutputSlice, r: Recipe, path: tuple) -> OutputSlice:
+    if not s.sources:
+        raise MergeError(f"{r.at(*path, 'sources')}: an output slice needs at least one source")
+    if s.residual_weight is not None:
+        warnings.warn(f"{r.at(*path, 'residual_weight')}: 'residual_weight' is ignored "
+                      "(mergekit ignores it too)", stacklevel=2)
+    sources = []
+    for j, src in enumerate(s.sources):
+        start, end = src.layer_range
+        where = r.at(*path, "sources", j, "layer_range")
+        if start < 0 or end <= start:
+            raise MergeError(f"{where}: layer_range [{start}, {end}] is empty or negative; "
+                             "write [start, end) with 0 <= start < end")
+        sources.append(SliceSource(
+            parse_model_reference(src.model, r.at(*path, "sources", j, "model")),
+            (start, end),
+            _settings(src.parameters, r, (*path, "sources", j, "parameters")),
+            _format_path((*path, "sources", j)),
+        ))
+    lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+    if len(lengths) > 1:
+        ranges = ", ".join(f"{src.ref} {list(src.layer_range)}" for src in sources)
+        raise MergeError(f"{r.at(*path)}: all sources of a slice must span the same number of "
+                         f"layers; got {ranges}")
+    base = (parse_model_reference(s.base_model, r.at(*path, "base_model"))
+            if s.base_model is not None else None)
+    return OutputSlice(sources, base, _settings(s.parameters, r, (*path, "parameters")),
+                       _format_path(path))
+
+
+def _settings(raw: dict[str, Any] | None, r: Recipe, path: tuple) -> dict[str, Setting]:
+    return {name: parse_setting(value, r.at(*path, name)) for name, value in (raw or {}).items()}
+
+
+# ------------------------------------------------------------------ pydantic errors → one line
+
+
+def _explain(err: ValidationError, source: str, positions: dict) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    kind = e["type"]
+
+    def at(path: tuple) -> str:
+        for n in range(len(path), 0, -1):
+            pos = positions.get(tuple(path[:n]))
+            if pos:
+                return f"{source}:{pos[0]}:{pos[1]}"
+        return source
+
+    if kind == "extra_forbidden":
+        key, parent = loc[-1], loc[:-1]
+        allowed = sorted(_fields_at(parent))
+        where = _format_path(parent) if parent else "the top level"
+        return (f"{at(loc)}: unknown key '{key}' in {where}.{did_you_mean(key, allowed)} "
+                f"Allowed keys: {', '.join(allowed)}.")
+    if kind == "missing":
+        key, parent = loc[-1], loc[:-1]
+        where = _format_path(parent) if parent else "the recipe"
+        hint = " (for example 'merge_method: task_arithmetic')" if key == "merge_method" else ""
+        return f"{at(parent)}: {where} is missing the required key '{key}'{hint}"
+    value = e.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"{at(loc)}: {_format_path(loc)}: {e['msg'].lower()} (got {shown})"
+
+
+def _fields_at(loc: tuple) -> set[str]:
+    """Valid keys of the pydantic model found by following ``loc`` from the recipe root."""
+    model: Any = _Recipe
+    for part in loc:
+        if isinstance(part, int) or part not in model.model_fields:
+            continue  # a list index or a key of a free-form mapping (module name, token)
+        model = _inner_model(model.model_fields[part].annotation)
+        if model is None:
+            return set()
+    return set(model.model_fields) if model is not None else set()
+
+
+def _inner_model(ann: Any) -> Any:
+    """Find the pydantic model inside ``Optional[list[Model]]``/``dict[str, Model]``."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

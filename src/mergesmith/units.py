@@ -1,0 +1,71 @@
+"""Byte sizes and dtype names as users write them."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import MergeError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Parse ``500M``, ``2GB``, ``1.5G``, ``300K``, ``4GiB`` or a plain byte count.
+
+    Suffixes are decimal (``2GB`` = 2·10⁹ bytes) as in mergekit; ``KiB``/``MiB``/``GiB`` are binary.
+    """
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise MergeError(f"invalid {what} '{text}': write a number of bytes with an optional "
+                         "suffix, e.g. 500M, 2GB, 1.5G, 4GiB")
+    number, unit, binary, _ = m.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** _POWERS[unit.lower()])
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable decimal size: ``1.23 GB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64, "f64": torch.float64, "double": torch.float64,
+}
+
+CANONICAL_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16",
+                        torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def parse_dtype(name: str, where: str = "dtype") -> torch.dtype:
+    """Map a dtype name (``bfloat16``, ``torch.float16``, ``bf16`` ...) to a torch dtype."""
+    key = str(name).strip().lower()
+    if key.startswith("torch."):
+        key = key[len("torch."):]
+    if key not in DTYPE_NAMES:
+        raise MergeError(f"{where}: unknown dtype '{name}'. Use one of float32, float16, "
+                         f"bfloat16, float64 (aliases fp32, fp16, bf16, fp64)."
+                         + _suggest(key))
+    return DTYPE_NAMES[key]
+
+
+def _suggest(key: str) -> str:
+    from .errors import did_you_mean
+
+    return did_you_mean(key, DTYPE_NAMES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"`` (the spelling config.json uses)."""
+    return CANONICAL_DTYPE_NAME.get(dtype, str(dtype).removeprefix("torch."))
