@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import ModelSource, resolve
 from .errors import MergeError
-from .execute import CHUNK_ELEMENTS, execute, resolve_device, work_items
+from .execute import execute, resolve_device, work_items
 from .output import partial_path, prepare_output, publish, verify, write_side_files
 from .plan import DEFAULT_SHARD_SIZE, Plan, PlanOptions, make_plan, referenced_models
 from .recipe import Recipe, load_recipe
@@ -39,7 +39,9 @@ class CheckReport:
             "models:",
         ]
         for i, m in enumerate(p.models):
-            role = " (base, donor of config and tokenizer)" if i == p.donor else ""
+            roles = (["base"] if m.ref == p.recipe.base_model else []) + (
+                ["donor of config.json and tokenizer"] if i == p.donor else [])
+            role = f" ({', '.join(roles)})" if roles else ""
             pending = ", weights to download" if m.pending_download else ""
             lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "
                          f"{fb(m.index.total_bytes)}{pending}{role}")
@@ -80,7 +82,7 @@ def plan(recipe: RecipeLike, *, out_shard_size: int | str = DEFAULT_SHARD_SIZE,
     return make_plan(r, sources, options)
 
 
-def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = None) -> int:
     """Bytes of tensor data in flight at once: the ``threads`` largest work items."""
     costs = []
     for item in work_items(p, chunk_elements):

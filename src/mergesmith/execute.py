@@ -43,8 +43,9 @@ class WorkItem:
         return (self.rows[1] - self.rows[0]) * prod(t.shape[1:]) * t.dtype.itemsize
 
 
-def work_items(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[WorkItem]:
+def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkItem]:
     """Split the plan into work items; chunk boundaries depend only on shapes."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
     for t in plan.tensors:
         numel = prod(t.shape)
         if not t.elementwise or len(t.shape) == 0 or numel <= chunk_elements:
@@ -133,7 +134,7 @@ class _Job:
 
 def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str = "cpu",
             progress: Callable[[int], None] | None = None,
-            chunk_elements: int = CHUNK_ELEMENTS) -> None:
+            chunk_elements: int | None = None) -> None:
     """Write every planned tensor into ``out_dir`` (which must exist)."""
     threads = max(1, threads or os.cpu_count() or 1)
     torch_device = resolve_device(device)

@@ -62,7 +62,9 @@ class Param:
     def describe(self) -> str:
         kind = {float: "number", bool: "boolean", int: "integer"}.get(self.type, self.type.__name__)
         who = "per model" if self.per_model else "per tensor"
-        default = "required" if self.required else f"default {self.default!r}"
+        shown = {True: "true", False: "false", None: "unset"}.get(self.default, self.default) \
+            if isinstance(self.default, (bool, type(None))) else self.default
+        default = "required" if self.required else f"default {shown}"
         return f"{self.name} ({kind}, {who}, {default})"
 
 
