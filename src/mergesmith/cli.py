@@ -86,8 +86,8 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("recipe", type=click.Path())
+@click.argument("out", type=click.Path())
 @click.option("--seed", type=int, default=None,
               help="Seed for random methods (overrides the recipe's 'seed:').")
 @click.option("--device", default="cpu", show_default=True,
@@ -138,7 +138,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, q
 
 
 @cli.command(epilog=EPILOG)
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", type=click.Path())
 @_common_plan_options
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bool,
@@ -157,7 +157,7 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
 
 
 @cli.command()
-@click.argument("directory", default="mergesmith-demo", type=click.Path(file_okay=False))
+@click.argument("directory", default="mergesmith-demo", type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Rebuild DIRECTORY if it exists.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @friendly

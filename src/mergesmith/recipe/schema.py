@@ -276,7 +276,8 @@ def _settings(raw: dict[str, Any] | None, r: Recipe, path: tuple) -> dict[str, S
 
 
 def _explain(err: ValidationError, source: str, positions: dict) -> str:
-    e = err.errors()[0]
+    # A misspelled key also makes the real key "missing": explain the misspelling first.
+    e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = tuple(e["loc"])
     kind = e["type"]
 
