@@ -1,0 +1,132 @@
+"""Reading checkpoints: strict safetensors headers, the planned writer, Hub cache resolution."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import LLAMA, random_tensors, recipe_file, write_model
+from safetensors.torch import load_file, save_file
+
+import mergesmith
+from mergesmith import MergeError
+from mergesmith.checkpoint import TensorReader, index_folder
+from mergesmith.checkpoint.safetensors_format import build_header, read_header
+from mergesmith.recipe import parse_model_reference
+
+
+def raw_file(path, header: dict, data: bytes = b"") -> str:
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    return str(path)
+
+
+def test_header_matches_safetensors_library(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64),
+               "c": torch.randn(2, dtype=torch.float64).to(torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    entries, _ = read_header(str(tmp_path / "x.safetensors"))
+    reader = TensorReader()
+    index = index_folder(str(tmp_path))
+    for e in entries:
+        assert torch.equal(reader.read(index.tensors[e.name]), tensors[e.name])
+    assert torch.equal(reader.read(index.tensors["a"], (1, 3)), tensors["a"][1:3])
+    reader.close()
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda p: p.write_bytes(b"abc"), "truncated or empty"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 10**12) + b"{}"), "corrupt safetensors header"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 4) + b"nope"), "not valid JSON"),
+    (lambda p: raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+                        b"\0" * 8), "runs past the end"),
+    (lambda p: raw_file(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}},
+                        b"\0" * 16), "needs 16 bytes"),
+    (lambda p: raw_file(p, {"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 4]}},
+                        b"\0" * 4), "cannot read"),
+    (lambda p: raw_file(p, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                            "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                        b"\0" * 12), "overlap"),
+])
+def test_malformed_safetensors_are_explained(tmp_path, make, fragment):
+    path = tmp_path / "model.safetensors"
+    make(path)
+    with pytest.raises(MergeError) as info:
+        read_header(str(path))
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    folder = write_model(tmp_path / "m", random_tensors(LLAMA, 0), shards=2)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(MergeError, match="names the shard 'model-00002-of-00002.safetensors'"):
+        index_folder(str(folder))
+
+
+class _Payload:
+    """What a hostile checkpoint carries: a callable run at unpickling time."""
+
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_is_refused(tmp_path, capsys):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2), "x": _Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(MergeError, match="never runs pickled code"):
+        index_folder(str(folder))
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_build_header_is_loadable_by_safetensors(tmp_path):
+    tensors = [("x", torch.float32, (2, 3)), ("y", torch.bfloat16, (5,)), ("z", torch.int8, ())]
+    header, offsets = build_header(tensors, {"format": "pt"})
+    assert len(header) % 8 == 0
+    data = bytearray(sum(torch.Size(s).numel() * d.itemsize for _, d, s in tensors))
+    (tmp_path / "f.safetensors").write_bytes(header + bytes(data))
+    loaded = load_file(str(tmp_path / "f.safetensors"))
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in loaded.items()} == {
+        n: (d, s) for n, d, s in tensors}
+    assert offsets == [0, 24, 34]
+
+
+def test_hub_id_resolves_from_the_offline_cache(tmp_path, monkeypatch):
+    """A Hub id found complete in the huggingface_hub cache works with HF_HUB_OFFLINE=1."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    base = random_tensors(LLAMA, 0)
+    write_model(snap, base)
+    (cache / "models--acme--tiny" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    recipe = recipe_file(tmp_path, """merge_method: passthrough
+models:
+  - model: acme/tiny
+""")
+    mergesmith.run(recipe, tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(out[k], base[k]) for k in base)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- acme/tiny" in card  # Hub inputs are listed as base_model in the card
+    missing = recipe_file(tmp_path, "merge_method: passthrough\nmodels:\n  - model: acme/other\n")
+    with pytest.raises(MergeError, match="HF_HUB_OFFLINE"):
+        mergesmith.plan(missing)
+
+
+def test_local_looking_path_is_not_sent_to_the_hub(tmp_path):
+    from mergesmith.checkpoint import resolve
+
+    with pytest.raises(MergeError, match="model folder not found"):
+        resolve(parse_model_reference("./does/not/exist"), "models[0].model")
+
+
+def test_lora_references_are_refused_clearly(tmp_path):
+    from mergesmith.checkpoint import resolve
+
+    with pytest.raises(MergeError, match="not supported yet"):
+        resolve(parse_model_reference("a/b+c/d"), "models[0].model")

@@ -1,0 +1,216 @@
+"""Planning: parameter precedence, filters, gradients per slice, layer maps, config patching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import LLAMA, random_tensors, recipe_file, write_model
+
+import mergesmith
+from mergesmith import MergeError
+
+
+@pytest.fixture
+def trio(tmp_path):
+    base = random_tensors(LLAMA, 0)
+    return {k: write_model(tmp_path / k, random_tensors(LLAMA, s, base) if s else base)
+            for s, k in enumerate(("base", "a", "b"))}
+
+
+def out(plan, name):
+    return next(t for t in plan.tensors if t.name == name)
+
+
+def test_precedence_source_over_slice_over_top(tmp_path, trio):
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+slices:
+  - sources:
+      - model: {trio['a']}
+        layer_range: [0, 3]
+        parameters: {{weight: 0.7}}
+      - model: {trio['b']}
+        layer_range: [0, 3]
+    parameters:
+      weight: 0.3
+      normalize: false
+parameters:
+  weight: 0.1
+  normalize: true
+""")
+    p = mergesmith.plan(recipe)
+    t = out(p, "model.layers.1.mlp.up_proj.weight")
+    assert [m["weight"] for m in t.model_params] == [0.7, 0.3]
+    assert t.params["normalize"] is False
+
+
+def test_top_level_fills_what_lower_levels_do_not_match(tmp_path, trio):
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['a']}
+    parameters:
+      weight:
+        - filter: mlp
+          value: 2.0
+  - model: {trio['b']}
+parameters:
+  weight: 0.5
+""")
+    p = mergesmith.plan(recipe)
+    assert [m["weight"] for m in out(p, "model.layers.0.mlp.up_proj.weight").model_params] == [2.0, 0.5]
+    assert [m["weight"] for m in out(p, "model.layers.0.self_attn.q_proj.weight").model_params] == [0.5, 0.5]
+
+
+def test_filters_see_input_names_for_models_and_output_names_for_globals(tmp_path, trio):
+    recipe = recipe_file(tmp_path, f"""merge_method: passthrough
+slices:
+  - sources:
+      - model: {trio['a']}
+        layer_range: [2, 3]
+        parameters:
+          scale:
+            - filter: layers.2.
+              value: 0.5
+            - value: 1.0
+""")
+    p = mergesmith.plan(recipe)
+    t = out(p, "model.layers.0.mlp.up_proj.weight")  # output layer 0 ← input layer 2
+    assert t.inputs[0].name == "model.layers.2.mlp.up_proj.weight"
+    assert t.model_params[0]["scale"] == 0.5
+
+
+def test_gradient_restarts_in_every_slice_and_nonlayer_uses_first_value(tmp_path, trio):
+    recipe = recipe_file(tmp_path, f"""merge_method: passthrough
+slices:
+  - sources:
+      - model: {trio['a']}
+        layer_range: [0, 3]
+  - sources:
+      - model: {trio['b']}
+        layer_range: [1, 3]
+parameters:
+  scale: [0.0, 1.0]
+""")
+    p = mergesmith.plan(recipe)
+    scales = [out(p, f"model.layers.{i}.mlp.up_proj.weight").model_params[0]["scale"]
+              for i in range(5)]
+    assert scales == pytest.approx([0.0, 0.5, 1.0, 0.0, 1.0])
+    assert out(p, "model.embed_tokens.weight").model_params[0]["scale"] == 0.0
+    assert out(p, "lm_head.weight").inputs[0].model == p.models.index(
+        next(m for m in p.models if str(m.ref) == str(trio['b'])))
+    assert p.config["num_hidden_layers"] == 5
+
+
+def test_layer_types_follow_the_layers(tmp_path):
+    config = dict(LLAMA, num_hidden_layers=4,
+                  layer_types=["sliding", "full", "sliding", "full"])
+    base = random_tensors(config, 0)
+    path = write_model(tmp_path / "m", base, config)
+    recipe = recipe_file(tmp_path, f"""merge_method: passthrough
+slices:
+  - sources:
+      - model: {path}
+        layer_range: [0, 2]
+  - sources:
+      - model: {path}
+        layer_range: [1, 4]
+""")
+    p = mergesmith.plan(recipe)
+    assert p.config["num_hidden_layers"] == 5
+    assert p.config["layer_types"] == ["sliding", "full", "full", "sliding", "full"]
+
+
+def test_tied_lm_head_falls_back_to_embedding(tmp_path, trio):
+    tied = dict(LLAMA, tie_word_embeddings=True)
+    t = random_tensors(tied, 9)
+    path = write_model(tmp_path / "tied", t, tied)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+  - model: {path}
+    parameters: {{weight: 1}}
+""")
+    p = mergesmith.plan(recipe, allow_crimes=True)
+    head = out(p, "lm_head.weight")
+    assert head.inputs[1].name == "model.embed_tokens.weight"
+
+
+def test_extra_tensors_of_other_models_are_reported(tmp_path, trio):
+    tensors = random_tensors(LLAMA, 4)
+    tensors["model.extra.weight"] = tensors["model.norm.weight"].clone()
+    path = write_model(tmp_path / "extra", tensors)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+  - model: {path}
+    parameters: {{weight: 1}}
+""")
+    p = mergesmith.plan(recipe)
+    assert any("model.extra.weight" in w for w in p.warnings)
+
+
+def test_missing_tensor_is_a_plan_error(tmp_path, trio):
+    tensors = random_tensors(LLAMA, 4)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    path = write_model(tmp_path / "partial", tensors)
+    recipe = recipe_file(tmp_path, f"""merge_method: task_arithmetic
+base_model: {trio['base']}
+models:
+  - model: {path}
+    parameters: {{weight: 1}}
+""")
+    with pytest.raises(MergeError, match="has no tensor 'model.layers.1.mlp.up_proj.weight'"):
+        mergesmith.plan(recipe)
+
+
+def test_different_architectures_need_allow_crimes(tmp_path, trio):
+    other = dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral")
+    path = write_model(tmp_path / "mistral", random_tensors(LLAMA, 3), other)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+  - model: {path}
+    parameters: {{weight: 1}}
+""")
+    with pytest.raises(MergeError, match="--allow-crimes"):
+        mergesmith.plan(recipe)
+    assert mergesmith.plan(recipe, allow_crimes=True).tensors
+
+
+def test_base_is_auto_added_for_linear_and_needs_a_weight(tmp_path, trio):
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+base_model: {trio['base']}
+models:
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+""")
+    with pytest.raises(MergeError, match="needs one too"):
+        mergesmith.plan(recipe)
+
+
+def test_donor_is_base_else_first_model(tmp_path, trio):
+    cfg = json.loads((trio["b"] / "config.json").read_text())
+    cfg["marker"] = "b"
+    (trio["b"] / "config.json").write_text(json.dumps(cfg))
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['b']}
+    parameters: {{weight: 1}}
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+""")
+    assert mergesmith.plan(recipe).config["marker"] == "b"
+
+
+def test_output_dtype_defaults_to_input_dtype(tmp_path, trio):
+    import torch
+
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+""")
+    assert {t.dtype for t in mergesmith.plan(recipe).tensors} == {torch.float32}
