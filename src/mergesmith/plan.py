@@ -373,8 +373,6 @@ class _Planner:
         for src in sl.sources:
             m = self.model_of(src.ref)
             extra = set(self.sources[m].index.tensors) - set(names)
-            if arch.input_embedding_name(names) in self.sources[m].index.tensors:
-                extra = {n for n in extra if not arch.is_output_head(n)}
             if extra and m != donor:
                 shown = ", ".join(sorted(extra)[:3]) + (" ..." if len(extra) > 3 else "")
                 self.warnings.append(f"{len(extra)} tensor(s) of '{src.ref}' are not in the "
