@@ -246,3 +246,10 @@ def test_real_entry_point_error_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_cuda_requested_without_gpu(tmp_path, two):
+    out = tmp_path / "out"
+    assert_user_error(invoke("run", str(ta_recipe(tmp_path, two)), str(out), "--device", "cuda"),
+                      "no CUDA GPU", out=out)

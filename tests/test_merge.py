@@ -341,3 +341,23 @@ models:
     assert report.plan.bytes_written == sum(
         t.numel() * 4 for t in load_file(str(models["base"] / "model.safetensors")).values())
     assert "bytes to read" in report.summary()
+
+
+def test_progress_reports_every_byte_and_tensor(models, tmp_path, monkeypatch):
+    monkeypatch.setattr("mergesmith.execute.CHUNK_ELEMENTS", 300)
+    recipe = recipe_file(tmp_path, f"""
+merge_method: linear
+models:
+  - model: {models['ft_a']}
+    parameters: {{weight: 1.0}}
+""")
+    seen = {"bytes": 0, "tensors": 0}
+
+    def progress(plan):
+        def update(nbytes, finished):
+            seen["bytes"] += nbytes
+            seen["tensors"] += finished
+        return update
+
+    plan = mergesmith.run(recipe, tmp_path / "out", threads=3, progress=progress)
+    assert seen == {"bytes": plan.bytes_written, "tensors": len(plan.tensors)}

@@ -109,11 +109,11 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         threads: int | None = None, device: str = "cpu",
         out_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
         compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
-        progress: Callable[[Plan], Callable[[int], None]] | None = None) -> Plan:
+        progress: Callable[[Plan], Callable[[int, bool], None]] | None = None) -> Plan:
     """Merge: validate and plan everything, then write ``out`` atomically.
 
-    ``progress``, if given, is called with the plan and returns a callback receiving the
-    number of bytes written by each finished work item.
+    ``progress``, if given, is called with the plan and returns a callback
+    ``(bytes_written, tensor_finished)`` called after each work item (a tensor or a chunk).
     """
     out = os.fspath(out)
     resolve_device(device)

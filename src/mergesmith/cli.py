@@ -112,15 +112,25 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, q
 
     bar = None
 
-    def progress(plan: Any) -> Callable[[int], None]:
+    def progress(plan: Any) -> Callable[[int, bool], None]:
         nonlocal bar
         if quiet:
-            return lambda n: None
+            return lambda nbytes, finished: None
         from tqdm import tqdm
 
+        total = len(plan.tensors)
         bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, unit_divisor=1000,
-                   desc=f"merging {len(plan.tensors)} tensors", dynamic_ncols=True)
-        return bar.update
+                   desc="merging", dynamic_ncols=True, postfix=f"0/{total} tensors")
+        done = 0
+
+        def update(nbytes: int, finished: bool) -> None:
+            nonlocal done
+            done += finished
+            if finished:
+                bar.set_postfix_str(f"{done}/{total} tensors", refresh=False)
+            bar.update(nbytes)
+
+        return update
 
     try:
         plan = api_run(recipe, out, seed=seed, threads=threads, device=device,

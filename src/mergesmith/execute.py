@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -96,7 +96,7 @@ class _Job:
         self.device = device
         self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
 
-    def __call__(self, item: WorkItem) -> int:
+    def __call__(self, item: WorkItem) -> WorkItem:
         t = item.tensor
         raw = [self.reader.read(self.indexes[i.model].tensors[i.name], item.rows)
                for i in t.inputs]
@@ -121,7 +121,7 @@ class _Job:
             if result.device.type != "cpu":
                 result = result.to("cpu")
         self.writer.write(t, item.rows, result)
-        return item.nbytes
+        return item
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Round to the recipe's ``dtype`` (mergekit reads inputs in it), then upcast."""
@@ -133,9 +133,12 @@ class _Job:
 
 
 def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str = "cpu",
-            progress: Callable[[int], None] | None = None,
+            progress: Callable[[int, bool], None] | None = None,
             chunk_elements: int | None = None) -> None:
-    """Write every planned tensor into ``out_dir`` (which must exist)."""
+    """Write every planned tensor into ``out_dir`` (which must exist).
+
+    ``progress(nbytes, tensor_finished)`` is called in the calling thread after each work item.
+    """
     threads = max(1, threads or os.cpu_count() or 1)
     torch_device = resolve_device(device)
     indexes = [m.ensure_local() for m in plan.models]
@@ -146,7 +149,15 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
     try:
         with TensorReader() as reader:
             job = _Job(plan, indexes, reader, writer, torch_device)
-            _run_pool(job, work_items(plan, chunk_elements), threads, progress)
+            items = list(work_items(plan, chunk_elements))
+            chunks_left = Counter(item.tensor.name for item in items)
+
+            def done(item: WorkItem) -> None:
+                chunks_left[item.tensor.name] -= 1
+                if progress:
+                    progress(item.nbytes, chunks_left[item.tensor.name] == 0)
+
+            _run_pool(job, items, threads, done)
         ok = True
     finally:
         torch.set_num_threads(old_threads)
@@ -157,32 +168,32 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
                 raise
 
 
-def _run_pool(job: _Job, items: Iterator[WorkItem], threads: int,
-              progress: Callable[[int], None] | None) -> None:
+def _run_pool(job: _Job, items: list[WorkItem], threads: int,
+              done: Callable[[WorkItem], None]) -> None:
     """Run items with at most ``threads`` in flight; stop at the first error."""
     if threads == 1:
         for item in items:
-            done = job(item)
-            if progress:
-                progress(done)
+            done(job(item))
         return
     stop = threading.Event()
 
     def init() -> None:
         torch.set_num_threads(1)
 
-    def guarded(item: WorkItem) -> int:
-        return 0 if stop.is_set() else job(item)
+    def guarded(item: WorkItem) -> WorkItem:
+        if not stop.is_set():
+            job(item)
+        return item
 
     with ThreadPoolExecutor(threads, thread_name_prefix="mergesmith", initializer=init) as pool:
-        pending: deque[Future[int]] = deque()
+        pending: deque[Future[WorkItem]] = deque()
         try:
             for item in items:
                 pending.append(pool.submit(guarded, item))
                 if len(pending) >= 2 * threads:
-                    _drain(pending, progress, block_for_one=True)
+                    _drain(pending, done)
             while pending:
-                _drain(pending, progress, block_for_one=True)
+                _drain(pending, done)
         except BaseException:
             stop.set()
             for f in pending:
@@ -190,11 +201,9 @@ def _run_pool(job: _Job, items: Iterator[WorkItem], threads: int,
             raise
 
 
-def _drain(pending: deque[Future[int]], progress: Callable[[int], None] | None,
-           block_for_one: bool) -> None:
-    done, _ = wait(list(pending), return_when=FIRST_COMPLETED if block_for_one else "ALL_COMPLETED")
-    for f in done:
+def _drain(pending: deque[Future[WorkItem]], done: Callable[[WorkItem], None]) -> None:
+    """Wait for at least one item; report finished ones in submission order."""
+    finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+    for f in [f for f in pending if f in finished]:
         pending.remove(f)
-        n = f.result()  # re-raises a worker's exception
-        if progress:
-            progress(n)
+        done(f.result())  # re-raises a worker's exception
