@@ -130,3 +130,63 @@ def test_lora_references_are_refused_clearly(tmp_path):
 
     with pytest.raises(MergeError, match="not supported yet"):
         resolve(parse_model_reference("a/b+c/d"), "models[0].model")
+
+
+def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_path, monkeypatch):
+    """Online path, with huggingface_hub's network calls replaced by a local 'remote'."""
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    remote = write_model(tmp_path / "remote", random_tensors(LLAMA, 0), shards=2)
+    cache = tmp_path / "cache"
+    calls = []
+
+    def snapshot_download(repo, revision=None, ignore_patterns=None, local_files_only=False):
+        calls.append(("snapshot", local_files_only))
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        shutil.copytree(remote, cache, dirs_exist_ok=True)
+        return str(cache)
+
+    def hf_hub_download(repo, filename, revision=None):
+        calls.append(("file", filename))
+        cache.mkdir(exist_ok=True)
+        shutil.copy(remote / filename, cache / filename)
+        return str(cache / filename)
+
+    def get_safetensors_metadata(repo, revision=None):
+        calls.append(("metadata",))
+        files = {}
+        for f in remote.glob("*.safetensors"):
+            entries, _ = read_header(str(f))
+            start = min(e.offset for e in entries)
+            files[f.name] = SimpleNamespace(tensors={
+                e.name: SimpleNamespace(dtype={torch.float32: "F32"}[e.dtype], shape=list(e.shape),
+                                        data_offsets=[e.offset - start, e.offset - start + e.nbytes])
+                for e in entries})
+        return SimpleNamespace(files_metadata=files)
+
+    class Api:
+        def model_info(self, repo, revision=None):
+            return SimpleNamespace(siblings=[SimpleNamespace(rfilename=p.name)
+                                             for p in remote.iterdir()])
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    recipe = recipe_file(tmp_path, "merge_method: passthrough\nmodels:\n  - model: acme/remote\n")
+
+    report = mergesmith.check(recipe)
+    assert report.plan.models[0].pending_download
+    assert ("snapshot", False) not in calls  # checking never downloads weights
+    assert not list(cache.glob("*.safetensors"))
+
+    mergesmith.run(recipe, tmp_path / "out")
+    assert ("snapshot", False) in calls
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = random_tensors(LLAMA, 0)
+    assert all(torch.equal(out[k], base[k]) for k in base)

@@ -253,3 +253,20 @@ def test_cuda_requested_without_gpu(tmp_path, two):
     out = tmp_path / "out"
     assert_user_error(invoke("run", str(ta_recipe(tmp_path, two)), str(out), "--device", "cuda"),
                       "no CUDA GPU", out=out)
+
+
+def test_demo_builds_merges_and_verifies(tmp_path):
+    lines: list[str] = []
+    from mergesmith.demo import run_demo
+
+    run_demo(str(tmp_path / "demo"), echo=lines.append)
+    text = "\n".join(lines)
+    assert (tmp_path / "demo" / "merged" / "model.safetensors").exists()
+    assert "exactly rounded bfloat16 result" in text
+    if __import__("importlib").util.find_spec("transformers"):
+        assert "all finite: True" in text
+    run_demo(str(tmp_path / "demo"), echo=lines.append)  # rerunning rebuilds its own folder
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(Exception, match="was not made by 'mergesmith demo'"):
+        run_demo(str(tmp_path / "mine"), echo=lines.append)

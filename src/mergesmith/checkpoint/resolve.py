@@ -99,9 +99,11 @@ def _resolve_hub(ref: ModelReference, where: str) -> ModelSource:
         return ModelSource(ref, index_folder(folder), repo_id=repo)
     except MergeError as cached_error:
         if _offline():
+            reason = str(cached_error)
+            detail = "" if reason.startswith("cannot get") else f" ({reason})"
             raise MergeError(f"{where}: '{repo}' is not a local folder and is not complete in "
-                             "the Hugging Face cache, and HF_HUB_OFFLINE is set "
-                             f"({cached_error}). Download it first or give a local path."
+                             f"the Hugging Face cache{detail}, and HF_HUB_OFFLINE is set. "
+                             f"Download it first (hf download {repo}) or give a local path."
                              ) from None
     # 2. Online: plan from metadata, download weights after validation.
     return _remote_metadata(ref, where)
