@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergesmith.demo import llama_shapes
+
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 
 LLAMA = {
@@ -31,29 +33,6 @@ LLAMA = {
     "eos_token_id": 2,
     "torch_dtype": "float32",
 }
-
-
-def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(config["num_hidden_layers"]):
-        p = f"model.layers.{n}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (h, h),
-            f"{p}.self_attn.k_proj.weight": (kv, h),
-            f"{p}.self_attn.v_proj.weight": (kv, h),
-            f"{p}.self_attn.o_proj.weight": (h, h),
-            f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.mlp.gate_proj.weight": (i, h),
-            f"{p}.mlp.up_proj.weight": (i, h),
-            f"{p}.mlp.down_proj.weight": (h, i),
-        })
-    shapes["model.norm.weight"] = (h,)
-    if not config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (v, h)
-    return shapes
 
 
 def random_tensors(config: dict, seed: int, base: dict | None = None,

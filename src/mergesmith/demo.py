@@ -51,11 +51,12 @@ models:
 WEIGHTS = {"ft_math": 1.0, "ft_code": 0.3}
 
 
-def _shapes() -> dict[str, tuple[int, ...]]:
-    h, i, v = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
-    kv = CONFIG["num_key_value_heads"] * CONFIG["head_dim"]
+def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a ``LlamaForCausalLM`` with this config."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(CONFIG["num_hidden_layers"]):
+    for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}"
         shapes.update({
             f"{p}.input_layernorm.weight": (h,),
@@ -69,7 +70,8 @@ def _shapes() -> dict[str, tuple[int, ...]]:
             f"{p}.mlp.down_proj.weight": (h, i),
         })
     shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (v, h)
     return shapes
 
 
@@ -87,7 +89,7 @@ def build_models(directory: str) -> dict[str, str]:
     """Write base, ft_math and ft_code (bfloat16) into ``directory``; return their paths."""
     gen = torch.Generator().manual_seed(0)
     base = {}
-    for name, shape in _shapes().items():
+    for name, shape in llama_shapes(CONFIG).items():
         if len(shape) == 1:  # norms: around 1, as trained models have
             base[name] = 1.0 + 0.05 * torch.randn(shape, generator=gen)
         else:

@@ -147,11 +147,15 @@ def _index_safetensors(files: list[str]) -> dict[str, TensorInfo]:
     for path in files:
         entries, _ = read_header(path)
         for e in entries:
-            if e.name in tensors:
-                raise MergeError(f"tensor '{e.name}' appears in both {tensors[e.name].file} "
-                                 f"and {path}; the checkpoint is inconsistent")
-            tensors[e.name] = TensorInfo(e.name, path, e.dtype, e.shape, e.offset, e.nbytes)
+            _add(tensors, TensorInfo(e.name, path, e.dtype, e.shape, e.offset, e.nbytes))
     return tensors
+
+
+def _add(tensors: dict[str, TensorInfo], info: TensorInfo) -> None:
+    if info.name in tensors:
+        raise MergeError(f"tensor '{info.name}' appears in both {tensors[info.name].file} and "
+                         f"{info.file}; the checkpoint is inconsistent")
+    tensors[info.name] = info
 
 
 def load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -181,9 +185,6 @@ def _index_bin(files: list[str]) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for path in files:
         for name, t in load_bin(path).items():
-            if name in tensors:
-                raise MergeError(f"tensor '{name}' appears in both {tensors[name].file} and "
-                                 f"{path}; the checkpoint is inconsistent")
-            tensors[name] = TensorInfo(name, path, t.dtype, tuple(t.shape), None,
-                                       t.numel() * t.element_size())
+            _add(tensors, TensorInfo(name, path, t.dtype, tuple(t.shape), None,
+                                     t.numel() * t.element_size()))
     return tensors
