@@ -8,7 +8,6 @@ bytes written never depend on the number of threads.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import Counter, deque
@@ -22,6 +21,7 @@ import torch
 from .checkpoint import CheckpointIndex, TensorReader
 from .errors import MergeError
 from .methods import MergeInputs, get_method
+from .methods.apply import tensor_generator
 from .plan import COPY, OutputTensor, Plan
 from .writer import ShardWriter
 
@@ -81,12 +81,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def tensor_seed(seed: int | None, name: str, rows: tuple[int, int] | None) -> int:
-    """Stable 63-bit seed from (seed, tensor name, chunk): never Python's ``hash()``."""
-    h = hashlib.blake2b(f"{seed}\0{name}\0{rows}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
 class _Job:
     """Computes one work item. Shared state is read-only except the reader and writer."""
 
@@ -113,8 +107,7 @@ class _Job:
             del raw
             generator = None
             if self.plan.method.random:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(tensor_seed(self.plan.seed, t.name, item.rows))
+                generator = tensor_generator(self.plan.seed, t.name, self.device, item.rows)
             inputs = MergeInputs(xs, t.base_index, t.params, list(t.model_params), t.name,
                                  generator)
             result = self.fn[t.method](inputs)

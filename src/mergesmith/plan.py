@@ -272,6 +272,14 @@ class _Planner:
                              f"model(s){base_note}, got {n}")
         if spec.base in (BasePolicy.IGNORED, BasePolicy.FORBIDDEN):
             return None
+        others = n - (base_pos is not None)
+        if others < spec.min_non_base or (spec.max_non_base is not None
+                                          and others > spec.max_non_base):
+            lo, hi = spec.min_non_base, spec.max_non_base
+            want = (f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None
+                    else f"{lo} to {hi}")
+            raise MergeError(f"{where}: merge method '{spec.name}' takes {want} model(s) "
+                             f"besides the base model, got {others}")
         return base_pos
 
     # -- tensors -------------------------------------------------------------

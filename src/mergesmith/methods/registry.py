@@ -11,6 +11,7 @@ module (or a :class:`MethodSpec`) in the ``mergesmith.methods`` entry-point grou
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,10 +110,15 @@ class MethodSpec:
     base: BasePolicy
     min_inputs: int = 1
     max_inputs: int | None = None
+    min_non_base: int = 0
+    max_non_base: int | None = None
     elementwise: bool = False
     random: bool = False
+    temp_buffers: float = 2.0
     summary: str = ""
+    description: str = ""
     reference: str = ""
+    differences: str = ""
     check: CheckFn | None = None
 
     def param(self, name: str) -> Param | None:
@@ -138,19 +144,35 @@ def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
 
 
 def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = BasePolicy.IGNORED,
-                 min_inputs: int = 1, max_inputs: int | None = None, elementwise: bool = False,
-                 random: bool = False, reference: str = "", check: CheckFn | None = None,
+                 min_inputs: int = 1, max_inputs: int | None = None, min_non_base: int = 0,
+                 max_non_base: int | None = None, elementwise: bool = False,
+                 random: bool = False, temp_buffers: float = 2.0, reference: str = "",
+                 differences: str = "", check: CheckFn | None = None,
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
-    ``elementwise`` methods may be applied to row chunks of a tensor (bounded memory);
-    ``check`` validates resolved parameters at plan time (before any data is read).
+    * ``base``, ``min_inputs``/``max_inputs`` (the base included) and
+      ``min_non_base``/``max_non_base``: the input contract, checked at plan time.
+    * ``elementwise``: the method may be applied to row chunks of a tensor (bounded memory);
+      otherwise it receives whole tensors.
+    * ``random``: ``inputs.generator`` is a per-tensor generator seeded from (seed, name).
+    * ``temp_buffers``: how many tensor-sized compute buffers the method needs besides its
+      inputs (the scheduler's memory estimate).
+    * ``check(tensor_name, params, model_params, base_index)``: validates resolved parameters
+      at plan time (before any data is read); raise MergeError.
+    * ``differences``: where the method knowingly differs from mergekit (for the docs).
+
+    The docstring's first paragraph is the summary shown by ``mergesmith methods``; the rest
+    goes into the generated documentation.
     """
 
     def wrap(fn: MethodFn) -> MethodFn:
-        summary = (fn.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, elementwise,
-                            random, summary, reference, check), replace=replace)
+        doc = inspect.cleandoc(fn.__doc__ or "")
+        summary, _, description = doc.partition("\n\n")
+        register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, min_non_base,
+                            max_non_base, elementwise, random, temp_buffers,
+                            summary.replace("\n", " "), description.strip(), reference,
+                            inspect.cleandoc(differences), check), replace=replace)
         return fn
 
     return wrap
