@@ -1,58 +1,222 @@
-"""The task-vector family: base + λ · combine(w_i · sparsify(x_i − base)).
+"""The task-vector family: one pipeline, eight mergekit methods.
 
-Task arithmetic is the plain member (no sparsification, no sign consensus); the other
-members add a sparsifier and/or TIES sign consensus on the same skeleton.
+Per tensor, with base ``x₀`` and task vectors ``δᵢ = xᵢ − x₀``:
+
+1. sparsify each ``δᵢ`` with its own density (none, magnitude, Bernoulli, Breadcrumbs'
+   outlier band or DELLA's rank-weighted drop), optionally rescaled to its former L1 norm;
+2. weight: ``Wᵢ = wᵢ·δᵢ``;
+3. combine: ``Σ Wᵢ`` — or, with TIES sign consensus, only the ``Wᵢ`` that agree with the
+   sign of ``Σ Wᵢ`` at that element;
+4. ``normalize`` divides by the (agreeing) weights' sum, then ``lambda`` scales;
+5. ``x₀ + result``.
+
+The variants only choose the sparsifier, consensus and defaults.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from ..errors import MergeError
+from . import sparsify
 from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
 
+Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], None]
 
-def generalized_task_arithmetic(m: MergeInputs) -> torch.Tensor:
-    """base + λ·Σ wᵢ(xᵢ − base), divided by Σ wᵢ when ``normalize`` (mergekit's guard: a
-    divisor below 1e-8 in magnitude is replaced by 1)."""
+
+def generalized_task_arithmetic(m: MergeInputs, sparsifier: Sparsifier | None = None,
+                                consensus: bool = False) -> torch.Tensor:
+    """The shared pipeline. Works in place on the method's own copies of the inputs."""
     base = m.base
     others = m.others()
-    mixed = torch.zeros_like(base)
     if not others:
-        return mixed.add_(base)
-    delta = torch.empty_like(base)
-    weight_sum = 0.0
+        return base
+    rescale = m.params.get("rescale", False)
+    deltas, weights = [], []
     for x, p in others:
-        w = p["weight"]
-        weight_sum += w
-        torch.sub(x, base, out=delta)
-        mixed.add_(delta.mul_(w))
-    if m.params["normalize"]:
-        mixed.div_(weight_sum if abs(weight_sum) >= 1e-8 else 1.0)
-    lam = m.params["lambda"]
-    if lam != 1.0:
-        mixed.mul_(lam)
-    return mixed.add_(base)
+        delta = x.sub_(base)
+        if sparsifier is not None and p.get("density", 1.0) < 1:
+            before = sparsify.l1(delta) if rescale else 0.0
+            sparsifier(delta, p, m.generator)
+            if rescale:
+                sparsify.rescale_l1_(delta, before)
+        deltas.append(delta.mul_(p["weight"]).view(-1))
+        weights.append(p["weight"])
+    _combine_into(base.view(-1), deltas, weights, consensus, m.params["normalize"],
+                  m.params["lambda"])
+    return base
 
 
-def _gta_params(normalize: bool) -> list[Param]:
-    return [
+def _combine_into(out: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float],
+                  consensus: bool, normalize: bool, lam: float) -> None:
+    """out += lambda · combine(W) (/ divisor), chunk by chunk to keep temporaries small."""
+    weight_sum = sum(weights)
+    scalar_divisor = weight_sum if abs(weight_sum) >= 1e-8 else 1.0
+    for start in range(0, out.numel(), sparsify.CHUNK):
+        end = start + sparsify.CHUNK
+        ws = [d[start:end] for d in deltas]
+        if consensus:
+            positive = sum(ws[1:], ws[0].clone()) >= 0  # majority sign; ties go to +
+            mixed = torch.zeros_like(ws[0])
+            divisor = torch.zeros_like(ws[0])
+            for w_i, weight in zip(ws, weights):
+                agrees = torch.where(positive, w_i > 0, w_i < 0)  # zeros never agree
+                mixed.add_(w_i * agrees)
+                divisor.add_(agrees, alpha=weight)
+            if normalize:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        else:
+            mixed = sum(ws[1:], ws[0].clone())
+            if normalize:
+                mixed.div_(scalar_divisor)
+        if lam != 1.0:
+            mixed.mul_(lam)
+        out[start:end].add_(mixed)
+
+
+# ------------------------------------------------------------------ the eight methods
+
+
+def _magnitude(delta, p, generator):
+    sparsify.magnitude_(delta, p["density"])
+
+
+def _bernoulli(delta, p, generator):
+    sparsify.bernoulli_(delta, p["density"], generator)
+
+
+def _outliers(delta, p, generator):
+    sparsify.magnitude_outliers_(delta, p["density"], p["gamma"])
+
+
+def _della(delta, p, generator):
+    sparsify.della_magprune_(delta, p["density"], p["epsilon"], generator)
+
+
+def _check_della(name: str, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
+                 base_index: int | None) -> None:
+    for i, p in enumerate(model_params):
+        d, e = p.get("density", 1.0), p.get("epsilon", 0.15)
+        if i != base_index and 0 < d < 1 and not (d - e > 0 and d + e < 1):
+            raise MergeError(f"della: density {d:g} ± epsilon {e:g} must stay inside (0, 1) "
+                             f"(input {i}, tensor '{name}'); lower epsilon or move the density "
+                             "away from 0 and 1")
+
+
+@dataclass(frozen=True)
+class _Variant:
+    name: str
+    sparsifier: Sparsifier | None
+    consensus: bool
+    normalize: bool
+    rescale: bool
+    extra: tuple[Param, ...] = ()
+    reference: str = ""
+    doc: str = ""
+    random: bool = False
+
+
+_GAMMA = Param("gamma", float, 0.01, Scope.NON_BASE,
+               "fraction of the largest-magnitude entries dropped as outliers")
+_EPSILON = Param("epsilon", float, 0.15, Scope.NON_BASE,
+                 "spread of keep probabilities around the density (by magnitude rank)")
+_DOCS = {
+    "sign": "Sign consensus (TIES): at each element only the task vectors whose weighted "
+            "sign agrees with the sign of their sum are kept, and normalize divides by the "
+            "weights of those that agree.",
+}
+
+VARIANTS = [
+    _Variant("task_arithmetic", None, False, False, False,
+             reference="https://arxiv.org/abs/2212.04089",
+             doc="""Task arithmetic: base + λ·Σ wᵢ(xᵢ − base).
+
+             Adds the weighted task vectors (fine-tune minus base) of the fine-tuned models
+             to the base. The simplest way to combine skills of fine-tunes of one base;
+             `density` is accepted and ignored, as in mergekit."""),
+    _Variant("ties", _magnitude, True, True, False,
+             reference="https://arxiv.org/abs/2306.01708",
+             doc=f"""TIES: trim each task vector to its largest entries, elect signs, merge.
+
+             Keeps the `density` fraction of largest-magnitude entries of each task vector
+             (exactly `max(1, int(density·numel))`; ties at the cut go to the later
+             positions), then merges with sign consensus. {_DOCS['sign']} Use it when
+             fine-tunes interfere (opposite updates cancelling)."""),
+    _Variant("dare_linear", _bernoulli, False, False, True, random=True,
+             reference="https://arxiv.org/abs/2311.03099",
+             doc="""DARE: randomly drop task-vector entries, rescale, add.
+
+             Keeps each entry with probability `density` and rescales the pruned task vector
+             to its original L1 norm (mergekit's rescale rule), then adds the weighted sum.
+             Random: reproducible with `--seed`."""),
+    _Variant("dare_ties", _bernoulli, True, False, True, random=True,
+             reference="https://arxiv.org/abs/2311.03099",
+             doc=f"""DARE pruning with TIES sign consensus.
+
+             Random drop with probability `1 − density` and L1 rescale, then {_DOCS['sign']}"""),
+    _Variant("breadcrumbs", _outliers, False, False, False, (_GAMMA,),
+             reference="https://arxiv.org/abs/2312.06795",
+             doc="""Model Breadcrumbs: drop the largest outliers and the smallest entries.
+
+             Of each task vector keeps exactly `int(density·numel)` entries: those just
+             below the `int(gamma·numel)` largest magnitudes."""),
+    _Variant("breadcrumbs_ties", _outliers, True, False, False, (_GAMMA,),
+             reference="https://arxiv.org/abs/2312.06795",
+             doc=f"""Model Breadcrumbs with TIES sign consensus.
+
+             Breadcrumbs' outlier band, then {_DOCS['sign']}"""),
+    _Variant("della", _della, True, True, True, (_EPSILON,), random=True,
+             reference="https://arxiv.org/abs/2406.11617",
+             doc=f"""DELLA: drop entries with probability that falls with their magnitude rank.
+
+             Per row, each entry is kept with probability `density − ε + 2ε·rank` (rank of
+             its magnitude in the row, scaled to [0, 1]), the task vector is rescaled to
+             its former L1 norm, then {_DOCS['sign']} Requires `0 < density ± epsilon < 1`."""),
+    _Variant("della_linear", _della, False, False, True, (_EPSILON,), random=True,
+             reference="https://arxiv.org/abs/2406.11617",
+             doc="""DELLA's rank-weighted random drop and rescale, then a plain weighted sum.
+
+             Like `della` without sign consensus."""),
+]
+
+
+def _register(v: _Variant) -> None:
+    params = [
         Param("weight", float, scope=Scope.NON_BASE, doc="weight of the model's task vector"),
-        Param("normalize", bool, normalize, doc="divide the sum by the sum of the weights"),
+        Param("density", float, 1.0, Scope.NON_BASE,
+              "fraction of task-vector entries kept" if v.sparsifier
+              else "accepted for mergekit compatibility (no effect)"),
+        *v.extra,
+        Param("normalize", bool, v.normalize, doc="divide by the sum of the (agreeing) weights"),
+        Param("rescale", bool, v.rescale,
+              doc="rescale each pruned task vector to its L1 norm before pruning"),
         Param("lambda", float, 1.0, doc="scale of the combined task vector"),
         Param("int8_mask", bool, False, doc="accepted for mergekit compatibility (no effect)"),
     ]
 
+    def method(m: MergeInputs) -> torch.Tensor:
+        return generalized_task_arithmetic(m, v.sparsifier, v.consensus)
 
-@merge_method(
-    "task_arithmetic",
-    base=BasePolicy.REQUIRED,
-    params=_gta_params(normalize=False),
-    elementwise=True,
-    reference="https://arxiv.org/abs/2212.04089",
-)
-def task_arithmetic(m: MergeInputs) -> torch.Tensor:
-    """Task arithmetic: base + λ·Σ wᵢ(xᵢ − base).
+    method.__name__ = v.name
+    method.__doc__ = v.doc
+    differences = ("Float32 arithmetic (mergekit: the input dtype). Random masks come from "
+                   "a generator per tensor seeded by (seed, tensor name), so they differ "
+                   "from mergekit's even with the same seed, but are identical for any "
+                   "thread count." if v.random else
+                   "Float32 arithmetic (mergekit: the input dtype)."
+                   + (" Ties at the magnitude cut are broken by position, so exactly the "
+                      "documented number of entries is kept." if v.sparsifier else ""))
+    merge_method(v.name, base=BasePolicy.REQUIRED, params=params,
+                 elementwise=v.sparsifier is None and not v.consensus, random=v.random,
+                 temp_buffers=1.0, reference=v.reference, differences=differences,
+                 check=_check_della if v.sparsifier is _della else None)(method)
 
-    Adds the weighted task vectors of the fine-tuned models to the base model.
-    """
-    return generalized_task_arithmetic(m)
+
+for _v in VARIANTS:
+    _register(_v)
+
+task_arithmetic = generalized_task_arithmetic
