@@ -1,0 +1,334 @@
+"""The task-vector family against written-out float64 references, plus sparsifier properties."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from conftest import LLAMA, random_tensors, recipe_file, write_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mergesmith
+from mergesmith import MergeError, merge_tensors
+from mergesmith.methods import sparsify
+
+# ------------------------------------------------------------------ references
+
+
+def stable_positions(delta: torch.Tensor) -> torch.Tensor:
+    """Position of each element in the stable ascending order of |δ| (flat)."""
+    order = torch.sort(delta.abs().flatten(), stable=True).indices
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel())
+    return pos.view(delta.shape)
+
+
+def ref_magnitude(delta, density):
+    if density >= 1:
+        return delta.clone()
+    n = delta.numel()
+    if density <= 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    return delta * (stable_positions(delta) >= n - k)
+
+
+def ref_breadcrumbs(delta, density, gamma):
+    if density >= 1:
+        return delta.clone()
+    n = delta.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    pos = stable_positions(delta)
+    return delta * ((pos >= n_bot) & (pos < n_bot + target))
+
+
+def ref_gta(base, xs, weights, sparse=None, consensus=False, normalize=False, lam=1.0):
+    """base + λ·combine(wᵢ·sparse(xᵢ − base)), all in float64, written out."""
+    base = base.double()
+    deltas = [(x.double() - base) for x in xs]
+    if sparse is not None:
+        deltas = [sparse(d) for d in deltas]
+    W = [w * d for w, d in zip(weights, deltas)]
+    if consensus:
+        total = sum(W)
+        majority = torch.where(total >= 0, 1.0, -1.0).double()
+        masks = [(torch.sign(wd) == majority).double() for wd in W]
+        mixed = sum(wd * mk for wd, mk in zip(W, masks))
+        divisor = sum(w * mk for w, mk in zip(weights, masks))
+        divisor[divisor == 0] = 1.0
+    else:
+        mixed = sum(W)
+        divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.fixture
+def inputs():
+    base = rand(6, 9, seed=0)
+    return base, [base + 0.1 * rand(6, 9, seed=s) for s in (1, 2, 3)]
+
+
+def merge(method, base, xs, **params):
+    return merge_tensors([base, *xs], method, params, base_index=0).double()
+
+
+# ------------------------------------------------------------------ formulas
+
+
+@pytest.mark.parametrize("densities", [[0.5, 0.7, 0.3], [1.0, 1.0, 1.0], [0.0, 0.2, 1.0],
+                                       [0.01, 0.99, 0.5]])
+def test_ties_matches_reference(inputs, densities):
+    base, xs = inputs
+    weights = [1.0, 0.6, -0.4]
+    got = merge("ties", base, xs, weight=weights, density=densities, **{"lambda": 0.9})
+    deltas_ref = [ref_magnitude(x.double() - base.double(), d) for x, d in zip(xs, densities)]
+    want = ref_gta(base, [base.double() + d for d in deltas_ref], weights,
+                   consensus=True, normalize=True, lam=0.9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ties_with_density_one_is_sign_consensus_task_arithmetic(inputs):
+    base, xs = inputs
+    w = [0.3, 0.9, 0.5]
+    got = merge("ties", base, xs, weight=w)
+    want = ref_gta(base, xs, w, consensus=True, normalize=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.2), (0.3, 0.0), (0.5, 0.8)])
+def test_breadcrumbs_match_reference(inputs, method, density, gamma):
+    base, xs = inputs
+    w = [0.5, 0.25, 1.5]
+    got = merge(method, base, xs, weight=w, density=density, gamma=gamma, normalize=True)
+    sparse_xs = [base.double() + ref_breadcrumbs(x.double() - base.double(), density, gamma)
+                 for x in xs]
+    want = ref_gta(base, sparse_xs, w, consensus=method.endswith("ties"), normalize=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_consensus_with_negative_and_zero_weights(inputs):
+    base, xs = inputs
+    w = [0.0, -0.5, 1.0]
+    got = merge("ties", base, xs, weight=w, density=0.6)
+    sparse_xs = [base.double() + ref_magnitude(x.double() - base.double(), 0.6) for x in xs]
+    want = ref_gta(base, sparse_xs, w, consensus=True, normalize=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_with_density_one_is_task_arithmetic(inputs):
+    base, xs = inputs
+    w = [0.4, 0.4, 0.2]
+    for method, consensus in (("dare_linear", False), ("dare_ties", True)):
+        got = merge(method, base, xs, weight=w, normalize=True, **{"lambda": 1.2})
+        want = ref_gta(base, xs, w, consensus=consensus, normalize=True, lam=1.2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_one_model_at_weight_one_returns_itself(inputs):
+    base, xs = inputs
+    for method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                   "della_linear"):
+        got = merge(method, base, xs[:1], weight=1.0)
+        torch.testing.assert_close(got, xs[0].double(), rtol=1e-6, atol=1e-6, msg=method)
+
+
+def test_base_alone_returns_base(inputs):
+    base, _ = inputs
+    for method in ("ties", "dare_ties", "della"):
+        assert torch.equal(merge_tensors([base], method, {}, base_index=0), base)
+
+
+def test_fine_tune_order_does_not_matter_for_deterministic_members(inputs):
+    base, xs = inputs
+    w, d = [0.2, 0.7, 0.4], [0.5, 0.8, 0.3]
+    for method in ("ties", "breadcrumbs_ties", "task_arithmetic"):
+        a = merge(method, base, xs, weight=w, density=d)
+        b = merge(method, base, xs[::-1], weight=w[::-1], density=d[::-1])
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=method)
+
+
+def test_task_arithmetic_accepts_density_and_rescale_like_mergekit(inputs):
+    base, xs = inputs
+    a = merge("task_arithmetic", base, xs, weight=0.3, density=0.2, rescale=True)
+    torch.testing.assert_close(a, ref_gta(base, xs, [0.3] * 3), rtol=1e-5, atol=1e-6)
+
+
+def test_one_dimensional_tensors(inputs):
+    base = rand(17, seed=4)
+    xs = [base + 0.1 * rand(17, seed=5), base + 0.1 * rand(17, seed=6)]
+    got = merge("breadcrumbs_ties", base, xs, weight=[1.0, 1.0], density=0.5, gamma=0.1)
+    sparse_xs = [base.double() + ref_breadcrumbs(x.double() - base.double(), 0.5, 0.1)
+                 for x in xs]
+    want = ref_gta(base, sparse_xs, [1.0, 1.0], consensus=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ sparsifiers
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), lo=st.integers(0, 320), width=st.integers(0, 320),
+       distinct=st.sampled_from([3, 1000]), seed=st.integers(0, 10**6))
+def test_keep_rank_range_matches_stable_sort(n, lo, width, distinct, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.randint(-distinct, distinct, (n,), generator=g) / 7).float()  # many ties
+    want = v * ((stable_positions(v) >= lo) & (stable_positions(v) < lo + width))
+    got = v.clone()
+    sparsify.keep_rank_range_(got, lo, lo + width)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_on_tensors_larger_than_the_sampling_threshold(ties, monkeypatch):
+    monkeypatch.setattr(sparsify, "CHUNK", 1 << 12)  # exercise the bracketed path cheaply
+    g = torch.Generator().manual_seed(1)
+    n = 100_003
+    v = torch.randint(-50, 50, (n,), generator=g).float() if ties else torch.randn(n, generator=g)
+    for lo, hi in ((n - 4000, n), (31_000, 77_000), (0, 5), (n - 1, n)):
+        got = v.clone()
+        sparsify.keep_rank_range_(got, lo, hi)
+        pos = stable_positions(v)
+        assert torch.equal(got, v * ((pos >= lo) & (pos < hi))), (lo, hi)
+        assert int((got != 0).sum()) <= hi - lo
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.5, 0.999, 1.0])
+def test_magnitude_keeps_exactly_the_documented_count(density):
+    d = rand(40, 25, seed=9)
+    out = d.clone()
+    sparsify.magnitude_(out, density)
+    n = d.numel()
+    expected = n if density >= 1 else 0 if density <= 0 else max(1, int(density * n))
+    assert int((out != 0).sum()) == expected
+    if 0 < density < 1:  # and they are the largest ones
+        assert out[out != 0].abs().min() >= d.abs().flatten().sort().values[n - expected]
+
+
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.01), (0.3, 0.3), (0.8, 0.5), (0.2, 0.0)])
+def test_breadcrumbs_keeps_exactly_target(density, gamma):
+    d = rand(30, 11, seed=3)
+    out = d.clone()
+    sparsify.magnitude_outliers_(out, density, gamma)
+    assert int((out != 0).sum()) == int(density * d.numel())
+
+
+def test_dare_rescale_preserves_l1_and_keeps_about_density():
+    base = torch.zeros(200, 300)
+    x = rand(200, 300, seed=2)
+    for density in (0.1, 0.5, 0.9):
+        out = merge_tensors([base, x], "dare_linear", {"weight": 1.0, "density": density},
+                            base_index=0, seed=3)
+        kept = float((out != 0).float().mean())
+        assert abs(kept - density) < 0.01
+        assert float(out.abs().sum()) == pytest.approx(float(x.abs().sum()), rel=1e-5)
+        no_rescale = merge_tensors([base, x], "dare_linear",
+                                   {"weight": 1.0, "density": density, "rescale": False},
+                                   base_index=0, seed=3)
+        assert torch.equal(no_rescale != 0, out != 0)  # same mask, only the scale differs
+
+
+def test_dare_density_zero_gives_the_base(inputs):
+    base, xs = inputs
+    got = merge_tensors([base, *xs], "dare_ties", {"weight": 1.0, "density": 0.0}, base_index=0)
+    assert torch.equal(got, base)
+
+
+def test_della_keep_probability_rises_with_magnitude_rank():
+    rows, width = 4000, 10
+    delta = torch.arange(1, width + 1).float().repeat(rows, 1)  # rank = column
+    g = torch.Generator().manual_seed(0)
+    out = delta.clone()
+    sparsify.della_magprune_(out, 0.5, 0.2, g)
+    kept = (out != 0).float().mean(0)
+    expected = 0.5 - 0.2 + 0.4 * torch.arange(width) / (width - 1)
+    assert torch.allclose(kept, expected, atol=0.03)
+
+
+def test_della_one_element_rows_use_rank_one_half():
+    g = torch.Generator().manual_seed(0)
+    out = torch.ones(20000, 1)
+    sparsify.della_magprune_(out, 0.4, 0.3, g)
+    assert abs(float((out != 0).float().mean()) - 0.4) < 0.02
+
+
+def test_della_rejects_density_epsilon_outside_unit_interval(inputs):
+    base, xs = inputs
+    with pytest.raises(MergeError, match="must stay inside"):
+        merge_tensors([base, xs[0]], "della", {"weight": 1.0, "density": 0.1}, base_index=0)
+    merge_tensors([base, xs[0]], "della", {"weight": 1.0, "density": 0.1, "epsilon": 0.05},
+                  base_index=0)
+
+
+def test_della_matches_reference_given_the_same_mask(inputs):
+    """Reproduce DELLA with the same generator stream: rank probabilities, bernoulli, L1."""
+    base, xs = inputs
+    w, density, eps = [0.7, 0.3], 0.5, 0.1
+    got = merge_tensors([base, *xs[:2]], "della", {"weight": w, "density": density,
+                                                   "epsilon": eps, "lambda": 1.1},
+                        base_index=0, seed=5, name="t").double()
+    g = mergesmith.methods.tensor_generator(5, "t")
+    deltas = []
+    for x in xs[:2]:
+        d = (x - base)
+        order = d.abs().argsort(dim=1, stable=True)
+        rank = torch.empty_like(d).scatter_(1, order, torch.arange(d.shape[1]).float()
+                                           .expand_as(d)) / (d.shape[1] - 1)
+        mask = torch.bernoulli(density - eps + 2 * eps * rank, generator=g)
+        pruned = d.double() * mask.double()
+        deltas.append(pruned * d.double().abs().sum() / pruned.abs().sum())
+    want = ref_gta(base, [base.double() + d for d in deltas], w, consensus=True,
+                   normalize=True, lam=1.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def test_random_methods_reproducible_and_seed_dependent(inputs):
+    base, xs = inputs
+    p = {"weight": [0.5, 0.5, 0.5], "density": 0.5}
+    a = merge_tensors([base, *xs], "dare_ties", p, base_index=0, seed=7, name="w")
+    b = merge_tensors([base, *xs], "dare_ties", p, base_index=0, seed=7, name="w")
+    c = merge_tensors([base, *xs], "dare_ties", p, base_index=0, seed=8, name="w")
+    d = merge_tensors([base, *xs], "dare_ties", p, base_index=0, seed=7, name="other")
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+@pytest.mark.parametrize("method,extra", [("dare_ties", ""), ("della", "      epsilon: 0.1\n")])
+def test_seeded_recipe_is_bit_identical_across_runs_and_threads(tmp_path, method, extra):
+    base = random_tensors(LLAMA, 0)
+    paths = [write_model(tmp_path / "base", base)]
+    for s in (1, 2):
+        paths.append(write_model(tmp_path / f"ft{s}", random_tensors(LLAMA, s, base)))
+    recipe = recipe_file(tmp_path, f"""merge_method: {method}
+base_model: {paths[0]}
+models:
+  - model: {paths[1]}
+    parameters:
+      weight: 0.6
+      density: 0.5
+{extra}  - model: {paths[2]}
+    parameters:
+      weight: 0.4
+      density: 0.7
+{extra}""")
+
+    def digest(out):
+        return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    runs = {}
+    for name, threads, seed in (("a", 1, 7), ("b", 4, 7), ("c", 2, 7), ("d", 1, 8)):
+        mergesmith.run(recipe, tmp_path / name, threads=threads, seed=seed)
+        runs[name] = digest(tmp_path / name)
+    assert runs["a"] == runs["b"] == runs["c"]
+    assert runs["a"] != runs["d"]
