@@ -1,13 +1,15 @@
-"""mergekit 0.1.5 conformance: run the shared recipes and compare with its outputs.
+"""mergekit 0.1.5 conformance: run every shared recipe and compare with mergekit's output.
 
-Uses ``../shared/conformance`` (compare.py decides, with each case's tolerances). Cases
-whose features later issues add (other methods, vocabulary merging) are not listed here yet.
+Uses ``../shared/conformance``: ``compare.py`` decides, with each case's kind and tolerances
+from ``cases.json`` (random cases are compared by statistics). Cases where we knowingly
+differ are listed in KNOWN_DIFFERENCES; each has its own test of our intended behaviour.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
 from contextlib import redirect_stdout
 
 import pytest
@@ -15,20 +17,22 @@ from conftest import CONFORMANCE
 
 import mergesmith
 
-CASES = [
-    "task_arithmetic_seed",
-    "task_arithmetic",
-    "linear",
-    "linear_nonorm",
-    "passthrough_scale",
-    "passthrough_frankenmerge",
-    "bf16_passthrough_f32out",
-    "bf16_linear_f32out",
-    "slices_linear",
-]
-
 pytestmark = pytest.mark.skipif(not (CONFORMANCE / "compare.py").exists(),
                                 reason="../shared/conformance is not available")
+
+CASES = sorted(json.loads((CONFORMANCE / "cases.json").read_text())["cases"]) if (
+    CONFORMANCE / "cases.json").exists() else []
+
+KNOWN_DIFFERENCES = {
+    # mergekit leaves model_stock's t unclamped; we clamp to [0, 1] (spec fix). Our intended
+    # output is tested in tests/test_methods_misc.py.
+    "model_stock_conflict": "model_stock clamps t to [0, 1]",
+}
+NOT_YET = {
+    "tokenizer_union": "vocabulary merging (tokenizer blocks) is not implemented yet",
+    "tokenizer_base": "vocabulary merging (tokenizer blocks) is not implemented yet",
+    "tokenizer_tokens": "vocabulary merging (tokenizer blocks) is not implemented yet",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +44,23 @@ def compare():
     return module.main
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_case_matches_mergekit(case, compare, tmp_path, monkeypatch):
+def run_case(case, compare, tmp_path, monkeypatch) -> tuple[int, str]:
     monkeypatch.chdir(CONFORMANCE)  # recipes name models as ./models/...
     out = tmp_path / case
     mergesmith.run(f"recipes/{case}.yml", out, seed=42)
     buf = io.StringIO()
     with redirect_stdout(buf):
         status = compare([f"expected/{case}", str(out)])
-    report = buf.getvalue()
+    return status, buf.getvalue()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_case_matches_mergekit(case, compare, tmp_path, monkeypatch):
+    if case in NOT_YET:
+        pytest.skip(NOT_YET[case])
+    status, report = run_case(case, compare, tmp_path, monkeypatch)
+    if case in KNOWN_DIFFERENCES:
+        assert status == 1, f"expected to differ ({KNOWN_DIFFERENCES[case]}):\n{report}"
+        return
     assert status == 0, report
     assert " 0 failed" in report.splitlines()[-1]

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import ModelSource, resolve
 from .errors import MergeError
-from .execute import execute, resolve_device, work_items
+from .execute import MEMORY_BUDGET, execute, item_memory, resolve_device, work_items
 from .output import partial_path, prepare_output, publish, verify, write_side_files
 from .plan import DEFAULT_SHARD_SIZE, Plan, PlanOptions, make_plan, referenced_models
 from .recipe import Recipe, load_recipe
@@ -83,19 +83,13 @@ def plan(recipe: RecipeLike, *, out_shard_size: int | str = DEFAULT_SHARD_SIZE,
 
 
 def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = None) -> int:
-    """Bytes of tensor data in flight at once: the ``threads`` largest work items."""
-    costs = []
-    for item in work_items(p, chunk_elements):
-        t = item.tensor
-        rows = item.rows[1] - item.rows[0] if item.rows else (t.shape[0] if t.shape else 1)
-        frac = rows / t.shape[0] if t.shape and t.shape[0] else 1.0
-        numel = max(1, int(round(frac * max(1, torch.Size(t.shape).numel()))))
-        width = torch.promote_types(p.options.compute_dtype, t.dtype).itemsize
-        raw = sum(p.input_info(i).dtype.itemsize for i in t.inputs) * numel
-        compute = (len(t.inputs) + 2) * width * numel if t.method != "copy" else 0
-        costs.append(raw + compute + t.dtype.itemsize * numel)
-    costs.sort(reverse=True)
-    return sum(costs[:threads])
+    """Bytes of tensor data in flight at once: the largest items that run together."""
+    costs = sorted((item_memory(p, item) for item in work_items(p, chunk_elements)),
+                   reverse=True)
+    if not costs:
+        return 0
+    together = sum(costs[:threads])
+    return max(costs[0], min(together, MEMORY_BUDGET)) if threads > 1 else costs[0]
 
 
 def check(recipe: RecipeLike, *, threads: int | None = None, **plan_options: Any) -> CheckReport:

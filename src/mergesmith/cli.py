@@ -181,12 +181,18 @@ def demo(directory: str, overwrite: bool, debug: bool) -> None:
 
 @cli.command()
 @click.argument("name", required=False)
+@click.option("--markdown", is_flag=True, help="Print the documentation page (docs/methods.md).")
 @friendly
-def methods(name: str | None) -> None:
+def methods(name: str | None, markdown: bool) -> None:
     """List merge methods and their parameters (or show one method)."""
     from .methods import all_methods, get_method
 
     specs = [get_method(name)] if name else list(all_methods().values())
+    if markdown:
+        from .methods.docs import render_markdown
+
+        click.echo(render_markdown(specs), nl=False)
+        return
     for spec in specs:
         click.echo(f"{spec.name}  (base: {spec.base.value})")
         if spec.summary:

@@ -22,8 +22,11 @@ from .checkpoint import CheckpointIndex, TensorReader
 from .errors import MergeError
 from .methods import MergeInputs, get_method
 from .methods.apply import tensor_generator
-from .plan import COPY, OutputTensor, Plan
+from .plan import COPY, InputTensor, OutputTensor, Plan
 from .writer import ShardWriter
+
+MEMORY_BUDGET = 1_000_000_000
+"""Tensor data in flight at once (bytes); work items wait for their share."""
 
 CHUNK_ELEMENTS = 2 * 1024 * 1024
 """Rows of element-wise tensors are processed in chunks of about this many elements
@@ -55,6 +58,43 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
         step = max(1, chunk_elements // row)
         for start in range(0, t.shape[0], step):
             yield WorkItem(t, (start, min(start + step, t.shape[0])))
+
+
+def item_memory(plan: Plan, item: WorkItem) -> int:
+    """Bytes of tensor data a work item holds at its peak: its largest raw input, the
+    inputs in the compute dtype, the method's temporaries and the output buffer."""
+    t = item.tensor
+    numel = prod(t.shape) if item.rows is None else (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
+    raw = [plan.input_info(i).dtype.itemsize * numel for i in t.inputs]
+    if t.method == COPY:
+        return sum(raw) + t.dtype.itemsize * numel
+    width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
+    temps = get_method(t.method).temp_buffers
+    return int(max(raw) + (len(t.inputs) + temps) * width * numel + t.dtype.itemsize * numel)
+
+
+class _Budget:
+    """Bytes of tensor data in flight, granted in submission order (no starvation).
+
+    An item larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.turn = limit, 0, 0
+        self.cv = threading.Condition()
+
+    def acquire(self, ticket: int, nbytes: int) -> int:
+        nbytes = min(nbytes, self.limit)
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == ticket and self.used + nbytes <= self.limit)
+            self.used += nbytes
+            self.turn += 1
+            self.cv.notify_all()
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.cv:
+            self.used -= nbytes
+            self.cv.notify_all()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,9 +132,8 @@ class _Job:
 
     def __call__(self, item: WorkItem) -> WorkItem:
         t = item.tensor
-        raw = [self.reader.read(self.indexes[i.model].tensors[i.name], item.rows)
-               for i in t.inputs]
         if t.method == COPY:
+            raw = [self._read(i, item) for i in t.inputs]
             for other, inp in zip(raw[1:], t.inputs[1:]):
                 if not torch.equal(raw[0], other):
                     name = self.plan.models[inp.model].ref
@@ -103,8 +142,7 @@ class _Job:
                                      "averaged, so they must be equal")
             result = raw[0]
         else:
-            xs = [self._prepare(x) for x in raw]
-            del raw
+            xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one raw at a time
             generator = None
             if self.plan.method.random:
                 generator = tensor_generator(self.plan.seed, t.name, self.device, item.rows)
@@ -115,6 +153,9 @@ class _Job:
                 result = result.to("cpu")
         self.writer.write(t, item.rows, result)
         return item
+
+    def _read(self, inp: InputTensor, item: WorkItem) -> torch.Tensor:
+        return self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Round to the recipe's ``dtype`` (mergekit reads inputs in it), then upcast."""
@@ -169,20 +210,25 @@ def _run_pool(job: _Job, items: list[WorkItem], threads: int,
             done(job(item))
         return
     stop = threading.Event()
+    budget = _Budget(MEMORY_BUDGET)
 
     def init() -> None:
         torch.set_num_threads(1)
 
-    def guarded(item: WorkItem) -> WorkItem:
-        if not stop.is_set():
-            job(item)
+    def guarded(ticket: int, item: WorkItem) -> WorkItem:
+        granted = budget.acquire(ticket, item_memory(job.plan, item))
+        try:
+            if not stop.is_set():
+                job(item)
+        finally:
+            budget.release(granted)
         return item
 
     with ThreadPoolExecutor(threads, thread_name_prefix="mergesmith", initializer=init) as pool:
         pending: deque[Future[WorkItem]] = deque()
         try:
-            for item in items:
-                pending.append(pool.submit(guarded, item))
+            for ticket, item in enumerate(items):
+                pending.append(pool.submit(guarded, ticket, item))
                 if len(pending) >= 2 * threads:
                     _drain(pending, done)
             while pending:
