@@ -14,7 +14,7 @@ import torch
 
 from ..errors import MergeError, did_you_mean
 from ..recipe.params import coerce
-from .registry import BasePolicy, MergeInputs, MethodSpec, Scope, get_method
+from .registry import REQUIRED, BasePolicy, MergeInputs, MethodSpec, Scope, get_method
 
 
 def tensor_seed(seed: int | None, name: str, rows: tuple[int, int] | None = None) -> int:
@@ -89,7 +89,7 @@ def resolve_parameters(spec: MethodSpec, parameters: Mapping[str, Any], n_inputs
         else:
             values = {i: value for i in targets}
         for i, v in values.items():
-            if v is None and p.required:
+            if v is REQUIRED or (v is None and p.required):
                 raise MergeError(f"merge method '{spec.name}' needs the parameter "
                                  f"'{p.name}' for input {i}")
             per_input[i][p.name] = None if v is None else coerce(v, p.type, p.name)
