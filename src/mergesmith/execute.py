@@ -9,6 +9,8 @@ bytes written never depend on the number of threads.
 from __future__ import annotations
 
 import os
+import ctypes
+import functools
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -71,6 +73,22 @@ def item_memory(plan: Plan, item: WorkItem) -> int:
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
     temps = get_method(t.method).temp_buffers
     return int(max(raw) + (len(t.inputs) + temps) * width * numel + t.dtype.itemsize * numel)
+
+
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it per thread otherwise), so a
+    big item that runs alone starts from a small resident set. No-op off glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class _Budget:
@@ -216,7 +234,10 @@ def _run_pool(job: _Job, items: list[WorkItem], threads: int,
         torch.set_num_threads(1)
 
     def guarded(ticket: int, item: WorkItem) -> WorkItem:
-        granted = budget.acquire(ticket, item_memory(job.plan, item))
+        need = item_memory(job.plan, item)
+        granted = budget.acquire(ticket, need)
+        if need >= MEMORY_BUDGET:  # runs alone: start it from a trimmed heap
+            _release_free_memory()
         try:
             if not stop.is_set():
                 job(item)

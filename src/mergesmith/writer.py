@@ -14,6 +14,7 @@ from math import prod
 
 import torch
 
+from .checkpoint.buffers import tensor_bytes
 from .errors import MergeIOError
 from .plan import OutputTensor, Shard
 from .units import format_bytes
@@ -63,12 +64,11 @@ class ShardWriter:
         if tuple(data.shape) != tuple(shape):
             raise RuntimeError(f"internal error: {t.name} computed shape {tuple(data.shape)}, "
                                f"planned {shape}")
-        buf = bytearray(nbytes)
-        torch.frombuffer(buf, dtype=t.dtype).copy_(data.reshape(-1))
+        out = data.to(dtype=t.dtype, memory_format=torch.contiguous_format)  # the one rounding
         row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
         offset = t.offset + (rows[0] * row_bytes if rows is not None else 0)
         try:
-            _pwrite_all(self._fds[t.file], memoryview(buf), offset)
+            _pwrite_all(self._fds[t.file], tensor_bytes(out), offset)
         except OSError as e:
             raise _io_error(os.path.join(self.folder, t.file), e) from None
 

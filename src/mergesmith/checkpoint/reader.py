@@ -1,8 +1,8 @@
 """Reading tensor data: exactly the bytes of the rows asked for, straight into a tensor.
 
-Safetensors data is read with ``os.preadv`` into a freshly allocated buffer that becomes the
-tensor (no intermediate copies, no memory map, so resident memory is only what is in
-flight and a file truncated mid-merge is an error, not a crash). ``.bin`` checkpoints are
+Safetensors data is read with ``os.preadv`` straight into the memory of a new tensor (no
+intermediate copy, no memory map: resident memory is only what is in flight, and a file
+truncated mid-merge is an error, not a crash). ``.bin`` checkpoints are
 loaded with ``weights_only=True`` and memory-mapped by torch.
 """
 
@@ -15,15 +15,8 @@ from math import prod
 import torch
 
 from ..errors import MergeIOError
+from .buffers import tensor_bytes
 from .index import TensorInfo, load_bin
-
-
-def _buffer_tensor(nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[torch.Tensor, memoryview | None]:
-    """An uninitialised CPU tensor and a writable memoryview of its bytes."""
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype), None
-    buf = bytearray(nbytes)
-    return torch.frombuffer(buf, dtype=dtype).view(shape), memoryview(buf)
 
 
 class TensorReader:
@@ -58,9 +51,9 @@ class TensorReader:
         row_bytes = prod(info.shape[1:]) * info.dtype.itemsize if info.shape else info.nbytes
         begin = info.offset + (rows[0] * row_bytes if rows is not None else 0)
         nbytes = prod(shape) * info.dtype.itemsize
-        tensor, view = _buffer_tensor(nbytes, info.dtype, shape)
-        if view is not None:
-            self._pread_into(info.file, view, begin)
+        tensor = torch.empty(shape, dtype=info.dtype)
+        if nbytes:
+            self._pread_into(info.file, tensor_bytes(tensor), begin)
         return tensor
 
     def _pread_into(self, path: str, view: memoryview, offset: int) -> None:

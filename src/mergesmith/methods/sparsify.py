@@ -12,10 +12,11 @@ sampled bracket plus ``kthvalue`` on the few elements inside it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 """Elements per chunk. Part of the definition of the random streams (DARE, DELLA)."""
 
 
@@ -25,15 +26,40 @@ def chunks(v: torch.Tensor, size: int = CHUNK):
         yield v[start:start + size]
 
 
-def _count(v: torch.Tensor, op, value: float) -> int:
-    return sum(int(op(c.abs(), value).sum()) for c in chunks(v))
+@dataclass(frozen=True)
+class _Boundary:
+    """One end of a kept rank range: the value there, how many elements are below it, and
+    how many of the elements equal to it (in position order) are kept."""
+
+    value: float
+    n_equal: int
+    kept_from: int  # equal elements with rank in [kept_from, kept_to) are kept
+    kept_to: int
+
+    def mask(self, a: torch.Tensor, seen: int, lower: bool) -> tuple[torch.Tensor, int]:
+        """Keep-mask of this side for chunk ``|v| = a``; ``seen`` equal elements came before."""
+        t = self.value
+        if self.kept_from <= 0 and self.kept_to >= self.n_equal:
+            return (a >= t if lower else a <= t), seen
+        if self.kept_from >= self.kept_to:
+            return (a > t if lower else a < t), seen
+        eq = a == t
+        count = int(eq.sum())
+        strict = a > t if lower else a < t
+        if count:
+            rank = torch.cumsum(eq, 0).sub_(1 - seen)
+            strict |= eq & (rank >= self.kept_from) & (rank < self.kept_to)
+        return strict, seen + count
 
 
-def kth_smallest_abs(v: torch.Tensor, r: int) -> float:
-    """The value at 0-based position ``r`` of ``|v|`` sorted ascending (flat ``v``)."""
+def kth_smallest_abs(v: torch.Tensor, r: int) -> tuple[float, int, int]:
+    """The value at 0-based position ``r`` of ``|v|`` sorted ascending (flat ``v``), with the
+    number of elements below it and the number equal to it."""
     n = v.numel()
     if n <= 4 * CHUNK:
-        return float(v.abs().kthvalue(r + 1).values)
+        a = v.abs()
+        value = a.kthvalue(r + 1).values
+        return float(value), int((a < value).sum()), int((a == value).sum())
     # Bracket the answer with a systematic sample, then select among the bracket only.
     stride = math.ceil(n / 65536)
     sample = v[::stride].abs().sort().values
@@ -43,11 +69,18 @@ def kth_smallest_abs(v: torch.Tensor, r: int) -> float:
     lo_i, hi_i = int(centre) - margin, int(centre) + margin
     lo = float(sample[lo_i]) if lo_i > 0 else -1.0
     hi = float(sample[hi_i]) if hi_i < ns - 1 else math.inf
-    below = _count(v, torch.lt, lo)
-    inside = torch.cat([c.abs()[(c.abs() >= lo) & (c.abs() <= hi)] for c in chunks(v)])
-    if below <= r < below + inside.numel():
-        return float(inside.kthvalue(r - below + 1).values)
-    return float(v.abs().kthvalue(r + 1).values)  # the sample misled us: exact and slower
+    below, parts = 0, []
+    for c in chunks(v):
+        a = c.abs()
+        below += int((a < lo).sum())
+        parts.append(a[(a >= lo) & (a <= hi)])
+    inside = torch.cat(parts)
+    if not below <= r < below + inside.numel():  # the sample misled us: exact and slower
+        a = v.abs()
+        value = a.kthvalue(r + 1).values
+        return float(value), int((a < value).sum()), int((a == value).sum())
+    value = inside.kthvalue(r - below + 1).values
+    return float(value), below + int((inside < value).sum()), int((inside == value).sum())
 
 
 def keep_rank_range_(v: torch.Tensor, lo: int, hi: int) -> None:
@@ -60,36 +93,28 @@ def keep_rank_range_(v: torch.Tensor, lo: int, hi: int) -> None:
         return
     if lo == 0 and hi == n:
         return
-    t_lo = kth_smallest_abs(v, lo) if lo > 0 else -1.0
-    t_hi = kth_smallest_abs(v, hi - 1) if hi < n else math.inf
-    # Among elements equal to t_lo, skip the first (lo − #below) in position order; among
-    # those equal to t_hi, keep the first (hi − #below).
-    skip_lo = lo - _count(v, torch.lt, t_lo) if lo > 0 else 0
-    keep_hi = hi - _count(v, torch.lt, t_hi) if hi < n else n
+    lower = upper = None
+    if lo > 0:  # of the elements equal to the value at lo, skip those ranked before lo
+        value, below, equal = kth_smallest_abs(v, lo)
+        lower = _Boundary(value, equal, lo - below, equal)
+    if hi < n:  # of those equal to the value at hi − 1, keep those ranked before hi
+        value, below, equal = kth_smallest_abs(v, hi - 1)
+        upper = _Boundary(value, equal, 0, hi - below)
     seen_lo = seen_hi = 0
     for c in chunks(v):
         a = c.abs()
-        keep = (a > t_lo) & (a < t_hi)
-        if t_lo == t_hi:
-            eq = a == t_lo
-            rank = torch.cumsum(eq, 0) - 1 + seen_lo
-            keep |= eq & (rank >= skip_lo) & (rank < keep_hi)
-            seen_lo += int(eq.sum())
-        else:
-            if lo > 0:
-                eq = a == t_lo
-                keep |= eq & (torch.cumsum(eq, 0) - 1 + seen_lo >= skip_lo)
-                seen_lo += int(eq.sum())
-            if hi < n:
-                eq = a == t_hi
-                keep |= eq & (torch.cumsum(eq, 0) - 1 + seen_hi < keep_hi)
-                seen_hi += int(eq.sum())
+        keep = None
+        if lower is not None:
+            keep, seen_lo = lower.mask(a, seen_lo, lower=True)
+        if upper is not None:
+            m, seen_hi = upper.mask(a, seen_hi, lower=False)
+            keep = m if keep is None else keep.logical_and_(m)
         c.mul_(keep)
 
 
 def l1(v: torch.Tensor) -> float:
-    """Σ|v| accumulated in float64 over chunks (independent of threads)."""
-    return sum(float(c.abs().sum(dtype=torch.float64)) for c in chunks(v))
+    """Σ|v|: per-chunk sums accumulated in float64 (independent of threads)."""
+    return sum(float(c.abs().sum()) for c in chunks(v))
 
 
 def rescale_l1_(v: torch.Tensor, before: float) -> None:
@@ -130,8 +155,8 @@ def bernoulli_(delta: torch.Tensor, density: float, generator: torch.Generator |
     if density >= 1:
         return
     for c in chunks(delta.view(-1)):
-        mask = torch.empty_like(c).bernoulli_(max(density, 0.0), generator=generator)
-        c.mul_(mask)
+        keep = torch.rand(c.shape, generator=generator, dtype=c.dtype, device=c.device)
+        c.mul_(keep.lt_(density))  # 1.0 where kept, 0.0 where dropped
 
 
 def della_magprune_(delta: torch.Tensor, density: float, epsilon: float,

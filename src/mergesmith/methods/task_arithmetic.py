@@ -60,14 +60,19 @@ def _combine_into(out: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Se
         end = start + sparsify.CHUNK
         ws = [d[start:end] for d in deltas]
         if consensus:
-            positive = sum(ws[1:], ws[0].clone()) >= 0  # majority sign; ties go to +
+            # sign of the majority (+ where Σ Wᵢ ≥ 0); an agreeing Wᵢ has Wᵢ·sign > 0, so
+            # relu(Wᵢ·sign) is |Wᵢ| where it agrees and 0 elsewhere (zeros never agree)
+            sign = torch.copysign(torch.ones((), dtype=out.dtype, device=out.device),
+                                  sum(ws[1:], ws[0].clone()))
             mixed = torch.zeros_like(ws[0])
-            divisor = torch.zeros_like(ws[0])
+            divisor = torch.zeros_like(ws[0]) if normalize else None
             for w_i, weight in zip(ws, weights):
-                agrees = torch.where(positive, w_i > 0, w_i < 0)  # zeros never agree
-                mixed.add_(w_i * agrees)
-                divisor.add_(agrees, alpha=weight)
-            if normalize:
+                aligned = w_i * sign
+                if divisor is not None:
+                    divisor.add_(aligned > 0, alpha=weight)
+                mixed.add_(aligned.relu_())
+            mixed.mul_(sign)
+            if divisor is not None:
                 mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         else:
             mixed = sum(ws[1:], ws[0].clone())
