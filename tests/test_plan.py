@@ -214,3 +214,137 @@ models:
     parameters: {{weight: 1}}
 """)
     assert {t.dtype for t in mergesmith.plan(recipe).tensors} == {torch.float32}
+
+
+def _two_stack_model(tmp_path, name, seed):
+    """An encoder-decoder-shaped checkpoint built by hand (names like T5's)."""
+    from safetensors.torch import save_file
+
+    g = torch_generator(seed)
+    tensors = {"shared.weight": rnd(g, 16, 8), "lm_head.weight": rnd(g, 16, 8)}
+    for side, n in (("encoder", 2), ("decoder", 3)):
+        for i in range(n):
+            tensors[f"{side}.block.{i}.layer.0.q.weight"] = rnd(g, 8, 8)
+            tensors[f"{side}.block.{i}.layer.1.norm.weight"] = rnd(g, 8)
+        tensors[f"{side}.final_layer_norm.weight"] = rnd(g, 8)
+    folder = tmp_path / name
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["T5ForConditionalGeneration"], "num_layers": 2,
+        "num_decoder_layers": 3, "layer_types": ["a", "b", "c"]}))
+    return folder, tensors
+
+
+def torch_generator(seed):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def rnd(g, *shape):
+    import torch
+
+    return torch.randn(*shape, generator=g)
+
+
+def test_modules_recipe_merges_named_modules_and_carries_the_rest(tmp_path):
+    a, ta = _two_stack_model(tmp_path, "a", 1)
+    b, tb = _two_stack_model(tmp_path, "b", 2)
+    recipe = recipe_file(tmp_path, f"""merge_method: passthrough
+modules:
+  decoder:
+    slices:
+      - sources:
+          - model: {a}
+            layer_range: [0, 3]
+      - sources:
+          - model: {b}
+            layer_range: [2, 3]
+""")
+    p = mergesmith.plan(recipe)
+    names = {t.name for t in p.tensors}
+    assert "decoder.block.3.layer.0.q.weight" in names and "encoder.block.1.layer.0.q.weight" in names
+    assert p.config["num_decoder_layers"] == 4 and p.config["num_layers"] == 2
+    assert any("module 'encoder'" in n and "copied" in n for n in p.notes)
+    assert any("module 'shared'" in n for n in p.notes)
+    head = out(p, "lm_head.weight")  # the decoder's post-layer tensor: from the last slice
+    assert p.models[head.inputs[0].model].folder == str(b)
+    report = mergesmith.check(recipe).summary()
+    assert "layer map of module 'decoder'" in report
+    assert "0-2 ←" in report and "3 ←" in report
+
+
+def test_slices_on_a_multi_module_model_ask_for_modules(tmp_path):
+    a, _ = _two_stack_model(tmp_path, "a", 1)
+    recipe = recipe_file(tmp_path, f"""merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 2]
+""")
+    with pytest.raises(MergeError, match="several modules .*decoder.*modules:"):
+        mergesmith.plan(recipe)
+
+
+def test_unknown_module_name_lists_the_modules(tmp_path):
+    a, _ = _two_stack_model(tmp_path, "a", 1)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+modules:
+  decodr:
+    models:
+      - model: {a}
+        parameters: {{weight: 1}}
+""")
+    with pytest.raises(MergeError, match="no module 'decodr'. Did you mean 'decoder'"):
+        mergesmith.plan(recipe)
+
+
+def test_module_parameters_sit_between_slice_and_top_level(tmp_path):
+    a, _ = _two_stack_model(tmp_path, "a", 1)
+    b, _ = _two_stack_model(tmp_path, "b", 2)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+parameters: {{weight: 0.1}}
+modules:
+  encoder:
+    parameters: {{weight: 0.5}}
+    models:
+      - model: {a}
+      - model: {b}
+        parameters: {{weight: 0.9}}
+""")
+    p = mergesmith.plan(recipe)
+    t = out(p, "encoder.block.0.layer.0.q.weight")
+    assert [m["weight"] for m in t.model_params] == [0.5, 0.9]
+
+
+def test_untied_head_added_when_some_inputs_have_one(tmp_path, trio):
+    tied = dict(LLAMA, tie_word_embeddings=True)
+    path = write_model(tmp_path / "tied", random_tensors(tied, 9), tied)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {path}
+    parameters: {{weight: 1}}
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+""")
+    p = mergesmith.plan(recipe)
+    head = out(p, "lm_head.weight")
+    assert head.inputs[0].name == "model.embed_tokens.weight"  # the tied donor's embedding
+    assert p.config["tie_word_embeddings"] is False
+
+
+def test_output_stays_tied_when_all_inputs_are(tmp_path):
+    tied = dict(LLAMA, tie_word_embeddings=True)
+    x = write_model(tmp_path / "x", random_tensors(tied, 1), tied)
+    y = write_model(tmp_path / "y", random_tensors(tied, 2), tied)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {x}
+    parameters: {{weight: 1}}
+  - model: {y}
+    parameters: {{weight: 1}}
+""")
+    p = mergesmith.plan(recipe)
+    assert "lm_head.weight" not in {t.name for t in p.tensors}
+    assert p.config["tie_word_embeddings"] is True

@@ -15,7 +15,8 @@ from .checkpoint import ModelSource, resolve
 from .errors import MergeError
 from .execute import MEMORY_BUDGET, execute, item_memory, resolve_device, work_items
 from .output import partial_path, prepare_output, publish, verify, write_side_files
-from .plan import DEFAULT_SHARD_SIZE, Plan, PlanOptions, make_plan, referenced_models
+from .plan import (DEFAULT_SHARD_SIZE, LayerSource, Plan, PlanOptions, make_plan,
+                   referenced_models)
 from .recipe import Recipe, load_recipe
 from .units import parse_dtype, parse_size
 
@@ -53,9 +54,36 @@ class CheckReport:
             f"peak memory:   about {fb(self.peak_memory)} with {self.threads} thread(s) "
             "(tensor data in flight; plus about 0.3 GB for Python and torch)",
         ]
+        for module, layers in p.layer_maps.items():
+            title = "layer map" + ("" if module == "default" else f" of module '{module}'")
+            lines.append(f"{title} (output layers ← input layers):")
+            lines += [f"  {line}" for line in layer_map_lines(layers)]
         lines += [f"note: {n}" for n in p.notes]
         lines += [f"warning: {w}" for w in p.warnings]
         return "\n".join(lines)
+
+
+def layer_map_lines(layers: list[LayerSource]) -> list[str]:
+    """Compact layer map: runs of consecutive layers from the same models on one line."""
+    runs: list[list[LayerSource]] = []
+    for layer in layers:
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and [m for m, _ in prev.inputs] == [m for m, _ in layer.inputs] \
+                and all(i == j + 1 for (_, i), (_, j) in zip(layer.inputs, prev.inputs)):
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+
+    def span(a: int, b: int) -> str:
+        return str(a) if a == b else f"{a}-{b}"
+
+    lines = []
+    for run in runs:
+        first, last = run[0], run[-1]
+        sources = " + ".join(f"{model} [{span(i, j)}]" for (model, i), (_, j)
+                             in zip(first.inputs, last.inputs))
+        lines.append(f"{span(first.output, last.output):>7} ← {sources}")
+    return lines
 
 
 def _options(out_shard_size: int | str, compute_dtype: str | torch.dtype, seed: int | None,

@@ -1,26 +1,43 @@
 """Architecture facts inferred from tensor names and config.json — no per-model tables.
 
-Layers are found from names of the form ``<prefix>.<index>.<rest>`` (the first numeric
-component), the layer-count keys of ``config.json`` by name and value.
+* Layers: names of the form ``<prefix>.<index>.<rest>`` (the first numeric component);
+  each distinct prefix is a *stack* of layers (``model.layers``, ``transformer.h``,
+  ``encoder.block`` ...).
+* Modules: a model with several stacks (encoder-decoder, vision-language) is split into
+  modules, one per stack, named by the shortest name prefix that tells the stacks apart
+  (``encoder``, ``decoder``, ``language_model``, ``vision_tower`` ...); tensors outside
+  every stack's prefix form modules of their own (``multi_modal_projector``, ``shared``),
+  except output heads, which belong to the text/decoder module.
+* Pre/post tensors: embedding-like tensors come before a module's layers, the rest after.
+* Config keys: layer counts and per-layer lists are found by name *and* value, also in
+  nested configs (``text_config``, ``vision_config`` ...).
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 _LAYER = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|tok_embeddings|embed_in|"
-                        r"embeddings|position_embeddings|token_type_embeddings|embedding)(\.|$)")
-_INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in)"
-                              r"\.weight$")
+                        r"embeddings|position_embeddings|token_type_embeddings|embedding|"
+                        r"patch_embed|pos_embed|shared)(\.|$)")
+_INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|"
+                              r"shared)\.weight$")
 _OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+_LAYER_COUNT_KEY = re.compile(r"^(num_(hidden_|decoder_|encoder_)?layers|n_layers?|"
+                              r"(encoder|decoder)_layers|depth)$")
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-NESTED_CONFIGS = ("text_config", "llm_config", "language_config", "decoder")
+DEFAULT_MODULE = "default"
+MODULE_ALIASES = {  # mergekit's module names → words our inferred names contain
+    "text_decoder": ("language_model", "text_model", "llm", "text"),
+    "vision_tower": ("vision", "visual"),
+    "vision_model": ("vision", "visual"),
+}
+_HINTS = ("vision", "visual", "audio", "encoder", "decoder", "text", "language")
 
 
 @dataclass(frozen=True)
@@ -72,29 +89,152 @@ def input_embedding_name(names: Iterable[str]) -> str | None:
     return next((n for n in names if _INPUT_EMBEDDING.search(n)), None)
 
 
-def layer_count_keys(config: dict[str, Any], count: int) -> list[tuple[str, ...]]:
-    """Config paths (top level or nested text configs) holding this layer count."""
-    paths: list[tuple[str, ...]] = []
-    for key in LAYER_COUNT_KEYS:
-        if config.get(key) == count:
-            paths.append((key,))
-    for sub in NESTED_CONFIGS:
-        nested = config.get(sub)
-        if isinstance(nested, dict):
-            paths.extend((sub, *p) for p in layer_count_keys(nested, count))
-    return paths
+# ------------------------------------------------------------------ modules
 
 
-def per_layer_lists(config: dict[str, Any], count: int) -> list[tuple[str, ...]]:
-    """Config lists with one entry per layer (``layer_types``, sliding-window patterns...)."""
-    paths: list[tuple[str, ...]] = []
+@dataclass
+class Module:
+    """Part of a model with at most one stack of layers."""
+
+    name: str
+    root: str  # name prefix of its tensors ("" for the single module of a plain model)
+    stack: str | None  # layer prefix, e.g. "model.language_model.layers"
+    layers: int
+    tensors: list[str] = field(default_factory=list)  # in the model's order
+
+    def layer_tensors(self, names: Iterable[str], index: int) -> list[str]:
+        """``rest`` of every tensor of layer ``index`` of this module's stack in ``names``."""
+        return [layer.rest for n in names
+                if (layer := split_layer(n)) and layer.prefix == self.stack
+                and layer.index == index]
+
+    def loose(self) -> list[str]:
+        """Tensors outside the stack, in order."""
+        return [n for n in self.tensors if (l := split_layer(n)) is None or l.prefix != self.stack]
+
+
+def infer_modules(names: list[str]) -> dict[str, Module]:
+    """Split a model's tensor names into modules (see the module docstring)."""
+    stacks = layer_stacks(names)
+    if len(stacks) <= 1:
+        stack = next(iter(stacks), None)
+        return {DEFAULT_MODULE: Module(DEFAULT_MODULE, "", stack, stacks.get(stack, 0),
+                                       list(names))}
+    roots = _distinct_roots(list(stacks))
+    modules: dict[str, Module] = {}
+    for stack, root in roots.items():
+        name = root.rstrip(".").split(".")[-1]
+        modules[name] = Module(name, root, stack, stacks[stack])
+    common = _common_prefix(list(roots.values()))
+    by_root = sorted(modules.values(), key=lambda m: -len(m.root))
+    text = _text_module(modules)
+    for n in names:
+        owner = next((m for m in by_root if n.startswith(m.root)), None)
+        if owner is None and is_output_head(n) and text is not None:
+            owner = text
+        if owner is None:
+            parts = n.split(".")
+            start = len(common) if parts[:len(common)] == common else 0
+            key = parts[start] if len(parts) > start + 1 else parts[0]
+            owner = modules.setdefault(key, Module(key, ".".join(parts[:start + 1]) + ".",
+                                                   None, 0))
+        owner.tensors.append(n)
+    return modules
+
+
+def _distinct_roots(stacks: list[str]) -> dict[str, str]:
+    """Shortest name prefix of each stack that no other stack shares."""
+    parts = {s: s.split(".") for s in stacks}
+    roots = {}
+    for s, comps in parts.items():
+        for k in range(1, len(comps) + 1):
+            head = comps[:k]
+            if not any(o != s and other[:k] == head for o, other in parts.items()):
+                roots[s] = ".".join(head) + "."
+                break
+        else:
+            roots[s] = s + "."
+    return roots
+
+
+def _common_prefix(roots: list[str]) -> list[str]:
+    """Leading name components shared by all roots (``["model"]`` for model.x. / model.y.)."""
+    lists = [r.rstrip(".").split(".") for r in roots]
+    n = 0
+    while all(len(x) > n + 1 and x[n] == lists[0][n] for x in lists):
+        n += 1
+    return lists[0][:n]
+
+
+def _text_module(modules: dict[str, Module]) -> Module | None:
+    """The module a model's output head belongs to: the language/text/decoder stack."""
+    for words in (("language", "text", "llm"), ("decoder",)):
+        for m in modules.values():
+            if any(w in m.name for w in words):
+                return m
+    non_vision = [m for m in modules.values() if not any(w in m.name for w in ("vision", "visual"))]
+    return non_vision[-1] if non_vision else None
+
+
+def find_module(modules: dict[str, Module], name: str) -> Module | None:
+    """A module by our name or by mergekit's (``text_decoder`` ↔ ``language_model`` ...)."""
+    if name in modules:
+        return modules[name]
+    if name == DEFAULT_MODULE and len(modules) == 1:
+        return next(iter(modules.values()))
+    for word in MODULE_ALIASES.get(name, ()):
+        found = [m for m in modules.values() if word in m.name]
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+# ------------------------------------------------------------------ config keys
+
+
+def _walk(config: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     for key, value in config.items():
-        if (isinstance(value, list) and len(value) == count and count > 1
-                and ("layer" in key or key.endswith("_types"))):
-            paths.append((key,))
-        elif key in NESTED_CONFIGS and isinstance(value, dict):
-            paths.extend((key, *p) for p in per_layer_lists(value, count))
-    return paths
+        yield (*path, key), value
+        if isinstance(value, dict):
+            yield from _walk(value, (*path, key))
+
+
+def layer_count_keys(config: dict[str, Any], count: int,
+                     module: str | None = None) -> list[tuple[str, ...]]:
+    """Config paths holding this module's layer count (``num_hidden_layers``, ``n_layer``,
+    ``text_config.num_hidden_layers``, ``num_decoder_layers`` ...).
+
+    With several modules, keys whose path names the module (``vision_config...`` for the
+    vision tower, ``num_decoder_layers`` for the decoder) win over the others.
+    """
+    found = [p for p, v in _walk(config) if _LAYER_COUNT_KEY.match(p[-1]) and v == count
+             and not isinstance(v, bool)]
+    if not found:
+        return []
+    scored = [(_hint_score(p, module), p) for p in found]
+    best = max(s for s, _ in scored)
+    return [p for s, p in scored if s == best]
+
+
+def _hint_score(path: tuple[str, ...], module: str | None) -> int:
+    """How well a config path matches a module name (+ its words, − other modules' words)."""
+    text = ".".join(path).lower()
+    mine = [w for w in _HINTS if module and w in module.lower()]
+    if module and module.lower() in ("language_model", "text_decoder", "llm", DEFAULT_MODULE):
+        mine += ["text", "language"]
+    score = sum(2 for w in mine if w in text)
+    score -= sum(2 for w in _HINTS if w not in mine and w in text)
+    return score
+
+
+def per_layer_lists(config: dict[str, Any], count: int,
+                    parent: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Lists with one entry per layer (``layer_types``, sliding-window patterns...) in the
+    config dict at ``parent`` (where the module's layer count lives)."""
+    scope = get_path(config, parent) if parent else config
+    return [(*parent, k) for k, v in scope.items()
+            if isinstance(v, list) and len(v) == count and count > 1
+            and ("layer" in k or k.endswith("_types"))]
 
 
 def get_path(config: dict[str, Any], path: tuple[str, ...]) -> Any:

@@ -69,6 +69,14 @@ class Shard:
     tensors: list[OutputTensor]
 
 
+@dataclass(frozen=True)
+class LayerSource:
+    """One output layer of a slices recipe: which layer of which models it merges."""
+
+    output: int
+    inputs: tuple[tuple[str, int], ...]  # (model reference, input layer)
+
+
 @dataclass
 class PlanOptions:
     out_shard_size: int = DEFAULT_SHARD_SIZE
@@ -92,6 +100,7 @@ class Plan:
     read_dtype: torch.dtype | None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layer_maps: dict[str, list[LayerSource]] = field(default_factory=dict)
 
     @property
     def seed(self) -> int | None:
@@ -122,10 +131,20 @@ class _Source:
 
 @dataclass
 class _Slice:
+    """Inputs merged together, with the parameter levels above them (slice, module)."""
+
     sources: list[_Source]
     base: ModelReference | None
     params: dict[str, Setting]
     path: tuple
+    module_params: dict[str, Setting] = field(default_factory=dict)
+
+
+def _recipe_levels(recipe: Recipe):
+    """(path, models, slices, parameters) of the recipe itself and of each module."""
+    yield (), recipe.models, recipe.slices, recipe.parameters
+    for name, m in (recipe.modules or {}).items():
+        yield ("modules", name), m.models, m.slices, m.parameters
 
 
 def referenced_models(recipe: Recipe) -> list[tuple[ModelReference, str]]:
@@ -133,20 +152,18 @@ def referenced_models(recipe: Recipe) -> list[tuple[ModelReference, str]]:
     refs: dict[ModelReference, str] = {}
     if recipe.base_model is not None:
         refs[recipe.base_model] = recipe.at("base_model")
-    for i, m in enumerate(recipe.models or []):
-        refs.setdefault(m.ref, recipe.at("models", i, "model"))
-    for i, s in enumerate(recipe.slices or []):
-        if s.base_model is not None:
-            refs.setdefault(s.base_model, recipe.at("slices", i, "base_model"))
-        for j, src in enumerate(s.sources):
-            refs.setdefault(src.ref, recipe.at("slices", i, "sources", j, "model"))
+    for path, models, slices, _ in _recipe_levels(recipe):
+        for i, m in enumerate(models or []):
+            refs.setdefault(m.ref, recipe.at(*path, "models", i, "model"))
+        for i, s in enumerate(slices or []):
+            if s.base_model is not None:
+                refs.setdefault(s.base_model, recipe.at(*path, "slices", i, "base_model"))
+            for j, src in enumerate(s.sources):
+                refs.setdefault(src.ref, recipe.at(*path, "slices", i, "sources", j, "model"))
     return list(refs.items())
 
 
 def _unsupported(recipe: Recipe) -> None:
-    if recipe.modules:
-        raise MergeError(f"{recipe.at('modules')}: 'modules:' recipes are not supported yet; "
-                         "use 'models:' or 'slices:'")
     if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
         key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
         raise MergeError(f"{recipe.at(key)}: vocabulary merging ('{key}') is not supported "
@@ -161,13 +178,16 @@ def _unsupported(recipe: Recipe) -> None:
 
 def _check_parameter_names(recipe: Recipe, spec: MethodSpec) -> None:
     """Every parameter name and literal value in the recipe must fit the method."""
-    levels: list[tuple[tuple, dict[str, Setting], bool]] = [(("parameters",), recipe.parameters, False)]
-    for i, m in enumerate(recipe.models or []):
-        levels.append((("models", i, "parameters"), m.parameters, True))
-    for i, s in enumerate(recipe.slices or []):
-        levels.append((("slices", i, "parameters"), s.parameters, False))
-        for j, src in enumerate(s.sources):
-            levels.append((("slices", i, "sources", j, "parameters"), src.parameters, True))
+    levels: list[tuple[tuple, dict[str, Setting], bool]] = []
+    for path, models, slices, params in _recipe_levels(recipe):
+        levels.append(((*path, "parameters"), params, False))
+        for i, m in enumerate(models or []):
+            levels.append(((*path, "models", i, "parameters"), m.parameters, True))
+        for i, s in enumerate(slices or []):
+            levels.append(((*path, "slices", i, "parameters"), s.parameters, False))
+            for j, src in enumerate(s.sources):
+                levels.append(((*path, "slices", i, "sources", j, "parameters"),
+                               src.parameters, True))
     known = [p.name for p in spec.params]
     for path, settings, model_level in levels:
         for name, setting in settings.items():
@@ -212,26 +232,36 @@ class _Planner:
         self.outputs: list[OutputTensor] = []
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        self.layer_maps: dict[str, list[LayerSource]] = {}
+        self.untie = False  # an LM head was added to a tied donor
+        self._modules: dict[int, dict[str, arch.Module]] = {}
+
+    def modules_of(self, model: int) -> dict[str, arch.Module]:
+        if model not in self._modules:
+            self._modules[model] = arch.infer_modules(list(self.sources[model].index.tensors))
+        return self._modules[model]
 
     # -- normalisation -------------------------------------------------------
 
-    def slices(self) -> list[_Slice]:
-        r, spec = self.recipe, self.spec
-        if r.models is not None:
-            sources = [_Source(m.ref, None, m.parameters, ("models", i))
-                       for i, m in enumerate(r.models)]
-            base = r.base_model
-            if base is not None and all(s.ref != base for s in sources):
-                if spec.base is BasePolicy.FORBIDDEN:
-                    self._forbidden_base(("base_model",))
-                sources.append(_Source(base, None, {}, ("base_model",)))
-            return [_Slice(sources, base, {}, ())]
-        assert r.slices is not None
+    def whole(self, models: list, path: tuple, module_params: dict[str, Setting]) -> _Slice:
+        """``models:`` as one slice; mergekit adds a base_model that is not listed."""
+        sources = [_Source(m.ref, None, m.parameters, (*path, "models", i))
+                   for i, m in enumerate(models)]
+        base = self.recipe.base_model
+        if base is not None and all(s.ref != base for s in sources):
+            if self.spec.base is BasePolicy.FORBIDDEN:
+                self._forbidden_base(("base_model",))
+            sources.append(_Source(base, None, {}, ("base_model",)))
+        return _Slice(sources, base, {}, path, module_params)
+
+    def slices(self, slices: list, path: tuple, module_params: dict[str, Setting]) -> list[_Slice]:
         out = []
-        for i, s in enumerate(r.slices):
-            sources = [_Source(src.ref, src.layer_range, src.parameters, ("slices", i, "sources", j))
+        for i, s in enumerate(slices):
+            sources = [_Source(src.ref, src.layer_range, src.parameters,
+                               (*path, "slices", i, "sources", j))
                        for j, src in enumerate(s.sources)]
-            out.append(_Slice(sources, s.base_model or r.base_model, s.parameters, ("slices", i)))
+            out.append(_Slice(sources, s.base_model or self.recipe.base_model, s.parameters,
+                              (*path, "slices", i), module_params))
         return out
 
     def _forbidden_base(self, path: tuple) -> None:
@@ -323,7 +353,7 @@ class _Planner:
                                              True))
             return
         params: dict[str, Any] = {}
-        shared_levels = [sl.params, r.parameters]
+        shared_levels = [sl.params, sl.module_params, r.parameters]
         for p in spec.params:
             if p.per_model:
                 continue
@@ -341,7 +371,8 @@ class _Planner:
             for p in spec.params:
                 if not p.per_model or (p.scope is Scope.NON_BASE and k == base_pos):
                     continue
-                value = _lookup([src.params, sl.params, r.parameters], p.name, inp.name, t)
+                value = _lookup([src.params, sl.params, sl.module_params, r.parameters],
+                                p.name, inp.name, t)
                 if value is UNSET:
                     if p.required:
                         extra = (" (mergekit adds the base model to the inputs of "
@@ -369,88 +400,126 @@ class _Planner:
         except MergeError as e:
             raise MergeError(f"{e} (for tensor '{tensor}', after evaluating gradients)") from None
 
-    # -- whole-model form ----------------------------------------------------
+    def carry(self, names: list[str], donor: int, why: str) -> None:
+        """Copy donor tensors unchanged (cast to the recipe's output dtype if it has one)."""
+        r = self.recipe
+        for name in names:
+            info = self.sources[donor].index.tensors[name]
+            inp = (InputTensor(donor, name),)
+            if info.dtype.is_floating_point:
+                dtype = r.out_dtype or r.dtype or info.dtype
+                self.outputs.append(OutputTensor(name, info.shape, dtype, "passthrough", inp,
+                                                 None, {}, ({"scale": None},), True))
+            else:
+                self.outputs.append(OutputTensor(name, info.shape, info.dtype, COPY, inp,
+                                                 None, {}, ({},), True))
+        if names:
+            self.notes.append(why)
 
-    def plan_models(self, sl: _Slice, donor: int) -> None:
+    # -- whole models (or modules) --------------------------------------------
+
+    def plan_whole(self, sl: _Slice, donor: int, names: list[str],
+                   module: str | None = None) -> None:
+        """Merge every tensor in ``names`` (the donor's, or one module's) name by name."""
         base_pos = self.check_contract(sl)
-        names = self.sources[donor].index.tensors
         stacks = arch.layer_stacks(names)
         for name in names:
             self.add_output(name, sl, base_pos, [name] * len(sl.sources),
                             arch.gradient_position(name, stacks))
+        self.add_untied_heads(sl, base_pos, donor, names)
+        planned = set(names)
         for src in sl.sources:
             m = self.model_of(src.ref)
-            extra = set(self.sources[m].index.tensors) - set(names)
+            own = arch.find_module(self.modules_of(m), module) if module else None
+            scope = own.tensors if own is not None else self.sources[m].index.tensors
+            extra = {n for n in scope if n not in planned and not arch.is_output_head(n)}
             if extra and m != donor:
                 shown = ", ".join(sorted(extra)[:3]) + (" ..." if len(extra) > 3 else "")
                 self.warnings.append(f"{len(extra)} tensor(s) of '{src.ref}' are not in the "
                                      f"base model '{self.refs[donor]}' and are not merged: "
                                      f"{shown}")
 
-    # -- slices form -----------------------------------------------------------
+    def add_untied_heads(self, sl: _Slice, base_pos: int | None, donor: int,
+                         names: list[str]) -> None:
+        """Inputs with an LM head the donor ties to its embedding: the output gets a head
+        (the tied inputs contribute their embedding) and ``tie_word_embeddings: false``."""
+        if arch.input_embedding_name(names) is None:
+            return
+        heads = {n for src in sl.sources
+                 for n in self.sources[self.model_of(src.ref)].index.tensors
+                 if arch.is_output_head(n) and n not in self.sources[donor].index.tensors}
+        for head in sorted(heads):
+            self.add_output(head, sl, base_pos, [head] * len(sl.sources), 0.0)
+            self.untie = True
+            self.notes.append(f"'{head}': some inputs have their own LM head, so the output "
+                              "has one too (tied inputs contribute their embedding) and "
+                              "config.json gets tie_word_embeddings: false")
 
-    def plan_slices(self, slices: list[_Slice], donor: int) -> list[int]:
-        """Plan a layer-wise recipe; return, per output layer, the donor-side source layer."""
-        prefix = self._layer_prefix(slices)
+    # -- slices ---------------------------------------------------------------
+
+    def plan_slices(self, slices: list[_Slice], donor: int, module: arch.Module) -> None:
+        """Plan a layer-wise recipe for one module (the whole model when it has one)."""
         contracts = [self.check_contract(sl) for sl in slices]
+        stacks: dict[ModelReference, arch.Module] = {}
         for sl in slices:
             for src in sl.sources:
-                count = arch.layer_stacks(self.sources[self.model_of(src.ref)].index.tensors)[prefix]
+                m = self.model_of(src.ref)
+                own = arch.find_module(self.modules_of(m), module.name)
+                if own is None or own.stack is None:
+                    raise MergeError(f"{self.recipe.at(*src.path)}: '{src.ref}' has no stack "
+                                     f"of layers for module '{module.name}'")
                 start, end = src.layer_range or (0, 0)
-                if end > count:
+                if end > own.layers:
                     raise MergeError(f"{self.recipe.at(*src.path, 'layer_range')}: layer_range "
                                      f"[{start}, {end}] is past the end of '{src.ref}', which "
-                                     f"has {count} layers (valid: 0 to {count})")
-        donor_names = self.sources[donor].index.tensors
-        loose = [n for n in donor_names if (arch.split_layer(n) or _NO_LAYER).prefix != prefix]
-        pre = [n for n in loose if arch.is_pre_layer(n)]
-        post = [n for n in loose if not arch.is_pre_layer(n)]
-        for name in pre:
+                                     f"has {own.layers} layers (valid: 0 to {own.layers})")
+                stacks[src.ref] = own
+        loose = module.loose()
+        for name in [n for n in loose if arch.is_pre_layer(n)]:
             self.add_output(name, slices[0], contracts[0], [name] * len(slices[0].sources), 0.0)
-        layer_map: list[int] = []
-        out_layer = 0
+        layer_map: list[LayerSource] = []
         for sl, base_pos in zip(slices, contracts):
-            start0, end0 = sl.sources[0].layer_range or (0, 0)
+            first = sl.sources[0]
+            start0, end0 = first.layer_range or (0, 0)
             n = end0 - start0
-            first_model = self.sources[self.model_of(sl.sources[0].ref)].index.tensors
+            first_names = self.sources[self.model_of(first.ref)].index.tensors
             for i in range(n):
+                out_layer = len(layer_map)
                 t = 1.0 if n == 1 else i / (n - 1)
-                rests = [layer.rest for name in first_model
-                         if (layer := arch.split_layer(name)) and layer.prefix == prefix
-                         and layer.index == start0 + i]
-                for rest in rests:
-                    in_names = [f"{prefix}.{(src.layer_range or (0, 0))[0] + i}.{rest}"
-                                for src in sl.sources]
-                    self.add_output(f"{prefix}.{out_layer}.{rest}", sl, base_pos, in_names, t)
-                layer_map.append(start0 + i)
-                out_layer += 1
+                for rest in stacks[first.ref].layer_tensors(first_names, start0 + i):
+                    in_names = [f"{stacks[src.ref].stack}.{(src.layer_range or (0, 0))[0] + i}"
+                                f".{rest}" for src in sl.sources]
+                    self.add_output(f"{module.stack}.{out_layer}.{rest}", sl, base_pos,
+                                    in_names, t)
+                layer_map.append(LayerSource(out_layer, tuple(
+                    (str(src.ref), (src.layer_range or (0, 0))[0] + i) for src in sl.sources)))
+        post = [n for n in loose if not arch.is_pre_layer(n)]
         for name in post:
-            self.add_output(name, slices[-1], contracts[-1], [name] * len(slices[-1].sources), 0.0)
-        return layer_map
+            self.add_output(name, slices[-1], contracts[-1], [name] * len(slices[-1].sources),
+                            0.0)
+        self.layer_maps[module.name] = layer_map
+        self._report_lost_layer_tensors(module, donor)
 
-    def _layer_prefix(self, slices: list[_Slice]) -> str:
-        prefixes: set[str] = set()
-        for sl in slices:
-            for src in sl.sources:
-                stacks = arch.layer_stacks(self.sources[self.model_of(src.ref)].index.tensors)
-                if len(stacks) != 1:
-                    found = ", ".join(stacks) or "none"
-                    raise MergeError(f"{self.recipe.at(*src.path)}: 'slices:' needs models with "
-                                     f"one stack of layers; '{src.ref}' has {found} "
-                                     "('modules:' recipes for multi-stack models are not "
-                                     "supported yet)")
-                prefixes |= set(stacks)
-        if len(prefixes) != 1:
-            raise MergeError(f"the models of the slices name their layers differently "
-                             f"({', '.join(sorted(prefixes))}); they are different architectures")
-        return prefixes.pop()
+    def _report_lost_layer_tensors(self, module: arch.Module, donor: int) -> None:
+        """Layer tensors the donor has (e.g. only in layer 0) that no output layer has."""
+        names = self.sources[donor].index.tensors
+        wanted = {layer.rest for n in module.tensors
+                  if (layer := arch.split_layer(n)) and layer.prefix == module.stack}
+        written = {layer.rest for t in self.outputs
+                   if (layer := arch.split_layer(t.name)) and layer.prefix == module.stack}
+        for rest in sorted(wanted - written):
+            layers = sorted({layer.index for n in names if (layer := arch.split_layer(n))
+                             and layer.prefix == module.stack and layer.rest == rest})
+            self.warnings.append(f"'{module.stack}.N.{rest}' (donor layers {layers}) is in no "
+                                 "output layer: the slices do not use those layers")
 
     # -- architecture and config -------------------------------------------
 
     def check_architectures(self) -> None:
         archs = {}
         for ref, src in zip(self.refs, self.sources):
-            a = (src.config or {}).get("architectures")
+            a = ([ref.override_architecture] if ref.override_architecture
+                 else (src.config or {}).get("architectures"))
             if a:
                 archs.setdefault(tuple(a), ref)
         if len(archs) > 1 and not self.options.allow_crimes:
@@ -459,38 +528,49 @@ class _Planner:
                              "Merging them is usually a mistake; pass --allow-crimes to try "
                              "anyway (the base model's architecture is used)")
 
-    def output_config(self, donor: int, layer_map: list[int] | None) -> dict[str, Any]:
+    def output_config(self, donor: int) -> dict[str, Any]:
         config = copy.deepcopy(self.sources[donor].config)
         if config is None:
             raise MergeError(f"model '{self.refs[donor]}' (the donor of the output config) has "
                              "no config.json; the merged model could not be loaded without one")
+        ref = self.refs[donor]
+        if ref.override_architecture:
+            config["architectures"] = [ref.override_architecture]
         out_dtype = self.recipe.out_dtype or self.recipe.dtype
         if out_dtype is not None:
             keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
             for k in keys:
                 config[k] = dtype_name(out_dtype)
-        if layer_map is not None:
-            stacks = arch.layer_stacks(self.sources[donor].index.tensors)
-            old = next(iter(stacks.values()))
-            keys = arch.layer_count_keys(config, old)
-            lists = arch.per_layer_lists(config, old)
-            for path in keys:
-                arch.set_path(config, path, len(layer_map))
-            for path in lists:
-                values = arch.get_path(config, path)
-                arch.set_path(config, path, [values[i] for i in layer_map])
-            if not keys:
-                self.warnings.append(f"no layer-count key with value {old} found in "
-                                     "config.json; the output config keeps the donor's count")
-            elif len(layer_map) != old:
-                self.notes.append(f"config.json: {', '.join('.'.join(p) for p in keys)} "
-                                  f"{old} → {len(layer_map)}"
-                                  + (f"; per-layer lists re-sliced: "
-                                     f"{', '.join('.'.join(p) for p in lists)}" if lists else ""))
+        if self.untie:
+            for path, value in list(arch._walk(config)):
+                if path[-1] == "tie_word_embeddings" and value:
+                    arch.set_path(config, path, False)
+            config.setdefault("tie_word_embeddings", False)
+        modules = self.modules_of(donor)
+        for name, layer_map in self.layer_maps.items():
+            self._patch_layers(config, modules[name], layer_map)
         return config
 
-
-_NO_LAYER = arch.LayerName("", -1, "")
+    def _patch_layers(self, config: dict[str, Any], module: arch.Module,
+                      layer_map: list[LayerSource]) -> None:
+        old, new = module.layers, len(layer_map)
+        keys = arch.layer_count_keys(config, old, module.name)
+        if not keys:
+            self.warnings.append(f"no layer-count key with value {old} found in config.json "
+                                 f"for module '{module.name}'; the output config keeps it")
+            return
+        sources = [layer.inputs[0][1] for layer in layer_map]
+        relisted = []
+        for path in keys:
+            arch.set_path(config, path, new)
+            for lst in arch.per_layer_lists(config, old, path[:-1]):
+                values = arch.get_path(config, lst)
+                arch.set_path(config, lst, [values[i] for i in sources])
+                relisted.append(".".join(lst))
+        if new != old or relisted:
+            self.notes.append(f"config.json: {', '.join('.'.join(p) for p in keys)} "
+                              f"{old} → {new}" + (f"; per-layer lists re-sliced: "
+                                                 f"{', '.join(relisted)}" if relisted else ""))
 
 
 def _promote(dtypes: Any) -> torch.dtype:
@@ -501,6 +581,18 @@ def _promote(dtypes: Any) -> torch.dtype:
     return out
 
 
+def _donor_ref(recipe: Recipe) -> ModelReference:
+    """The base model, else the first model the recipe names (never a set's order)."""
+    if recipe.base_model is not None:
+        return recipe.base_model
+    for _, models, slices, _ in _recipe_levels(recipe):
+        if models:
+            return models[0].ref
+        if slices:
+            return slices[0].sources[0].ref
+    raise MergeError("the recipe names no models")
+
+
 def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
               options: PlanOptions | None = None) -> Plan:
     """Plan a merge. ``models`` maps every reference of the recipe to its resolved source."""
@@ -509,20 +601,71 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
     p = _Planner(recipe, models, options)
     _check_parameter_names(recipe, p.spec)
     p.check_architectures()
-    slices = p.slices()
-    donor_ref = recipe.base_model or slices[0].sources[0].ref
-    donor = p.model_of(donor_ref)
+    donor = p.model_of(_donor_ref(recipe))
+    donor_names = list(p.sources[donor].index.tensors)
+    modules = p.modules_of(donor)
     if recipe.models is not None:
-        p.plan_models(slices[0], donor)
-        layer_map = None
+        p.plan_whole(p.whole(recipe.models, (), {}), donor, donor_names)
+    elif recipe.slices is not None:
+        if len(modules) > 1:
+            names = ", ".join(modules)
+            raise MergeError(f"{recipe.at('slices')}: '{p.refs[donor]}' has several modules "
+                             f"({names}); layer slices must name the module they apply to: "
+                             f"write 'modules: {{<module>: {{slices: ...}}}}' (modules not "
+                             "named are copied from the base model)")
+        module = next(iter(modules.values()))
+        if module.stack is None:
+            raise MergeError(f"{recipe.at('slices')}: '{p.refs[donor]}' has no numbered layers "
+                             "to slice; use 'models:'")
+        p.plan_slices(p.slices(recipe.slices, (), {}), donor, module)
     else:
-        layer_map = p.plan_slices(slices, donor)
-    config = p.output_config(donor, layer_map)
+        _plan_modules(p, recipe, donor, modules)
+    config = p.output_config(donor)
     ordered = _processing_order(p, donor)
+    _check_unique(ordered)
     shards = _layout(ordered, options.out_shard_size)
-    read_dtype = recipe.dtype
-    return Plan(recipe, p.spec, p.sources, donor, ordered, shards, config, options, read_dtype,
-                p.notes, p.warnings)
+    return Plan(recipe, p.spec, p.sources, donor, ordered, shards, config, options, recipe.dtype,
+                p.notes, p.warnings, p.layer_maps)
+
+
+def _plan_modules(p: _Planner, recipe: Recipe, donor: int,
+                  modules: dict[str, arch.Module]) -> None:
+    """``modules:``: each named module merged on its own; the others copied from the donor."""
+    assert recipe.modules is not None
+    chosen: dict[str, arch.Module] = {}
+    for name in recipe.modules:
+        module = arch.find_module(modules, name)
+        if module is None:
+            raise MergeError(f"{recipe.at('modules', name)}: '{p.refs[donor]}' has no module "
+                             f"'{name}'.{did_you_mean(name, modules)} Its modules: "
+                             f"{', '.join(modules)}.")
+        if module.name in chosen:
+            raise MergeError(f"{recipe.at('modules', name)}: module '{module.name}' is named "
+                             "twice")
+        chosen[module.name] = module
+    for name, spec in recipe.modules.items():
+        module = arch.find_module(modules, name)
+        path = ("modules", name)
+        if spec.models is not None:
+            p.plan_whole(p.whole(spec.models, path, spec.parameters), donor, module.tensors,
+                         module.name)
+        else:
+            if module.stack is None:
+                raise MergeError(f"{recipe.at(*path)}: module '{module.name}' has no numbered "
+                                 "layers to slice; use 'models:' for it")
+            p.plan_slices(p.slices(spec.slices, path, spec.parameters), donor, module)
+    for module in modules.values():
+        if module.name not in chosen:
+            p.carry(module.tensors, donor, f"module '{module.name}' ({len(module.tensors)} "
+                    f"tensors) is not in the recipe: copied from '{p.refs[donor]}'")
+
+
+def _check_unique(outputs: list[OutputTensor]) -> None:
+    seen: set[str] = set()
+    for t in outputs:
+        if t.name in seen:
+            raise MergeError(f"two parts of the recipe both produce tensor '{t.name}'")
+        seen.add(t.name)
 
 
 def _processing_order(p: _Planner, donor: int) -> list[OutputTensor]:

@@ -122,6 +122,17 @@ class OutputSlice:
 
 
 @dataclass
+class ModuleRecipe:
+    """An entry of ``modules:``: one module of a multi-module model, merged on its own."""
+
+    name: str
+    models: list[InputModel] | None
+    slices: list[OutputSlice] | None
+    parameters: dict[str, Setting]
+    where: str
+
+
+@dataclass
 class Recipe:
     """A validated recipe. ``text`` is the YAML as written (saved next to the merged model)."""
 
@@ -134,7 +145,7 @@ class Recipe:
     out_dtype: torch.dtype | None
     seed: int | None = None
     name: str | None = None
-    modules: dict[str, Any] | None = None
+    modules: dict[str, ModuleRecipe] | None = None
     tokenizer: Any = None
     tokenizer_source: Any = None
     chat_template: str | None = None
@@ -218,16 +229,11 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
         r.base_model = parse_model_reference(raw.base_model, r.at("base_model"))
     r.parameters = _settings(raw.parameters, r, ("parameters",))
     if raw.models:
-        r.models = [
-            InputModel(parse_model_reference(m.model, r.at("models", i, "model")),
-                       _settings(m.parameters, r, ("models", i, "parameters")),
-                       _format_path(("models", i)))
-            for i, m in enumerate(raw.models)
-        ]
+        r.models = _models(raw.models, r, ("models",))
     if raw.slices:
         r.slices = [_slice(s, r, ("slices", i)) for i, s in enumerate(raw.slices)]
     if raw.modules:
-        r.modules = dict(raw.modules)
+        r.modules = {name: _module(name, m, r) for name, m in raw.modules.items()}
     r.dtype = parse_dtype(raw.dtype, r.at("dtype")) if raw.dtype else None
     r.out_dtype = parse_dtype(raw.out_dtype, r.at("out_dtype")) if raw.out_dtype else None
     r.seed = raw.seed
@@ -236,6 +242,27 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
     r.tokenizer_source = raw.tokenizer_source
     r.chat_template = raw.chat_template
     return r
+
+
+def _models(models: list[_InputModel], r: Recipe, path: tuple) -> list[InputModel]:
+    return [InputModel(parse_model_reference(m.model, r.at(*path, i, "model")),
+                       _settings(m.parameters, r, (*path, i, "parameters")),
+                       _format_path((*path, i)))
+            for i, m in enumerate(models)]
+
+
+def _module(name: str, m: _Module, r: Recipe) -> ModuleRecipe:
+    path = ("modules", name)
+    if bool(m.models) == bool(m.slices):
+        raise MergeError(f"{r.at(*path)}: module '{name}' needs exactly one of 'models' or "
+                         "'slices'")
+    return ModuleRecipe(
+        name,
+        _models(m.models, r, (*path, "models")) if m.models else None,
+        [_slice(s, r, (*path, "slices", i)) for i, s in enumerate(m.slices)] if m.slices else None,
+        _settings(m.parameters, r, (*path, "parameters")),
+        _format_path(path),
+    )
 
 
 def _slice(s: _OutputSlice, r: Recipe, path: tuple) -> OutputSlice:
