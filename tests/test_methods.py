@@ -124,3 +124,30 @@ def test_elementwise_methods_commute_with_row_chunks(xs):
     parts = [call("task_arithmetic", [x[i:i + 2] for x in xs], 0,
                   {"lambda": 0.7, "normalize": True}, mp) for i in range(0, 5, 2)]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_merge_state_dicts_merges_key_by_key_and_copies_buffers():
+    from mergesmith import MergeError, merge_state_dicts
+
+    a = {"w": rand(3, 4, seed=1), "b": rand(4, seed=2), "ids": torch.arange(4)}
+    b = {"w": rand(3, 4, seed=3), "b": rand(4, seed=4), "ids": torch.arange(4)}
+    out = merge_state_dicts([a, b], "linear", {"weight": [0.25, 0.75]})
+    for k in ("w", "b"):
+        torch.testing.assert_close(out[k], (0.25 * a[k] + 0.75 * b[k]).to(out[k].dtype))
+    assert torch.equal(out["ids"], a["ids"])
+    with pytest.raises(MergeError, match="differs"):
+        merge_state_dicts([a, {**b, "ids": torch.arange(4) + 1}], "linear", {"weight": 1.0})
+    with pytest.raises(MergeError, match="different keys"):
+        merge_state_dicts([a, {"w": b["w"]}], "linear", {"weight": 1.0})
+
+
+def test_merge_tensors_rejects_unknown_parameters_and_bad_contracts():
+    from mergesmith import MergeError, merge_tensors
+
+    x = rand(4, seed=1)
+    with pytest.raises(MergeError, match="Did you mean 'weight'"):
+        merge_tensors([x, x], "linear", {"wieght": 1.0})
+    with pytest.raises(MergeError, match="needs a base model"):
+        merge_tensors([x, x], "ties", {"weight": 1.0})
+    with pytest.raises(MergeError, match="takes 1 to 1 inputs|takes"):
+        merge_tensors([x, x], "passthrough")
