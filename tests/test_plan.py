@@ -348,3 +348,31 @@ models:
     p = mergesmith.plan(recipe)
     assert "lm_head.weight" not in {t.name for t in p.tensors}
     assert p.config["tie_word_embeddings"] is True
+
+
+def test_non_floating_buffers_are_copied_when_equal_and_refused_when_not(tmp_path):
+    import torch
+
+    base = random_tensors(LLAMA, 0)
+    buffers = dict(base, **{"model.position_ids": torch.arange(8)})
+    a = write_model(tmp_path / "a", buffers)
+    b = write_model(tmp_path / "b", dict(random_tensors(LLAMA, 1, base),
+                                         **{"model.position_ids": torch.arange(8)}))
+    c = write_model(tmp_path / "c", dict(random_tensors(LLAMA, 2, base),
+                                         **{"model.position_ids": torch.arange(8) + 1}))
+    text = """merge_method: linear
+models:
+  - model: {x}
+    parameters: {{weight: 1}}
+  - model: {y}
+    parameters: {{weight: 1}}
+"""
+    mergesmith.run(recipe_file(tmp_path, text.format(x=a, y=b)), tmp_path / "ok")
+    from conftest import load_model
+
+    out = load_model(tmp_path / "ok")
+    assert out["model.position_ids"].dtype == torch.int64
+    assert torch.equal(out["model.position_ids"], torch.arange(8))
+    with pytest.raises(MergeError, match="non-floating tensor 'model.position_ids' differs"):
+        mergesmith.run(recipe_file(tmp_path, text.format(x=a, y=c)), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
