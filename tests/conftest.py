@@ -61,7 +61,8 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | N
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
-    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+               for k, v in tensors.items()}
     names = list(tensors)
     groups = [names[i::shards] for i in range(shards)]
     ext = "safetensors" if fmt == "safetensors" else "bin"
