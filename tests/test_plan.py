@@ -376,3 +376,18 @@ models:
     with pytest.raises(MergeError, match="non-floating tensor 'model.position_ids' differs"):
         mergesmith.run(recipe_file(tmp_path, text.format(x=a, y=c)), tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
+def test_override_architecture_replaces_the_config_architecture(tmp_path, trio):
+    other = dict(LLAMA, architectures=["MyLlamaForCausalLM"])
+    path = write_model(tmp_path / "renamed", random_tensors(LLAMA, 3), other)
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {trio['a']}
+    parameters: {{weight: 1}}
+  - model:
+      model: {{path: {path}}}
+      override_architecture: LlamaForCausalLM
+    parameters: {{weight: 1}}
+""")
+    assert mergesmith.plan(recipe).config["architectures"] == ["LlamaForCausalLM"]
