@@ -28,13 +28,6 @@ KNOWN_DIFFERENCES = {
     # output is tested in tests/test_methods_misc.py.
     "model_stock_conflict": "model_stock clamps t to [0, 1]",
 }
-NOT_YET = {
-    "tokenizer_union": "vocabulary merging (tokenizer blocks) is not implemented yet",
-    "tokenizer_base": "vocabulary merging (tokenizer blocks) is not implemented yet",
-    "tokenizer_tokens": "vocabulary merging (tokenizer blocks) is not implemented yet",
-}
-
-
 @pytest.fixture(scope="module")
 def compare():
     spec = importlib.util.spec_from_file_location("conformance_compare",
@@ -57,8 +50,6 @@ def run_case(case, compare, tmp_path, monkeypatch) -> tuple[int, str]:
 @pytest.mark.filterwarnings("ignore:model_stock:UserWarning")
 @pytest.mark.parametrize("case", CASES)
 def test_case_matches_mergekit(case, compare, tmp_path, monkeypatch):
-    if case in NOT_YET:
-        pytest.skip(NOT_YET[case])
     status, report = run_case(case, compare, tmp_path, monkeypatch)
     if case in KNOWN_DIFFERENCES:
         assert status == 1, f"expected to differ ({KNOWN_DIFFERENCES[case]}):\n{report}"

@@ -87,7 +87,8 @@ def layer_map_lines(layers: list[LayerSource]) -> list[str]:
 
 
 def _options(out_shard_size: int | str, compute_dtype: str | torch.dtype, seed: int | None,
-             allow_crimes: bool, recipe: Recipe) -> PlanOptions:
+             allow_crimes: bool, recipe: Recipe,
+             unsafe_truncate_embeddings: bool = False) -> PlanOptions:
     compute = (compute_dtype if isinstance(compute_dtype, torch.dtype)
                else parse_dtype(compute_dtype, "--compute-dtype"))
     if compute not in (torch.float32, torch.float64):
@@ -95,15 +96,17 @@ def _options(out_shard_size: int | str, compute_dtype: str | torch.dtype, seed: 
     return PlanOptions(out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
                        compute_dtype=compute,
                        seed=seed if seed is not None else recipe.seed,
-                       allow_crimes=allow_crimes)
+                       allow_crimes=allow_crimes,
+                       unsafe_truncate_embeddings=unsafe_truncate_embeddings)
 
 
 def plan(recipe: RecipeLike, *, out_shard_size: int | str = DEFAULT_SHARD_SIZE,
          compute_dtype: str | torch.dtype = torch.float32, seed: int | None = None,
-         allow_crimes: bool = False) -> Plan:
+         allow_crimes: bool = False, unsafe_truncate_embeddings: bool = False) -> Plan:
     """Parse and validate a recipe, resolve its models, and plan the merge (no tensor data)."""
     r = load_recipe(recipe)
-    options = _options(out_shard_size, compute_dtype, seed, allow_crimes, r)
+    options = _options(out_shard_size, compute_dtype, seed, allow_crimes, r,
+                       unsafe_truncate_embeddings)
     sources: dict = {}
     for ref, where in referenced_models(r):
         sources[ref] = resolve(ref, where)
@@ -131,6 +134,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         threads: int | None = None, device: str = "cpu",
         out_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
         compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
+        unsafe_truncate_embeddings: bool = False,
         progress: Callable[[Plan], Callable[[int, bool], None]] | None = None) -> Plan:
     """Merge: validate and plan everything, then write ``out`` atomically.
 
@@ -140,7 +144,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     out = os.fspath(out)
     resolve_device(device)
     p = plan(recipe, out_shard_size=out_shard_size, compute_dtype=compute_dtype, seed=seed,
-             allow_crimes=allow_crimes)
+             allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
     partial = prepare_output(out, overwrite)

@@ -28,6 +28,8 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|tok_embedd
 _INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|"
                               r"shared)\.weight$")
 _OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+_HEAD_BIAS = re.compile(r"(^|\.)(lm_head|embed_out|output|predictions|vocab_projector)"
+                        r"(\.decoder)?\.bias$")
 _LAYER_COUNT_KEY = re.compile(r"^(num_(hidden_|decoder_|encoder_)?layers|n_layers?|"
                               r"(encoder|decoder)_layers|depth)$")
 
@@ -82,6 +84,18 @@ def is_pre_layer(name: str) -> bool:
 
 def is_output_head(name: str) -> bool:
     return bool(_OUTPUT_HEAD.search(name))
+
+
+def is_vocab_tensor(name: str) -> bool:
+    """Tensors indexed by token id along dim 0: token embeddings, LM heads, head biases."""
+    return bool(_INPUT_EMBEDDING.search(name) or _OUTPUT_HEAD.search(name)
+                or _HEAD_BIAS.search(name) or name.endswith("predictions.decoder.weight"))
+
+
+def vocab_rows(tensors: dict[str, Any]) -> int | None:
+    """Embedding rows of a model (its vocabulary size), from the token embedding or head."""
+    name = input_embedding_name(tensors) or next((n for n in tensors if is_output_head(n)), None)
+    return tensors[name].shape[0] if name else None
 
 
 def input_embedding_name(names: Iterable[str]) -> str | None:

@@ -76,6 +76,10 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "output dtype."),
         click.option("--allow-crimes", is_flag=True,
                      help="Allow inputs whose config.json architectures differ."),
+        click.option("--unsafe-truncate-embeddings", is_flag=True,
+                     help="UNSAFE: cut embeddings and LM heads of models with different "
+                          "vocabulary sizes to the smallest (assumes the ids agree up to it; "
+                          "prefer a 'tokenizer:' block)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Worker threads [default: number of CPU cores]."),
         click.option("--debug", is_flag=True, help="Show tracebacks and warnings in full."),
@@ -97,8 +101,8 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_common_plan_options
 @friendly
 def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, quiet: bool,
-        out_shard_size: str, compute_dtype: str, allow_crimes: bool, threads: int | None,
-        debug: bool) -> None:
+        out_shard_size: str, compute_dtype: str, allow_crimes: bool,
+        unsafe_truncate_embeddings: bool, threads: int | None, debug: bool) -> None:
     """Merge the models of RECIPE into the folder OUT.
 
     The whole recipe is validated and planned before any weights are read. The model is
@@ -136,6 +140,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, q
         plan = api_run(recipe, out, seed=seed, threads=threads, device=device,
                        out_shard_size=out_shard_size, overwrite=overwrite,
                        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+                       unsafe_truncate_embeddings=unsafe_truncate_embeddings,
                        progress=progress)
     finally:
         if bar is not None:
@@ -152,7 +157,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, q
 @_common_plan_options
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bool,
-          threads: int | None, debug: bool) -> None:
+          unsafe_truncate_embeddings: bool, threads: int | None, debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 
     Checks every key, parameter, model folder, tensor name and shape; prints the output
@@ -161,7 +166,8 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
     from .api import check as api_check
 
     report = api_check(recipe, threads=threads, out_shard_size=out_shard_size,
-                       compute_dtype=compute_dtype, allow_crimes=allow_crimes)
+                       compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+                       unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     click.echo(report.summary())
     click.echo("ok: the recipe is valid")
 

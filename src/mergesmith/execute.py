@@ -161,6 +161,9 @@ class _Job:
             result = raw[0]
         else:
             xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one raw at a time
+            if t.reindex:  # rows to the output vocabulary: one gather per model
+                assert self.plan.vocab is not None
+                xs = self.plan.vocab.align([(i.model, x) for i, x in zip(t.inputs, xs)])
             generator = None
             if self.plan.method.random:
                 generator = tensor_generator(self.plan.seed, t.name, self.device, item.rows)

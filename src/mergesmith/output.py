@@ -64,18 +64,81 @@ def write_side_files(plan: Plan, folder: str) -> None:
         }
         _write_json(os.path.join(folder, "model.safetensors.index.json"), index)
     donor = plan.models[plan.donor].folder
+    new_tokenizer = plan.vocab is not None and plan.vocab.tokenizer is not None
+    skip = set(_NOT_COPIED)
+    if new_tokenizer:
+        skip |= TOKENIZER_FILES
+    if plan.chat_template is not None:
+        skip |= {"chat_template.jinja", "chat_template.json"}
+    if plan.generation_config is not None:
+        skip.add("generation_config.json")
     for name in sorted(os.listdir(donor)):
         src = os.path.join(donor, name)
-        if (name in _NOT_COPIED or name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES)
+        if (name in skip or name.startswith(".") or name.endswith(_NOT_COPIED_SUFFIXES)
                 or not os.path.isfile(src)):
             continue
         try:
             shutil.copyfile(src, os.path.join(folder, name))
         except OSError as e:
             raise MergeIOError(f"cannot copy {src} to the output: {e.strerror}") from None
+    if new_tokenizer:
+        write_tokenizer(plan, folder)
+    if plan.generation_config is not None:
+        _write_json(os.path.join(folder, "generation_config.json"), plan.generation_config)
+    if plan.chat_template is not None:
+        _write_text(os.path.join(folder, "chat_template.jinja"), plan.chat_template)
+        _drop_key(os.path.join(folder, "tokenizer_config.json"), "chat_template")
     _write_json(os.path.join(folder, "config.json"), plan.config)
     _write_text(os.path.join(folder, "mergesmith_config.yml"), plan.recipe.text)
     _write_text(os.path.join(folder, "README.md"), model_card(plan, os.path.basename(folder)))
+
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model"}
+
+
+def write_tokenizer(plan: Plan, folder: str) -> None:
+    """tokenizer.json of the output vocabulary, and the source's tokenizer_config.json and
+    special_tokens_map.json made consistent with it."""
+    vocab = plan.vocab
+    assert vocab is not None and vocab.tokenizer is not None and vocab.source_folder
+    _write_json(os.path.join(folder, "tokenizer.json"), vocab.tokenizer)
+    src = os.path.join(vocab.source_folder, "tokenizer_config.json")
+    config = _read_json(src) or {}
+    present = set(vocab.tokens)
+    added = {t["content"]: t for t in vocab.tokenizer.get("added_tokens", [])}
+    if "added_tokens_decoder" in config:
+        config["added_tokens_decoder"] = {
+            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                             "single_word", "special") if k in t}
+            for t in added.values()}
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        lists = [(_read_json(os.path.join(m.folder, "tokenizer_config.json")) or {}).get(key)
+                 for m in plan.models]
+        merged = [t for lst in lists if isinstance(lst, list) for t in lst
+                  if isinstance(t, str) and t in present]
+        if key in config or merged:
+            config[key] = list(dict.fromkeys(merged))
+    _write_json(os.path.join(folder, "tokenizer_config.json"), config)
+    special = os.path.join(vocab.source_folder, "special_tokens_map.json")
+    if os.path.exists(special):
+        shutil.copyfile(special, os.path.join(folder, "special_tokens_map.json"))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _drop_key(path: str, key: str) -> None:
+    data = _read_json(path)
+    if isinstance(data, dict) and key in data:
+        del data[key]
+        _write_json(path, data)
 
 
 def _write_json(path: str, data: Any) -> None:

@@ -9,6 +9,8 @@ that starts will not fail halfway for a reason the recipe could have told us.
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any
@@ -22,6 +24,8 @@ from .errors import MergeError, did_you_mean
 from .methods import BasePolicy, MethodSpec, Scope, get_method
 from .recipe import ModelReference, Recipe, Setting, coerce, evaluate
 from .recipe.params import UNSET, leaf_values
+from .tokenizer import (ModelVocab, VocabPlan, build_vocab_plan, load_vocab, remap_special_ids,
+                        resolve_chat_template, truncation_plan)
 from .units import dtype_name
 
 COPY = "copy"
@@ -53,6 +57,7 @@ class OutputTensor:
     elementwise: bool
     file: str = ""
     offset: int = 0
+    reindex: bool = False  # rows re-indexed to the output vocabulary (Plan.vocab)
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +88,7 @@ class PlanOptions:
     compute_dtype: torch.dtype = torch.float32
     seed: int | None = None
     allow_crimes: bool = False
+    unsafe_truncate_embeddings: bool = False
 
 
 @dataclass
@@ -101,6 +107,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     layer_maps: dict[str, list[LayerSource]] = field(default_factory=dict)
+    vocab: VocabPlan | None = None
+    generation_config: dict[str, Any] | None = None  # patched; None: copied as is
+    chat_template: str | None = None
 
     @property
     def seed(self) -> int | None:
@@ -161,16 +170,6 @@ def referenced_models(recipe: Recipe) -> list[tuple[ModelReference, str]]:
             for j, src in enumerate(s.sources):
                 refs.setdefault(src.ref, recipe.at(*path, "slices", i, "sources", j, "model"))
     return list(refs.items())
-
-
-def _unsupported(recipe: Recipe) -> None:
-    if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
-        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
-        raise MergeError(f"{recipe.at(key)}: vocabulary merging ('{key}') is not supported "
-                         "yet; remove it to copy the tokenizer of the base model")
-    if recipe.chat_template is not None:
-        raise MergeError(f"{recipe.at('chat_template')}: 'chat_template' is not supported yet; "
-                         "remove it to keep the base model's template")
 
 
 # ------------------------------------------------------------------ parameters
@@ -234,6 +233,12 @@ class _Planner:
         self.warnings: list[str] = []
         self.layer_maps: dict[str, list[LayerSource]] = {}
         self.untie = False  # an LM head was added to a tied donor
+        self.vocab: VocabPlan | None = None
+        self.vocabs: dict[int, ModelVocab] = {}
+        self.generation_config: dict[str, Any] | None = None
+        self.chat_template: str | None = None
+        self.rows = {i: r for i, s in enumerate(self.sources)
+                     if (r := arch.vocab_rows(s.index.tensors)) is not None}
         self._modules: dict[int, dict[str, arch.Module]] = {}
 
     def modules_of(self, model: int) -> dict[str, arch.Module]:
@@ -335,18 +340,7 @@ class _Planner:
         spec, r = self.spec, self.recipe
         inputs = [self.find_input(src, n, out_name) for src, n in zip(sl.sources, in_names)]
         infos = [self.sources[i.model].index.tensors[i.name] for i in inputs]
-        shapes = {info.shape for info in infos}
-        if len(shapes) > 1:
-            listing = ", ".join(f"{src.ref}: {list(info.shape)}" for src, info in zip(sl.sources, infos))
-            hint = ""
-            if len({s[1:] for s in shapes}) == 1 and (arch.is_pre_layer(out_name)
-                                                      or arch.is_output_head(out_name)):
-                hint = (" The models have different vocabulary sizes; merging them needs "
-                        "vocabulary alignment, which is not supported yet — use models with "
-                        "the same tokenizer.")
-            raise MergeError(f"tensor '{out_name}' has different shapes in the inputs "
-                             f"({listing}).{hint}")
-        shape = infos[0].shape
+        shape, reindex = self._output_shape(out_name, sl, inputs, infos)
         if not all(info.dtype.is_floating_point for info in infos):
             self.outputs.append(OutputTensor(out_name, shape, infos[0].dtype, COPY,
                                              tuple(inputs), None, {}, tuple({} for _ in inputs),
@@ -389,7 +383,38 @@ class _Planner:
         dtype = r.out_dtype or r.dtype or _promote(info.dtype for info in infos)
         self.outputs.append(OutputTensor(out_name, shape, dtype, spec.name, tuple(inputs),
                                          base_pos, params, tuple(model_params),
-                                         spec.elementwise))
+                                         spec.elementwise and not reindex, reindex=reindex))
+
+    def _output_shape(self, out_name: str, sl: _Slice, inputs: list[InputTensor],
+                      infos: list[TensorInfo]) -> tuple[tuple[int, ...], bool]:
+        """Shape of an output tensor, and whether its rows are re-indexed to the output
+        vocabulary. Vocabulary-size mismatches without a tokenizer block are errors."""
+        shapes = {info.shape for info in infos}
+        vocab_like = arch.is_vocab_tensor(out_name) and all(
+            info.shape and info.shape[0] == self.rows.get(i.model) for i, info in zip(inputs, infos))
+        if vocab_like and len({s[1:] for s in shapes}) == 1:
+            rest = infos[0].shape[1:]
+            if self.vocab is not None:
+                return (self.vocab.size, *rest), True
+            if len(shapes) > 1 and self.options.unsafe_truncate_embeddings:
+                self.vocab = truncation_plan(min(self.rows.values()))
+                self.notes.append(f"UNSAFE: vocabulary tensors cut to the smallest vocabulary "
+                                  f"({self.vocab.size} rows); token ids above it are invalid")
+                return (self.vocab.size, *rest), True
+            if len(shapes) > 1:
+                listing = ", ".join(f"{src.ref}: {info.shape[0]}"
+                                    for src, info in zip(sl.sources, infos))
+                raise MergeError(f"tensor '{out_name}': the models have different vocabulary "
+                                 f"sizes ({listing}). Add 'tokenizer: {{source: union}}' (all "
+                                 "tokens) or 'tokenizer: {source: base}' (the base's tokens) to "
+                                 "the recipe to align them, or pass "
+                                 "--unsafe-truncate-embeddings if the ids agree up to the "
+                                 "smallest size")
+        if len(shapes) > 1:
+            listing = ", ".join(f"{src.ref}: {list(info.shape)}" for src, info in zip(sl.sources, infos))
+            raise MergeError(f"tensor '{out_name}' has different shapes in the inputs "
+                             f"({listing})")
+        return infos[0].shape, False
 
     @staticmethod
     def _coerce(value: Any, kind: type, name: str, tensor: str) -> Any:
@@ -549,7 +574,71 @@ class _Planner:
         modules = self.modules_of(donor)
         for name, layer_map in self.layer_maps.items():
             self._patch_layers(config, modules[name], layer_map)
+        if self.vocab is not None:
+            self._patch_vocab(config, donor)
         return config
+
+    def _patch_vocab(self, config: dict[str, Any], donor: int) -> None:
+        """vocab_size (also nested) = rows written; special token ids follow the tokens."""
+        assert self.vocab is not None
+        old = config.get("vocab_size", self.rows.get(donor))
+        for path, value in list(arch._walk(config)):
+            if path[-1] == "vocab_size" and value in (old, self.rows.get(donor)):
+                arch.set_path(config, path, self.vocab.size)
+        if old != self.vocab.size:
+            self.notes.append(f"config.json: vocab_size {old} → {self.vocab.size}")
+        if self.vocab.truncate or donor not in self.vocabs:
+            return
+        old_tokens = self.vocabs[donor].token_of()
+        new_ids = {t: i for i, t in enumerate(self.vocab.tokens)}
+        remap_special_ids(config, old_tokens, new_ids, self.notes, "config.json")
+        path = os.path.join(self.sources[donor].folder, "generation_config.json")
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    generation = json.load(f)
+            except (OSError, ValueError) as e:
+                raise MergeError(f"{path}: cannot read ({e})") from None
+            remap_special_ids(generation, old_tokens, new_ids, self.notes,
+                              "generation_config.json")
+            self.generation_config = generation
+
+    def plan_vocabulary(self, donor: int) -> None:
+        """``tokenizer:``/``tokenizer_source:``: the output vocabulary, before any tensor."""
+        r = self.recipe
+        if r.tokenizer is None:
+            return
+        self.vocabs = {m: load_vocab(self.sources[m].folder, rows, str(self.refs[m]))
+                       for m, rows in self.rows.items()}
+        if not self.vocabs:
+            raise MergeError(f"{r.tokenizer.where}: the models have no token embeddings to "
+                             "align")
+        base = self.model_index.get(r.base_model) if r.base_model is not None else None
+        if base is None:
+            base = donor
+
+        def model_of(ref: ModelReference, where: str) -> int:
+            if ref not in self.model_index:
+                raise MergeError(f"{where}: '{ref}' is not one of the merged models")
+            return self.model_index[ref]
+
+        self.vocab = build_vocab_plan(r.tokenizer, self.vocabs, base, model_of,
+                                      {i: str(ref) for i, ref in enumerate(self.refs)})
+        self.notes.extend(self.vocab.notes)
+        self.notes.append(f"output vocabulary: {self.vocab.vocab} tokens"
+                          + (f", padded to {self.vocab.size} rows"
+                             if self.vocab.size > self.vocab.vocab else ""))
+
+    def plan_chat_template(self) -> None:
+        r = self.recipe
+        if r.chat_template is None:
+            return
+        template = resolve_chat_template(r.chat_template, [s.folder for s in self.sources],
+                                         r.at("chat_template"))
+        if template is None:
+            self.warnings.append("chat_template: auto: no input model has a chat template; "
+                                 "the base model's tokenizer files are kept as they are")
+        self.chat_template = template
 
     def _patch_layers(self, config: dict[str, Any], module: arch.Module,
                       layer_map: list[LayerSource]) -> None:
@@ -597,13 +686,14 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
               options: PlanOptions | None = None) -> Plan:
     """Plan a merge. ``models`` maps every reference of the recipe to its resolved source."""
     options = options or PlanOptions()
-    _unsupported(recipe)
     p = _Planner(recipe, models, options)
     _check_parameter_names(recipe, p.spec)
     p.check_architectures()
     donor = p.model_of(_donor_ref(recipe))
     donor_names = list(p.sources[donor].index.tensors)
     modules = p.modules_of(donor)
+    p.plan_vocabulary(donor)
+    p.plan_chat_template()
     if recipe.models is not None:
         p.plan_whole(p.whole(recipe.models, (), {}), donor, donor_names)
     elif recipe.slices is not None:
@@ -625,7 +715,7 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
     _check_unique(ordered)
     shards = _layout(ordered, options.out_shard_size)
     return Plan(recipe, p.spec, p.sources, donor, ordered, shards, config, options, recipe.dtype,
-                p.notes, p.warnings, p.layer_maps)
+                p.notes, p.warnings, p.layer_maps, p.vocab, p.generation_config, p.chat_template)
 
 
 def _plan_modules(p: _Planner, recipe: Recipe, donor: int,

@@ -55,13 +55,6 @@ class _Module(_Strict):
     parameters: Optional[dict[str, Any]] = None
 
 
-class _TokenSource(_Strict):
-    kind: Optional[str] = None
-    model: Any = None
-    token: Optional[str] = None
-    token_id: Optional[int] = None
-
-
 class _TokenEmbedding(_Strict):
     source: Any = None
     force: bool = False
@@ -121,6 +114,38 @@ class OutputSlice:
     where: str
 
 
+@dataclass(frozen=True)
+class ZeroRow:
+    """``{kind: zero}``: an all-zero embedding row."""
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """A model's embedding row: of the same token, or of ``token``/``token_id`` if given."""
+
+    model: ModelReference
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenOverride:
+    """An entry of ``tokenizer.tokens``: where the token's embedding rows come from."""
+
+    source: ZeroRow | ModelRow | None  # None: the usual rules (the token is just added)
+    force: bool = False
+
+
+@dataclass
+class TokenizerRecipe:
+    """``tokenizer:`` (or legacy ``tokenizer_source:``): the output vocabulary."""
+
+    source: str | ModelReference  # "union", "base", or a model
+    tokens: dict[str, TokenOverride]
+    pad_to_multiple_of: int | None
+    where: str
+
+
 @dataclass
 class ModuleRecipe:
     """An entry of ``modules:``: one module of a multi-module model, merged on its own."""
@@ -146,8 +171,7 @@ class Recipe:
     seed: int | None = None
     name: str | None = None
     modules: dict[str, ModuleRecipe] | None = None
-    tokenizer: Any = None
-    tokenizer_source: Any = None
+    tokenizer: TokenizerRecipe | None = None
     chat_template: str | None = None
     text: str = ""
     source: str = "<recipe>"
@@ -238,10 +262,59 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
     r.out_dtype = parse_dtype(raw.out_dtype, r.at("out_dtype")) if raw.out_dtype else None
     r.seed = raw.seed
     r.name = raw.name
-    r.tokenizer = raw.tokenizer
-    r.tokenizer_source = raw.tokenizer_source
+    if raw.tokenizer is not None:
+        r.tokenizer = _tokenizer(raw.tokenizer, r)
+    elif raw.tokenizer_source is not None:
+        r.tokenizer = TokenizerRecipe(_vocab_source(raw.tokenizer_source, r.at("tokenizer_source")),
+                                      {}, None, r.at("tokenizer_source"))
     r.chat_template = raw.chat_template
     return r
+
+
+def _vocab_source(value: Any, where: str) -> str | ModelReference:
+    if value in ("union", "base"):
+        return value
+    return parse_model_reference(value, where)
+
+
+def _tokenizer(t: _Tokenizer, r: Recipe) -> TokenizerRecipe:
+    tokens = {}
+    for token, entry in (t.tokens or {}).items():
+        where = r.at("tokenizer", "tokens", token, "source")
+        tokens[token] = TokenOverride(_token_source(entry.source, where), entry.force)
+    pad = t.pad_to_multiple_of
+    if pad is not None and pad < 1:
+        raise MergeError(f"{r.at('tokenizer', 'pad_to_multiple_of')}: must be a positive integer")
+    return TokenizerRecipe(_vocab_source(t.source, r.at("tokenizer", "source")), tokens, pad,
+                           r.at("tokenizer"))
+
+
+def _token_source(value: Any, where: str) -> ZeroRow | ModelRow | None:
+    if isinstance(value, dict) and "kind" in value:
+        kind = value.get("kind")
+        allowed = {"zero": {"kind"}, "model_token": {"kind", "model", "token", "token_id"}}
+        if kind not in allowed:
+            raise MergeError(f"{where}: unknown token source kind {kind!r} (use 'zero' or "
+                             "'model_token')")
+        unknown = set(value) - allowed[kind]
+        if unknown:
+            raise MergeError(f"{where}: unknown key '{sorted(unknown)[0]}' for kind {kind} "
+                             f"(allowed: {', '.join(sorted(allowed[kind]))})")
+        if kind == "zero":
+            return ZeroRow()
+        if ("token" in value) == ("token_id" in value):
+            raise MergeError(f"{where}: give exactly one of 'token' or 'token_id'")
+        token_id = value.get("token_id")
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)
+                                     or token_id < 0):
+            raise MergeError(f"{where}.token_id: expected a non-negative integer")
+        if "model" not in value:
+            raise MergeError(f"{where}: model_token needs 'model'")
+        return ModelRow(parse_model_reference(value["model"], f"{where}.model"),
+                        value.get("token"), token_id)
+    if value is None:
+        return None
+    return ModelRow(parse_model_reference(value, where))
 
 
 def _models(models: list[_InputModel], r: Recipe, path: tuple) -> list[InputModel]:
