@@ -160,10 +160,10 @@ class _Job:
                                      "averaged, so they must be equal")
             result = raw[0]
         else:
+            if t.reindex:
+                self._reindexed(t, item)
+                return item
             xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one raw at a time
-            if t.reindex:  # rows to the output vocabulary: one gather per model
-                assert self.plan.vocab is not None
-                xs = self.plan.vocab.align([(i.model, x) for i, x in zip(t.inputs, xs)])
             generator = None
             if self.plan.method.random:
                 generator = tensor_generator(self.plan.seed, t.name, self.device, item.rows)
@@ -174,6 +174,27 @@ class _Job:
                 result = result.to("cpu")
         self.writer.write(t, item.rows, result)
         return item
+
+    def _reindexed(self, t: OutputTensor, item: WorkItem) -> None:
+        """A vocabulary tensor: raw inputs stay whole, output rows are gathered (one gather
+        per model and chunk), merged and written chunk by chunk for element-wise methods."""
+        vocab = self.plan.vocab
+        assert vocab is not None and item.rows is None
+        raws = [(i.model, self._read(i, item)) for i in t.inputs]
+        defaults = vocab.defaults(raws, self._prepare)
+        width = max(1, prod(t.shape[1:]))
+        step = max(1, CHUNK_ELEMENTS // width) if get_method(t.method).elementwise else t.shape[0]
+        pads = {m: vocab.padding_row(m, x, defaults, self._prepare, step)
+                for m, x in raws} if vocab.size > vocab.vocab and not vocab.truncate else {}
+        for start in range(0, t.shape[0], step):
+            end = min(start + step, t.shape[0])
+            xs = [vocab.rows(m, x, defaults, start, end, self._prepare, pads.get(m))
+                  for m, x in raws]
+            generator = (tensor_generator(self.plan.seed, t.name, self.device)
+                         if self.plan.method.random else None)
+            result = self.fn[t.method](MergeInputs(xs, t.base_index, t.params,
+                                                   list(t.model_params), t.name, generator))
+            self.writer.write(t, (start, end) if step < t.shape[0] else None, result.cpu())
 
     def _read(self, inp: InputTensor, item: WorkItem) -> torch.Tensor:
         return self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,19 +99,24 @@ def _convert_slow_tokenizer(folder: str, who: str) -> dict[str, Any]:
 class ModelMapping:
     """How one model's rows become the output's rows."""
 
-    perm: torch.Tensor  # (V,) old row per output token, −1 where the model lacks it
-    use_default: torch.Tensor  # (V,) bool: row comes from the defaults (missing or forced)
+    perm: torch.Tensor  # (V,) old row per output token (0 where a default is used)
+    default_tokens: torch.Tensor  # output ids whose row is a default (missing or forced)
+    default_slots: torch.Tensor  # their positions in VocabPlan.default_tokens
 
 
 @dataclass
 class VocabPlan:
-    """The output vocabulary and every model's mapping onto it."""
+    """The output vocabulary and every model's mapping onto it.
+
+    Defaults (rows for tokens a model lacks, or forced ones) are the mean of listed rows of
+    listed models (one row: a copy; none: zero); only tokens some model needs are computed.
+    """
 
     tokens: list[str]  # output id → token
     size: int  # rows written (tokens padded to pad_to_multiple_of)
     mappings: dict[int, ModelMapping]  # plan model index → mapping
-    default_rows: dict[int, list[tuple[int, int]]]  # token id → [(model, row)] (mean of them)
-    zero_rows: list[int]  # token ids whose default is zero
+    default_tokens: torch.Tensor  # (K,) output ids that need a default row
+    default_sources: dict[int, tuple[torch.Tensor, torch.Tensor]]  # model → (slots, rows)
     tokenizer: dict[str, Any] | None  # output tokenizer.json (None: copy the donor's)
     source_folder: str | None  # tokenizer_config.json etc. come from here
     notes: list[str] = field(default_factory=list)
@@ -120,35 +126,63 @@ class VocabPlan:
     def vocab(self) -> int:
         return len(self.tokens)
 
-    def align(self, inputs: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        """Re-index each input ``(plan model, tensor)`` to the output vocabulary (dim 0)."""
+    def defaults(self, inputs: list[tuple[int, torch.Tensor]],
+                 prepare: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The default rows (K of them) for raw inputs ``(plan model, tensor)``."""
+        first = prepare(inputs[0][1][:1])
+        k = len(self.default_tokens)
+        defaults = torch.zeros((k, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        counts = torch.zeros(k, dtype=first.dtype, device=first.device)
+        for model, x in inputs:
+            if model in self.default_sources:
+                slots, rows = self.default_sources[model]
+                defaults.index_add_(0, slots.to(first.device), prepare(x.index_select(0, rows)))
+                counts.index_add_(0, slots.to(first.device),
+                                  torch.ones(len(slots), dtype=counts.dtype, device=first.device))
+        return defaults.div_(counts.clamp(min=1).view((-1,) + (1,) * (first.dim() - 1)))
+
+    def rows(self, model: int, x: torch.Tensor, defaults: torch.Tensor, start: int, end: int,
+             prepare: Callable[[torch.Tensor], torch.Tensor],
+             padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Output rows ``[start, end)`` of one model: a gather of its own rows, defaults
+        where it has none (or the token is forced), ``padding`` rows past the vocabulary."""
         if self.truncate:
-            return [x[:self.size] for _, x in inputs]
-        by_model = dict(inputs)
-        first = inputs[0][1]
-        defaults = torch.zeros((self.vocab, *first.shape[1:]), dtype=first.dtype,
-                               device=first.device)
-        counts = torch.zeros(self.vocab, dtype=first.dtype, device=first.device)
-        for model, x in by_model.items():  # mean of the listed models' rows, vectorised
-            pairs = [(tok, row) for tok, srcs in self.default_rows.items()
-                     for m, row in srcs if m == model]
-            if pairs:
-                toks = torch.tensor([p[0] for p in pairs], device=x.device)
-                rows = torch.tensor([p[1] for p in pairs], device=x.device)
-                defaults.index_add_(0, toks, x.index_select(0, rows))
-                counts.index_add_(0, toks, torch.ones(len(pairs), dtype=x.dtype, device=x.device))
-        shape = (-1,) + (1,) * (first.dim() - 1)
-        defaults.div_(counts.clamp(min=1).view(shape))
+            return prepare(x[start:end])
+        m = self.mappings[model]
+        real_end = min(end, self.vocab)
+        out = defaults.new_empty((end - start, *x.shape[1:]))
+        if real_end > start:
+            out[:real_end - start].copy_(x.index_select(0, m.perm[start:real_end].to(x.device)))
+            lo, hi = torch.searchsorted(m.default_tokens, torch.tensor([start, real_end]))
+            if hi > lo:
+                out.index_copy_(0, (m.default_tokens[lo:hi] - start).to(out.device),
+                                defaults.index_select(0, m.default_slots[lo:hi].to(out.device)))
+        if end > self.vocab:
+            assert padding is not None
+            out[max(0, self.vocab - start):] = padding
+        return out
+
+    def padding_row(self, model: int, x: torch.Tensor, defaults: torch.Tensor,
+                    prepare: Callable[[torch.Tensor], torch.Tensor], chunk: int) -> torch.Tensor:
+        """Mean of a model's real output rows (pad_to_multiple_of rows get it)."""
+        total = None
+        for start in range(0, self.vocab, chunk):
+            part = self.rows(model, x, defaults, start, min(start + chunk, self.vocab), prepare)
+            s = part.sum(0, dtype=torch.float64)
+            total = s if total is None else total + s
+        assert total is not None
+        return (total / self.vocab).to(defaults.dtype)
+
+    def align(self, inputs: list[tuple[int, torch.Tensor]],
+              prepare: Callable[[torch.Tensor], torch.Tensor],
+              chunk: int = 1 << 16) -> list[torch.Tensor]:
+        """All output rows of every input at once (for methods that need whole tensors)."""
+        defaults = self.defaults(inputs, prepare)
         out = []
         for model, x in inputs:
-            mapping = self.mappings[model]
-            rows = x.index_select(0, mapping.perm.clamp(min=0).to(x.device))
-            mask = mapping.use_default.to(x.device).view(shape)
-            rows = torch.where(mask, defaults, rows)
-            if self.size > self.vocab:  # padding rows: the mean embedding of the real rows
-                pad = rows.mean(0, keepdim=True).expand(self.size - self.vocab, *rows.shape[1:])
-                rows = torch.cat([rows, pad])
-            out.append(rows)
+            pad = (self.padding_row(model, x, defaults, prepare, chunk)
+                   if self.size > self.vocab and not self.truncate else None)
+            out.append(self.rows(model, x, defaults, 0, self.size, prepare, pad))
         return out
 
 
@@ -231,11 +265,25 @@ def build_vocab_plan(recipe_tokenizer, vocabs: dict[int, ModelVocab], base: int 
             zeros.append(i)
             notes.append(f"token {token!r} is in no model: its embedding rows are zero")
 
+    use_default = {m: [i for i, t in enumerate(tokens) if forced[i] or t not in vocabs[m].ids]
+                   for m in order}
+    needed = sorted({i for ids in use_default.values() for i in ids})
+    slot = {i: k for k, i in enumerate(needed)}
+    sources: dict[int, list[tuple[int, int]]] = {}
+    for i in needed:
+        for m, row in defaults.get(i, []):
+            sources.setdefault(m, []).append((slot[i], row))
+    default_sources = {m: (torch.tensor([s for s, _ in pairs], dtype=torch.long),
+                           torch.tensor([r for _, r in pairs], dtype=torch.long))
+                       for m, pairs in sources.items()}
     mappings = {}
     for m in order:
-        perm = torch.tensor([vocabs[m].ids.get(t, -1) for t in tokens], dtype=torch.long)
-        mappings[m] = ModelMapping(perm, (perm < 0) | forced)
-    return VocabPlan(tokens, size, mappings, defaults, zeros, data, folder, notes)
+        perm = torch.tensor([vocabs[m].ids.get(t, 0) for t in tokens], dtype=torch.long)
+        ids = use_default[m]
+        mappings[m] = ModelMapping(perm, torch.tensor(ids, dtype=torch.long),
+                                   torch.tensor([slot[i] for i in ids], dtype=torch.long))
+    return VocabPlan(tokens, size, mappings, torch.tensor(needed, dtype=torch.long),
+                     default_sources, data, folder, notes)
 
 
 def _strip(data: dict[str, Any], rows: int) -> dict[str, Any]:
@@ -348,4 +396,5 @@ def remap_special_ids(config: dict[str, Any], old: dict[int, str], new: dict[str
 
 def truncation_plan(size: int) -> VocabPlan:
     """``--unsafe-truncate-embeddings``: keep the first ``size`` rows of every model."""
-    return VocabPlan([], size, {}, {}, [], None, None, truncate=True)
+    return VocabPlan([], size, {}, torch.zeros(0, dtype=torch.long), {}, None, None,
+                     truncate=True)
