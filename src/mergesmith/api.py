@@ -11,10 +11,14 @@ from typing import Any
 
 import torch
 
+from . import execute as execute_module
+from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
-from .errors import MergeError
+from .errors import MergeError, MergeIOError
 from .execute import MEMORY_BUDGET, execute, item_memory, resolve_device, work_items
-from .output import partial_path, prepare_output, publish, verify, write_side_files
+from .output import (check_output, partial_path, prepare_partial, publish, verify_folder,
+                     write_checksums, write_side_files)
+from .output import verify as verify_plan
 from .plan import (DEFAULT_SHARD_SIZE, LayerSource, Plan, PlanOptions, make_plan,
                    referenced_models)
 from .recipe import Recipe, load_recipe
@@ -134,12 +138,15 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         threads: int | None = None, device: str = "cpu",
         out_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
         compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
-        unsafe_truncate_embeddings: bool = False,
+        unsafe_truncate_embeddings: bool = False, strict_finite: bool = False,
+        resume: bool = False,
         progress: Callable[[Plan], Callable[[int, bool], None]] | None = None) -> Plan:
     """Merge: validate and plan everything, then write ``out`` atomically.
 
-    ``progress``, if given, is called with the plan and returns a callback
-    ``(bytes_written, tensor_finished)`` called after each work item (a tensor or a chunk).
+    The model is built in ``OUT.partial/`` with a manifest of finished work: if the merge
+    is interrupted (killed, Ctrl-C, disk full) the folder stays, and ``resume=True``
+    continues from it. ``progress``, if given, is called with the plan and returns a
+    callback ``(bytes_written, tensor_finished)`` called after each work item.
     """
     out = os.fspath(out)
     resolve_device(device)
@@ -147,17 +154,48 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
-    partial = prepare_output(out, overwrite)
+    check_output(out, overwrite)
+    partial = partial_path(out)
+    chunk = execute_module.CHUNK_ELEMENTS
+    fp = resume_module.fingerprint(p, chunk)
+    finished = resume_module.load_finished(p, partial, fp) if resume else None
+    if resume and finished is None:
+        warnings.warn(f"nothing to resume in {partial}: starting from the beginning",
+                      stacklevel=2)
+    elif not resume and os.path.exists(os.path.join(partial, resume_module.MANIFEST)):
+        warnings.warn(f"replacing the interrupted merge in {partial} (pass --resume to "
+                      "continue it instead)", stacklevel=2)
+    partial = prepare_partial(out, keep=finished is not None)
+    log = resume_module.ProgressLog(partial, fp, append=finished is not None)
     try:
-        execute(p, partial, threads=threads, device=device,
-                progress=progress(p) if progress else None)
+        found = execute(p, partial, threads=threads, device=device, chunk_elements=chunk,
+                        strict_finite=strict_finite, finished=finished,
+                        record=lambda item, crc: log.record(item.tensor.name, item.rows, crc),
+                        progress=progress(p) if progress else None)
+        log.close()
+        for w in found:
+            warnings.warn(w, stacklevel=2)
         write_side_files(p, partial)
-        verify(p, partial)
+        verify_plan(p, partial)
+        resume_module.remove_records(partial)
+        write_checksums(p, partial)
         publish(partial, out)
+    except (MergeIOError, KeyboardInterrupt):
+        log.close()  # resumable: keep what is finished
+        raise
+    except MergeError:
+        log.close()  # the inputs are wrong: nothing worth resuming
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     except BaseException:
-        shutil.rmtree(partial_path(out), ignore_errors=True)
+        log.close()
         raise
     return p
 
 
-__all__ = ["CheckReport", "ModelSource", "check", "plan", "run"]
+def verify(folder: str | os.PathLike) -> list[str]:
+    """Re-check a merged folder (checksums, headers, index); return the problems found."""
+    return verify_folder(os.fspath(folder))
+
+
+__all__ = ["CheckReport", "ModelSource", "check", "plan", "run", "verify"]

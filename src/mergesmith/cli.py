@@ -44,8 +44,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: stopped cleanly; the output folder was not written",
-                       err=True)
+            click.echo("\ninterrupted: stopped cleanly. The output folder was not written; "
+                       "finished tensors are kept in OUT.partial, and running the same "
+                       "command with --resume continues from them", err=True)
             sys.exit(130)
 
     return wrapper
@@ -62,6 +63,7 @@ def cli() -> None:
       mergesmith check recipe.yml     validate a recipe and show the plan (reads no weights)
       mergesmith run recipe.yml OUT   merge into the folder OUT
       mergesmith methods              list merge methods and their parameters
+      mergesmith verify OUT           re-check a merged folder against its checksums
     """
 
 
@@ -97,16 +99,22 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--device", default="cpu", show_default=True,
               help="Where the math runs: cpu, cuda, cuda:N, mps or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted merge from OUT.partial (same recipe and inputs).")
+@click.option("--strict-finite", is_flag=True,
+              help="Stop on NaN or Inf in the merged tensors (default: a warning).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_common_plan_options
 @friendly
-def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, quiet: bool,
+def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, resume: bool,
+        strict_finite: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, allow_crimes: bool,
         unsafe_truncate_embeddings: bool, threads: int | None, debug: bool) -> None:
     """Merge the models of RECIPE into the folder OUT.
 
     The whole recipe is validated and planned before any weights are read. The model is
-    built in OUT.partial/ and renamed to OUT only when complete.
+    built in OUT.partial/ and renamed to OUT only when complete and verified; if the merge
+    is interrupted, --resume continues it.
 
     \b
     Example:
@@ -141,7 +149,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, q
                        out_shard_size=out_shard_size, overwrite=overwrite,
                        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-                       progress=progress)
+                       strict_finite=strict_finite, resume=resume, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -170,6 +178,25 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     click.echo(report.summary())
     click.echo("ok: the recipe is valid")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@friendly
+def verify(folder: str) -> None:
+    """Re-check a merged model folder: shard checksums, headers and the index.
+
+    Exits with 1 if anything differs from what was written.
+    """
+    from .api import verify as api_verify
+
+    problems = api_verify(folder)
+    only_note = len(problems) == 1 and "checked headers only" in problems[0]
+    for p in problems:
+        click.echo(("note: " if only_note else "problem: ") + p, err=not only_note)
+    if problems and not only_note:
+        sys.exit(1)
+    click.echo(f"ok: {folder} is intact")
 
 
 @cli.command()

@@ -143,12 +143,15 @@ class _Job:
     """Computes one work item. Shared state is read-only except the reader and writer."""
 
     def __init__(self, plan: Plan, indexes: list[CheckpointIndex], reader: TensorReader,
-                 writer: ShardWriter, device: torch.device) -> None:
+                 writer: ShardWriter, device: torch.device, strict_finite: bool = False) -> None:
         self.plan, self.indexes, self.reader, self.writer = plan, indexes, reader, writer
         self.device = device
         self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
+        self.strict_finite = strict_finite
+        self.warnings: list[str] = []
 
-    def __call__(self, item: WorkItem) -> WorkItem:
+    def __call__(self, item: WorkItem) -> int:
+        """Compute and write one work item; return the CRC-32 of the bytes written."""
         t = item.tensor
         if t.method == COPY:
             raw = [self._read(i, item) for i in t.inputs]
@@ -161,8 +164,7 @@ class _Job:
             result = raw[0]
         else:
             if t.reindex:
-                self._reindexed(t, item)
-                return item
+                return self._reindexed(t, item)
             xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one raw at a time
             generator = None
             if self.plan.method.random:
@@ -172,10 +174,10 @@ class _Job:
             result = self.fn[t.method](inputs)
             if result.device.type != "cpu":
                 result = result.to("cpu")
-        self.writer.write(t, item.rows, result)
-        return item
+        self._check_finite(t, item, result)
+        return self.writer.write(t, item.rows, result)
 
-    def _reindexed(self, t: OutputTensor, item: WorkItem) -> None:
+    def _reindexed(self, t: OutputTensor, item: WorkItem) -> int:
         """A vocabulary tensor: raw inputs stay whole, output rows are gathered (one gather
         per model and chunk), merged and written chunk by chunk for element-wise methods."""
         vocab = self.plan.vocab
@@ -186,6 +188,7 @@ class _Job:
         step = max(1, CHUNK_ELEMENTS // width) if get_method(t.method).elementwise else t.shape[0]
         pads = {m: vocab.padding_row(m, x, defaults, self._prepare, step)
                 for m, x in raws} if vocab.size > vocab.vocab and not vocab.truncate else {}
+        crc = 0
         for start in range(0, t.shape[0], step):
             end = min(start + step, t.shape[0])
             xs = [vocab.rows(m, x, defaults, start, end, self._prepare, pads.get(m))
@@ -194,7 +197,25 @@ class _Job:
                          if self.plan.method.random else None)
             result = self.fn[t.method](MergeInputs(xs, t.base_index, t.params,
                                                    list(t.model_params), t.name, generator))
-            self.writer.write(t, (start, end) if step < t.shape[0] else None, result.cpu())
+            self._check_finite(t, item, result)
+            crc = self.writer.write(t, (start, end) if step < t.shape[0] else None,
+                                    result.cpu(), crc)
+        return crc
+
+    def _check_finite(self, t: OutputTensor, item: WorkItem, result: torch.Tensor) -> None:
+        """NaN/Inf in an output (from the inputs, or overflow of the output dtype): a
+        warning naming the inputs that have them, or an error with ``--strict-finite``."""
+        if not result.is_floating_point() or bool(torch.isfinite(result).all()):
+            return
+        culprits = [str(self.plan.models[i.model].ref) for i in t.inputs
+                    if self.plan.input_info(i).dtype.is_floating_point
+                    and not bool(torch.isfinite(self._read(i, item)).all())]
+        where = (f"inputs {', '.join(culprits)} contain NaN or Inf" if culprits else
+                 "the merged values overflow or are undefined")
+        message = f"tensor '{t.name}': {where}, so the output has non-finite values"
+        if self.strict_finite:
+            raise MergeError(f"{message} (--strict-finite)")
+        self.warnings.append(message)
 
     def _read(self, inp: InputTensor, item: WorkItem) -> torch.Tensor:
         return self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
@@ -210,30 +231,42 @@ class _Job:
 
 def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str = "cpu",
             progress: Callable[[int, bool], None] | None = None,
-            chunk_elements: int | None = None) -> None:
-    """Write every planned tensor into ``out_dir`` (which must exist).
+            chunk_elements: int | None = None, strict_finite: bool = False,
+            finished: dict[tuple, int] | None = None,
+            record: Callable[[WorkItem, int], None] | None = None) -> list[str]:
+    """Write every planned tensor into ``out_dir`` (which must exist); return warnings.
 
-    ``progress(nbytes, tensor_finished)`` is called in the calling thread after each work item.
+    ``progress(nbytes, tensor_finished)`` is called in the calling thread after each work
+    item, ``record(item, crc)`` once its bytes are written. Items in ``finished`` (keys
+    ``(name, rows)``, from an interrupted run) are skipped; their files are reopened.
     """
     threads = max(1, threads or os.cpu_count() or 1)
     torch_device = resolve_device(device)
     indexes = [m.ensure_local() for m in plan.models]
-    writer = ShardWriter(out_dir, plan.shards)
+    writer = ShardWriter(out_dir, plan.shards, resume=finished is not None)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ok = False
     try:
         with TensorReader() as reader:
-            job = _Job(plan, indexes, reader, writer, torch_device)
+            job = _Job(plan, indexes, reader, writer, torch_device, strict_finite)
             items = list(work_items(plan, chunk_elements))
             chunks_left = Counter(item.tensor.name for item in items)
 
-            def done(item: WorkItem) -> None:
+            def done(item: WorkItem, crc: int | None) -> None:
+                if crc is not None and record:
+                    record(item, crc)
                 chunks_left[item.tensor.name] -= 1
                 if progress:
                     progress(item.nbytes, chunks_left[item.tensor.name] == 0)
 
-            _run_pool(job, items, threads, done)
+            todo = []
+            for item in items:
+                if finished and (item.tensor.name, item.rows) in finished:
+                    done(item, None)
+                else:
+                    todo.append(item)
+            _run_pool(job, todo, threads, done)
         ok = True
     finally:
         torch.set_num_threads(old_threads)
@@ -242,14 +275,15 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
         except Exception:
             if ok:
                 raise
+    return job.warnings
 
 
 def _run_pool(job: _Job, items: list[WorkItem], threads: int,
-              done: Callable[[WorkItem], None]) -> None:
+              done: Callable[[WorkItem, int], None]) -> None:
     """Run items with at most ``threads`` in flight; stop at the first error."""
     if threads == 1:
         for item in items:
-            done(job(item))
+            done(item, job(item))
         return
     stop = threading.Event()
     budget = _Budget(MEMORY_BUDGET)
@@ -257,20 +291,18 @@ def _run_pool(job: _Job, items: list[WorkItem], threads: int,
     def init() -> None:
         torch.set_num_threads(1)
 
-    def guarded(ticket: int, item: WorkItem) -> WorkItem:
+    def guarded(ticket: int, item: WorkItem) -> tuple[WorkItem, int | None]:
         need = item_memory(job.plan, item)
         granted = budget.acquire(ticket, need)
         if need >= MEMORY_BUDGET:  # runs alone: start it from a trimmed heap
             _release_free_memory()
         try:
-            if not stop.is_set():
-                job(item)
+            return item, (None if stop.is_set() else job(item))
         finally:
             budget.release(granted)
-        return item
 
     with ThreadPoolExecutor(threads, thread_name_prefix="mergesmith", initializer=init) as pool:
-        pending: deque[Future[WorkItem]] = deque()
+        pending: deque[Future[tuple[WorkItem, int | None]]] = deque()
         try:
             for ticket, item in enumerate(items):
                 pending.append(pool.submit(guarded, ticket, item))
@@ -285,9 +317,12 @@ def _run_pool(job: _Job, items: list[WorkItem], threads: int,
             raise
 
 
-def _drain(pending: deque[Future[WorkItem]], done: Callable[[WorkItem], None]) -> None:
+def _drain(pending: deque[Future[tuple[WorkItem, int | None]]],
+           done: Callable[[WorkItem, int], None]) -> None:
     """Wait for at least one item; report finished ones in submission order."""
     finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
     for f in [f for f in pending if f in finished]:
         pending.remove(f)
-        done(f.result())  # re-raises a worker's exception
+        item, crc = f.result()  # re-raises a worker's exception
+        if crc is not None:
+            done(item, crc)

@@ -7,6 +7,7 @@ and the shard headers have been read back and checked against the plan, so a fol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,8 +30,8 @@ def partial_path(out: str) -> str:
     return os.path.normpath(out) + ".partial"
 
 
-def prepare_output(out: str, overwrite: bool) -> str:
-    """Check the output path and create a fresh ``OUT.partial/``; return its path."""
+def check_output(out: str, overwrite: bool) -> None:
+    """The output path must be a new folder (or ``--overwrite``) in a writable place."""
     out = os.path.normpath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise MergeError(f"output path {out} is a file; give a folder name")
@@ -45,13 +46,18 @@ def prepare_output(out: str, overwrite: bool) -> str:
     if not os.access(parent, os.W_OK):
         raise MergeError(f"no permission to write in {parent}; choose an output folder you "
                          "can write to")
+
+
+def prepare_partial(out: str, keep: bool) -> str:
+    """Create ``OUT.partial/`` (fresh, unless ``keep``ing an interrupted run's); return it."""
     partial = partial_path(out)
-    if os.path.exists(partial):
-        shutil.rmtree(partial)  # left over from an interrupted merge
+    if os.path.exists(partial) and not keep:
+        shutil.rmtree(partial)
     try:
-        os.makedirs(partial)
+        os.makedirs(partial, exist_ok=keep)
     except OSError as e:
-        raise MergeError(f"cannot create {partial}: {e.strerror}") from None
+        raise MergeError(f"cannot create {partial}: {e.strerror} (check the permissions of "
+                         f"{os.path.dirname(os.path.abspath(partial))})") from None
     return partial
 
 
@@ -194,6 +200,89 @@ was rounded once to the output dtype ({', '.join(out_dtypes)}).
 ```
 """
     return "\n".join(front) + body
+
+
+CHECKSUMS = "mergesmith_checksums.json"
+
+
+def write_checksums(plan: Plan, folder: str) -> None:
+    """sha256 and size of every shard, so ``mergesmith verify`` can re-check the folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(name: str) -> tuple[str, dict[str, Any]]:
+        h = hashlib.sha256()
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                h.update(block)
+        return name, {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+    names = [s.filename for s in plan.shards]
+    with ThreadPoolExecutor(min(4, len(names))) as pool:  # hashlib releases the GIL
+        files = dict(pool.map(digest, names))
+    _write_json(os.path.join(folder, CHECKSUMS), {
+        "format": 1, "mergesmith_version": __version__, "files": files,
+        "tensors": len(plan.tensors)})
+
+
+def verify_folder(folder: str) -> list[str]:
+    """Re-check a merged folder: recorded checksums and sizes, shard headers, the index.
+
+    Returns the problems found (empty: the folder is intact)."""
+    problems: list[str] = []
+    if not os.path.isdir(folder):
+        return [f"{folder} is not a folder"]
+    record = _read_json(os.path.join(folder, CHECKSUMS))
+    index = _read_json(os.path.join(folder, "model.safetensors.index.json"))
+    if index is not None:
+        shard_names = sorted(set(index.get("weight_map", {}).values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        shard_names = ["model.safetensors"]
+    else:
+        return [f"{folder} has no model.safetensors and no model.safetensors.index.json"]
+    names_in_shards: dict[str, str] = {}
+    total = 0
+    for name in shard_names:
+        if os.path.basename(name) != name:
+            problems.append(f"the index names a shard outside the folder: {name!r}")
+            continue
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            entries, _ = read_header(path)
+        except MergeError as e:
+            problems.append(str(e))
+            continue
+        for e in entries:
+            names_in_shards[e.name] = name
+            total += e.nbytes
+    if index is not None:
+        for tensor, shard in index.get("weight_map", {}).items():
+            if names_in_shards.get(tensor) != shard:
+                problems.append(f"index: tensor '{tensor}' is not in {shard}")
+        size = index.get("metadata", {}).get("total_size")
+        if size is not None and size != total:
+            problems.append(f"index: total_size {size} but the shards hold {total} bytes")
+    if record is None:
+        problems.append(f"no {CHECKSUMS} (not written by mergesmith): checked headers only")
+        return problems
+    for name, info in record.get("files", {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            problems.append(f"{name} is missing")
+            continue
+        if os.path.getsize(path) != info.get("size"):
+            problems.append(f"{name}: size {os.path.getsize(path)}, recorded {info.get('size')}")
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                h.update(block)
+        if h.hexdigest() != info.get("sha256"):
+            problems.append(f"{name}: sha256 differs from the recorded one (the file changed)")
+    return problems
 
 
 def verify(plan: Plan, folder: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import zlib
 from math import prod
 
 import torch
@@ -33,21 +34,26 @@ def _io_error(path: str, e: OSError) -> MergeIOError:
 class ShardWriter:
     """Owns the output files of a merge; ``write`` is safe to call from many threads."""
 
-    def __init__(self, folder: str, shards: list[Shard]) -> None:
+    def __init__(self, folder: str, shards: list[Shard], resume: bool = False) -> None:
+        """Create the shard files (or, with ``resume``, reopen those of an interrupted run)."""
         self.folder = folder
         self._fds: dict[str, int] = {}
         total = sum(s.size for s in shards)
         free = shutil.disk_usage(folder).free
-        if total > free:
+        if not resume and total > free:
             raise MergeIOError(f"not enough disk space in {folder}: the merged model needs "
                                f"{format_bytes(total)}, {format_bytes(free)} are free")
         try:
             for shard in shards:
                 path = os.path.join(folder, shard.filename)
                 try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                    self._fds[shard.filename] = fd
-                    _reserve(fd, shard.size)
+                    if resume:
+                        fd = os.open(path, os.O_RDWR)
+                        self._fds[shard.filename] = fd
+                    else:
+                        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                        self._fds[shard.filename] = fd
+                        _reserve(fd, shard.size)
                     _pwrite_all(fd, memoryview(shard.header), 0)
                 except OSError as e:
                     raise _io_error(path, e) from None
@@ -55,22 +61,27 @@ class ShardWriter:
             self.close(sync=False)
             raise
 
-    def write(self, t: OutputTensor, rows: tuple[int, int] | None, data: torch.Tensor) -> None:
-        """Write ``data`` (any dtype; cast here, the single rounding) at its planned place."""
+    def write(self, t: OutputTensor, rows: tuple[int, int] | None, data: torch.Tensor,
+              crc: int = 0) -> int:
+        """Write ``data`` (any dtype; cast here, the single rounding) at its planned place.
+
+        Returns the CRC-32 of the bytes written, continuing ``crc`` (for resume checks)."""
         shape = t.shape if rows is None else (rows[1] - rows[0], *t.shape[1:])
         nbytes = prod(shape) * t.dtype.itemsize
         if nbytes == 0:
-            return
+            return crc
         if tuple(data.shape) != tuple(shape):
             raise RuntimeError(f"internal error: {t.name} computed shape {tuple(data.shape)}, "
                                f"planned {shape}")
         out = data.to(dtype=t.dtype, memory_format=torch.contiguous_format)  # the one rounding
         row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
         offset = t.offset + (rows[0] * row_bytes if rows is not None else 0)
+        view = tensor_bytes(out)
         try:
-            _pwrite_all(self._fds[t.file], tensor_bytes(out), offset)
+            _pwrite_all(self._fds[t.file], view, offset)
         except OSError as e:
             raise _io_error(os.path.join(self.folder, t.file), e) from None
+        return zlib.crc32(view, crc)
 
     def close(self, sync: bool = True) -> None:
         """Flush to disk (so a later rename publishes complete files) and close."""

@@ -1,0 +1,164 @@
+"""Crash safety: a manifest of finished work in ``OUT.partial`` so a merge can resume.
+
+At the start of a merge, ``OUT.partial/mergesmith_manifest.json`` records a fingerprint of
+everything that decides the output bytes (recipe, options, plan layout, input files). After
+each work item's bytes are written, a line ``name, rows, crc32`` is appended to
+``mergesmith_progress.log``. A process killed at any moment leaves at most a torn last line.
+
+``--resume`` accepts a partial folder only if its fingerprint matches the new plan, then
+re-reads every logged item and keeps those whose checksum still matches: the result is
+byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Iterable
+from math import prod
+from typing import Any
+
+from . import __version__
+from .errors import MergeError
+from .plan import Plan
+
+MANIFEST = "mergesmith_manifest.json"
+PROGRESS = "mergesmith_progress.log"
+
+ItemKey = tuple[str, "tuple[int, int] | None"]
+
+
+def fingerprint(plan: Plan, chunk_elements: int) -> str:
+    """Hash of everything that decides the bytes of the output."""
+    o = plan.options
+    inputs = []
+    for m in plan.models:
+        files = []
+        for f in m.index.files:
+            try:
+                st = os.stat(f)
+                files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+            except OSError:
+                files.append([f, None, None])
+        inputs.append([str(m.ref), files])
+    data = {
+        "version": __version__,
+        "recipe": plan.recipe.text,
+        "options": [str(o.compute_dtype), o.seed, o.out_shard_size, o.unsafe_truncate_embeddings,
+                    o.allow_crimes, chunk_elements],
+        "tensors": [[t.name, str(t.dtype), list(t.shape), t.file, t.offset, t.method,
+                     [[i.model, i.name] for i in t.inputs], t.params, list(t.model_params)]
+                    for t in plan.tensors],
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def item_key(name: str, rows: tuple[int, int] | None) -> ItemKey:
+    return (name, rows)
+
+
+def item_range(t: Any, rows: tuple[int, int] | None) -> tuple[str, int, int]:
+    """(file, offset, length) of a work item's bytes in the output (``t``: OutputTensor)."""
+    row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
+    if rows is None:
+        return t.file, t.offset, t.nbytes
+    return t.file, t.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+
+
+class ProgressLog:
+    """Appends one line per finished work item (name, rows, crc32 of its bytes)."""
+
+    def __init__(self, folder: str, fp: str, append: bool) -> None:
+        if not append:
+            with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+                json.dump({"format": 1, "fingerprint": fp, "mergesmith_version": __version__},
+                          f, indent=1)
+        self._file = open(os.path.join(folder, PROGRESS), "a" if append else "w",
+                          encoding="utf-8")
+
+    def record(self, name: str, rows: tuple[int, int] | None, crc: int) -> None:
+        span = "-" if rows is None else f"{rows[0]}:{rows[1]}"
+        self._file.write(f"{name}\t{span}\t{crc:08x}\n")
+        self._file.flush()  # in the page cache: survives the process being killed
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _parse(lines: Iterable[str]) -> dict[ItemKey, int]:
+    done = {}
+    for line in lines:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 3 or not line.endswith("\n"):
+            continue  # a line torn by a kill
+        name, span, crc = parts
+        try:
+            rows = None if span == "-" else tuple(int(v) for v in span.split(":"))
+            done[(name, rows)] = int(crc, 16)
+        except ValueError:
+            continue
+    return done
+
+
+def load_finished(plan: Plan, folder: str, fp: str) -> dict[ItemKey, int] | None:
+    """Finished items of an interrupted merge in ``folder`` whose bytes still check out.
+
+    None when there is nothing to resume; MergeError when the folder belongs to a
+    different merge.
+    """
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.exists(manifest):
+        return None
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            recorded = json.load(f).get("fingerprint")
+        with open(os.path.join(folder, PROGRESS), encoding="utf-8") as f:
+            done = _parse(f)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if recorded != fp:
+        raise MergeError(f"{folder} holds an interrupted merge of a different recipe, options "
+                         "or input files; it cannot be resumed. Remove it (or run without "
+                         "--resume, which starts over)")
+    for shard in plan.shards:
+        path = os.path.join(folder, shard.filename)
+        if not os.path.exists(path) or os.path.getsize(path) != shard.size:
+            return None
+    good: dict[ItemKey, int] = {}
+    handles: dict[str, Any] = {}
+    tensors = {t.name: t for t in plan.tensors}
+    try:
+        for (name, rows), crc in done.items():
+            if name not in tensors:
+                continue
+            file, offset, length = item_range(tensors[name], rows)
+            fh = handles.setdefault(file, open(os.path.join(folder, file), "rb"))
+            if _crc_of(fh, offset, length) == crc:
+                good[(name, rows)] = crc
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return good
+
+
+def _crc_of(fh: Any, offset: int, length: int) -> int:
+    fh.seek(offset)
+    crc = 0
+    while length > 0:
+        block = fh.read(min(length, 16 << 20))
+        if not block:
+            return -1
+        crc = zlib.crc32(block, crc)
+        length -= len(block)
+    return crc
+
+
+def remove_records(folder: str) -> None:
+    for name in (MANIFEST, PROGRESS):
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
