@@ -15,6 +15,7 @@ from . import execute as execute_module
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
 from .errors import MergeError, MergeIOError
+from .writer import check_disk_space
 from .execute import MEMORY_BUDGET, execute, item_memory, resolve_device, work_items
 from .output import (check_output, partial_path, prepare_partial, publish, verify_folder,
                      write_checksums, write_side_files)
@@ -166,6 +167,12 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         warnings.warn(f"replacing the interrupted merge in {partial} (pass --resume to "
                       "continue it instead)", stacklevel=2)
     partial = prepare_partial(out, keep=finished is not None)
+    if finished is None:
+        try:
+            check_disk_space(partial, sum(s.size for s in p.shards))
+        except MergeIOError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     log = resume_module.ProgressLog(partial, fp, append=finished is not None)
     try:
         found = execute(p, partial, threads=threads, device=device, chunk_elements=chunk,

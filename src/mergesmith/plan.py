@@ -341,7 +341,14 @@ class _Planner:
         inputs = [self.find_input(src, n, out_name) for src, n in zip(sl.sources, in_names)]
         infos = [self.sources[i.model].index.tensors[i.name] for i in inputs]
         shape, reindex = self._output_shape(out_name, sl, inputs, infos)
-        if not all(info.dtype.is_floating_point for info in infos):
+        floating = [info.dtype.is_floating_point for info in infos]
+        if any(floating) and not all(floating):
+            listing = ", ".join(f"{src.ref}: {str(info.dtype).removeprefix('torch.')}"
+                                for src, info in zip(sl.sources, infos))
+            raise MergeError(f"tensor '{out_name}' is floating-point in some models and not in "
+                             f"others ({listing}); quantized or integer weights cannot be "
+                             "merged with floating-point ones — use unquantized checkpoints")
+        if not any(floating):
             self.outputs.append(OutputTensor(out_name, shape, infos[0].dtype, COPY,
                                              tuple(inputs), None, {}, tuple({} for _ in inputs),
                                              True))

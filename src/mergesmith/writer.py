@@ -38,11 +38,8 @@ class ShardWriter:
         """Create the shard files (or, with ``resume``, reopen those of an interrupted run)."""
         self.folder = folder
         self._fds: dict[str, int] = {}
-        total = sum(s.size for s in shards)
-        free = shutil.disk_usage(folder).free
-        if not resume and total > free:
-            raise MergeIOError(f"not enough disk space in {folder}: the merged model needs "
-                               f"{format_bytes(total)}, {format_bytes(free)} are free")
+        if not resume:
+            check_disk_space(folder, sum(s.size for s in shards))
         try:
             for shard in shards:
                 path = os.path.join(folder, shard.filename)
@@ -97,6 +94,15 @@ class ShardWriter:
         self._fds.clear()
         if error:
             raise error
+
+
+def check_disk_space(folder: str, needed: int) -> None:
+    """Fail before any work when the output cannot fit."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise MergeIOError(f"not enough disk space in {folder}: the merged model needs "
+                           f"{format_bytes(needed)}, {format_bytes(free)} are free; free some "
+                           "space or write the output to another disk")
 
 
 def _reserve(fd: int, size: int) -> None:

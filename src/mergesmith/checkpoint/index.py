@@ -115,7 +115,11 @@ def _from_index_json(folder: str, index_name: str) -> list[str] | None:
         raise MergeError(f"{path}: not a valid weight index ({e!r}); it needs a "
                          "'weight_map' of tensor name → file") from None
     for name in files:
-        if not isinstance(name, str) or not os.path.exists(os.path.join(folder, name)):
+        if (not isinstance(name, str) or os.path.isabs(name) or os.path.basename(name) != name
+                or name in (".", "..")):
+            raise MergeError(f"{path} names the shard {name!r}, which is not a file name in "
+                             f"{folder}; refusing to read outside the model folder")
+        if not os.path.exists(os.path.join(folder, name)):
             raise MergeError(f"{path} names the shard {name!r}, which is missing from "
                              f"{folder}; download the model again")
     return [os.path.join(folder, f) for f in files]
