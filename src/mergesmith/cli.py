@@ -41,7 +41,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MergeError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo("error: " + str(e).replace("\n", "\\n"), err=True)  # always one line
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: stopped cleanly. The output folder was not written; "

@@ -88,7 +88,7 @@ def _entry(path: str, name: str, info: object, data_start: int, size: int) -> He
     if not isinstance(info, dict):
         raise MergeError(f"{bad} (not an object)")
     st_dtype = info.get("dtype")
-    if st_dtype not in ST_TO_TORCH:
+    if not isinstance(st_dtype, str) or st_dtype not in ST_TO_TORCH:
         raise MergeError(f"{path}: tensor '{name}' has dtype {st_dtype!r}, which mergesmith "
                          f"cannot read (supported: {', '.join(ST_TO_TORCH)})")
     shape = info.get("shape")

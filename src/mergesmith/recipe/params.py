@@ -105,8 +105,8 @@ def _conditional(entry: Any, where: str) -> Conditional:
     if unknown:
         from ..errors import did_you_mean
 
-        key = sorted(unknown)[0]
-        raise MergeError(f"{where}: unknown key '{key}' in a filtered entry (allowed: filter, "
+        key = sorted(map(str, unknown))[0]
+        raise MergeError(f"{where}: unknown key {str(key)!r} in a filtered entry (allowed: filter, "
                          f"value).{did_you_mean(key, ['filter', 'value'])}")
     if "value" not in entry:
         raise MergeError(f"{where}: filtered entry needs a 'value'")

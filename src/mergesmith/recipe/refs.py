@@ -51,7 +51,7 @@ def _path_from_any(value: Any, where: str) -> ModelPath:
     if isinstance(value, dict):
         unknown = set(value) - {"path", "revision"}
         if unknown:
-            raise MergeError(f"{where}: unknown key '{sorted(unknown)[0]}' in model path "
+            raise MergeError(f"{where}: unknown key {sorted(map(repr, map(str, unknown)))[0]} in model path "
                              "(allowed: path, revision)")
         if not isinstance(value.get("path"), str) or not value["path"]:
             raise MergeError(f"{where}: model path mapping needs a 'path' string")
@@ -78,7 +78,7 @@ def parse_model_reference(value: Any, where: str = "model") -> ModelReference:
     if isinstance(value, dict):
         unknown = set(value) - {"model", "lora", "override_architecture"}
         if unknown:
-            raise MergeError(f"{where}: unknown key '{sorted(unknown)[0]}' in model reference "
+            raise MergeError(f"{where}: unknown key {sorted(map(repr, map(str, unknown)))[0]} in model reference "
                              "(allowed: model, lora, override_architecture)")
         if "model" not in value:
             raise MergeError(f"{where}: model reference mapping needs a 'model' key")

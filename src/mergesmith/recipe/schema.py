@@ -191,6 +191,8 @@ class Recipe:
 def _format_path(path: typing.Sequence[Any]) -> str:
     out = ""
     for p in path:
+        if not isinstance(p, int) and not str(p).isprintable():
+            p = _quote(p)  # a user-written key with control characters
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "recipe"
 
@@ -298,7 +300,7 @@ def _token_source(value: Any, where: str) -> ZeroRow | ModelRow | None:
                              "'model_token')")
         unknown = set(value) - allowed[kind]
         if unknown:
-            raise MergeError(f"{where}: unknown key '{sorted(unknown)[0]}' for kind {kind} "
+            raise MergeError(f"{where}: unknown key {sorted(map(repr, map(str, unknown)))[0]} for kind {kind} "
                              f"(allowed: {', '.join(sorted(allowed[kind]))})")
         if kind == "zero":
             return ZeroRow()
@@ -392,7 +394,7 @@ def _explain(err: ValidationError, source: str, positions: dict) -> str:
         key, parent = loc[-1], loc[:-1]
         allowed = sorted(_fields_at(parent))
         where = _format_path(parent) if parent else "the top level"
-        return (f"{at(loc)}: unknown key '{key}' in {where}.{did_you_mean(key, allowed)} "
+        return (f"{at(loc)}: unknown key {_quote(key)} in {where}.{did_you_mean(key, allowed)} "
                 f"Allowed keys: {', '.join(allowed)}.")
     if kind == "missing":
         key, parent = loc[-1], loc[:-1]
@@ -402,6 +404,12 @@ def _explain(err: ValidationError, source: str, positions: dict) -> str:
     value = e.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     return f"{at(loc)}: {_format_path(loc)}: {e['msg'].lower()} (got {shown})"
+
+
+def _quote(key: object) -> str:
+    """A user-written key in a message: quoted, control characters escaped."""
+    text = repr(str(key))
+    return text if text.startswith("'") else f"'{text[1:-1]}'"
 
 
 def _fields_at(loc: tuple) -> set[str]:

@@ -86,7 +86,7 @@ def _convert_slow_tokenizer(folder: str, who: str) -> dict[str, Any]:
         raise MergeError(f"{who} has only a SentencePiece tokenizer.model; install transformers "
                          "(pip install 'mergesmith[hf]') to convert it for vocabulary merging"
                          ) from None
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if not hasattr(tok, "backend_tokenizer"):
         raise MergeError(f"{who}: its tokenizer cannot be converted to a fast tokenizer")
     return json.loads(tok.backend_tokenizer.to_str())
