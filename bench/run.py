@@ -268,11 +268,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 # ------------------------------------------------------------------ benchmark
 
-def bench_row(args, size: float, method: str, models_dir: Path, env: dict) -> dict:
-    """All repeats of one (size, method) row."""
-    finetunes = [models_dir / f"ft{i}" for i in range(1, args.finetunes + 1)]
+def bench_row(args, size: float, method: str, n_ft: int, models_dir: Path, env: dict) -> dict:
+    """All repeats of one (size, method, number of fine-tunes) row."""
+    finetunes = [models_dir / f"ft{i}" for i in range(1, n_ft + 1)]
     recipe = make_recipe(method, models_dir / "base", finetunes)
-    row_dir = args.workdir / "runs" / f"{size:g}gb-{method}"
+    row_dir = args.workdir / "runs" / f"{size:g}gb-{method}-{n_ft}ft"
     row_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = row_dir / "recipe.yml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -292,7 +292,7 @@ def bench_row(args, size: float, method: str, models_dir: Path, env: dict) -> di
     threads = ["--threads", str(args.threads)] if args.threads else []
     commands = {
         "mergesmith": [*args.mergesmith, "run", str(recipe_path), str(out / "mergesmith"),
-                       "--quiet", *threads, *seed_ms],
+                       "--quiet", *threads, *seed_ms, *args.ms_args],
         "mergekit": [*args.mergekit, str(recipe_path), str(out / "mergekit"), "--quiet", *seed_mk]
         if args.mergekit else None,
         "read": [sys.executable, str(FLOOR), "read", *map(str, files)],
@@ -304,6 +304,9 @@ def bench_row(args, size: float, method: str, models_dir: Path, env: dict) -> di
     runs: dict[str, list[dict]] = {tool: [] for tool, cmd in commands.items() if cmd}
     for rep in range(1, args.repeats + 1):
         for tool in runs:
+            if tool == "torch" and (args.torch_floor == "never"
+                                    or (args.torch_floor == "first" and rep > 1)):
+                continue
             target = out_dirs.get(tool, out / "write.bin")
             remove(target)
             os.sync()
@@ -324,6 +327,8 @@ def bench_row(args, size: float, method: str, models_dir: Path, env: dict) -> di
     return {
         "size_gb": size,
         "method": method,
+        "finetunes": len(finetunes) if method != "slerp" else 1,
+        "ms_args": args.ms_args,
         "recipe": str(recipe_path),
         "input_bytes": in_bytes,
         "output_bytes": out_bytes,
@@ -351,7 +356,7 @@ def fmt(value, digits: int = 2) -> str:
 
 def tool_cell(stats: dict, tool: str, key: str, digits: int = 2) -> str:
     s = stats.get(tool)
-    if s is None:
+    if s is None or s["runs"] == 0:
         return "n/a"
     if not s["ok"]:
         return "FAIL"
@@ -369,14 +374,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "Median wall / CPU (user+sys) seconds and peak RSS (MB, max over repeats); "
         "io floor = read inputs once + write output once.",
         "",
-        "| size GB | method | ms wall s | ms CPU s | ms RSS MB | mk wall s | mk CPU s | mk RSS MB "
-        "| io floor s | torch wall s | torch RSS MB | ms/mk wall | ms/mk RSS | ms/io wall |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| size GB | models | method | ms wall s | ms CPU s | ms RSS MB | mk wall s | mk CPU s "
+        "| mk RSS MB | io floor s | torch wall s | torch RSS MB | ms/mk wall | ms/mk RSS "
+        "| ms/io wall | ms/torch wall |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         st, ra = row["stats"], row["ratios"]
         lines.append("| " + " | ".join([
-            f"{row['size_gb']:g}", row["method"],
+            f"{row['size_gb']:g}", f"base+{row.get('finetunes', '?')}",
+            row["method"] + (f" `{' '.join(row['ms_args'])}`" if row.get("ms_args") else ""),
             tool_cell(st, "mergesmith", "wall_s"), tool_cell(st, "mergesmith", "cpu_s"),
             tool_cell(st, "mergesmith", "max_rss_mb", 0),
             tool_cell(st, "mergekit", "wall_s"), tool_cell(st, "mergekit", "cpu_s"),
@@ -384,6 +391,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             fmt(row["io_floor_wall_s"]), tool_cell(st, "torch", "wall_s"),
             tool_cell(st, "torch", "max_rss_mb", 0),
             fmt(ra["ms_mk_wall"]), fmt(ra["ms_mk_rss"]), fmt(ra["ms_io_wall"]),
+            fmt(ra["ms_torch_wall"]),
         ]) + " |")
     lines += ["", "| size GB | method | tool | ok/runs | wall s | CPU s | RSS MB |",
               "|---:|---|---|---:|---:|---:|---:|"]
@@ -414,7 +422,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="models, recipes, logs and outputs (default /tmp/mergesmith-bench)")
     ap.add_argument("--size-gb", action="append", metavar="GB",
                     help="model size(s) in decimal GB; repeatable or comma list (default 0.5,2)")
-    ap.add_argument("--finetunes", type=int, default=2, help="fine-tuned models to merge (default 2)")
+    ap.add_argument("--finetunes", default="2",
+                    help="fine-tuned models to merge; comma list for several rows (default 2)")
+    ap.add_argument("--ms-args", default="", metavar="ARGS",
+                    help="extra options for mergesmith run, e.g. '--memory-limit 512M'")
+    ap.add_argument("--torch-floor", choices=("always", "first", "never"), default="always",
+                    help="run the naive torch merge every repeat, only in the first, or never")
     ap.add_argument("--methods", default="task_arithmetic",
                     help=f"comma list of {', '.join(METHODS)} (default task_arithmetic)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool and row (default 3)")
@@ -435,7 +448,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    if args.finetunes < 1 or args.repeats < 1:
+    args.finetunes = [int(n) for n in str(args.finetunes).split(",") if n.strip()]
+    args.ms_args = shlex.split(args.ms_args)
+    if min(args.finetunes) < 1 or args.repeats < 1:
         ap.error("--finetunes and --repeats must be at least 1")
     args.mergesmith = shlex.split(args.mergesmith)
     args.mergekit = None if args.no_mergekit or not args.mergekit else shlex.split(args.mergekit)
@@ -462,15 +477,18 @@ def main(argv: list[str] | None = None) -> int:
         models_dir = args.workdir / "models" / f"{size:g}gb"
         print(f"== {size:g} GB models in {models_dir}", flush=True)
         gen = subprocess.run([sys.executable, str(MAKE_MODELS), str(models_dir), "--size-gb", str(size),
-                              "--finetunes", str(args.finetunes), "--seed", str(args.seed),
+                              "--finetunes", str(max(args.finetunes)), "--seed", str(args.seed),
                               "--shard-gb", str(args.shard_gb)], stdout=subprocess.DEVNULL)
         if gen.returncode != 0:
             print(f"  model generation failed (exit {gen.returncode}); skipping {size:g} GB")
             continue
-        for method in args.methods:
-            print(f"-- {size:g} GB, {method}", flush=True)
-            rows.append(bench_row(args, size, method, models_dir, env))
-            save(args, meta, rows)  # keep partial results if interrupted
+        for n_ft in args.finetunes:
+            for method in args.methods:
+                if method == "slerp" and n_ft != args.finetunes[0]:
+                    continue  # slerp merges two models whatever the count
+                print(f"-- {size:g} GB, base + {n_ft}, {method}", flush=True)
+                rows.append(bench_row(args, size, method, n_ft, models_dir, env))
+                save(args, meta, rows)  # keep partial results if interrupted
 
     report = markdown(rows, meta)
     save(args, meta, rows, report)

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from . import execute as execute_module
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
 from .errors import MergeError, MergeIOError
 from .writer import check_disk_space
-from .execute import MEMORY_BUDGET, execute, item_memory, resolve_device, work_items
+from . import execute as execute_module
+from .execute import chunk_elements_for, data_budget, execute, item_memory, resolve_device, work_items
 from .output import (check_output, partial_path, prepare_partial, publish, verify_folder,
                      write_checksums, write_side_files)
 from .output import verify as verify_plan
@@ -35,6 +35,9 @@ class CheckReport:
     plan: Plan
     peak_memory: int
     threads: int
+    memory_limit: int | None = None
+    baseline: int = 0
+    over_limit: tuple[tuple[str, int], ...] = ()  # (tensor, bytes) needing more than the limit
 
     def summary(self) -> str:
         from .units import format_bytes as fb
@@ -56,9 +59,18 @@ class CheckReport:
             f"dtype {', '.join(sorted({str(t.dtype).removeprefix('torch.') for t in p.tensors}))}",
             f"bytes to read: {fb(p.bytes_read)}",
             f"bytes to write: {fb(p.bytes_written)}",
-            f"peak memory:   about {fb(self.peak_memory)} with {self.threads} thread(s) "
-            "(tensor data in flight; plus about 0.3 GB for Python and torch)",
+            f"peak memory:   about {fb(self.peak_memory + self.baseline)} with "
+            f"{self.threads} thread(s) ({fb(self.peak_memory)} of tensor data in flight, "
+            f"{fb(self.baseline)} for Python, torch and the plan)"
+            + (f"; --memory-limit {fb(self.memory_limit)}" if self.memory_limit else ""),
         ]
+        if self.over_limit:
+            name, need = self.over_limit[0]
+            lines.append(
+                f"warning: --memory-limit {fb(self.memory_limit or 0)} cannot hold: "
+                f"{len(self.over_limit)} tensor(s) need more at once, because "
+                f"{p.method.name} needs whole tensors (largest: '{name}', {fb(need)}); they "
+                "run one at a time, and the peak is the estimate above")
         for module, layers in p.layer_maps.items():
             title = "layer map" + ("" if module == "default" else f" of module '{module}'")
             lines.append(f"{title} (output layers ← input layers):")
@@ -118,21 +130,40 @@ def plan(recipe: RecipeLike, *, out_shard_size: int | str = DEFAULT_SHARD_SIZE,
     return make_plan(r, sources, options)
 
 
-def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = None) -> int:
-    """Bytes of tensor data in flight at once: the largest items that run together."""
+def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = None,
+                         budget: int | None = None) -> int:
+    """Bytes of tensor data in flight at once: the largest items that run together, under
+    the data budget (an item larger than the budget runs alone)."""
+    budget = data_budget(None) if budget is None else budget
     costs = sorted((item_memory(p, item) for item in work_items(p, chunk_elements)),
                    reverse=True)
     if not costs:
         return 0
     together = sum(costs[:threads])
-    return max(costs[0], min(together, MEMORY_BUDGET)) if threads > 1 else costs[0]
+    return max(costs[0], min(together, budget)) if threads > 1 else costs[0]
 
 
-def check(recipe: RecipeLike, *, threads: int | None = None, **plan_options: Any) -> CheckReport:
+def check(recipe: RecipeLike, *, threads: int | None = None,
+          memory_limit: int | str | None = None, **plan_options: Any) -> CheckReport:
     """Validate a recipe and estimate the merge without reading any tensor data."""
+    limit = None if memory_limit is None else parse_size(memory_limit, "--memory-limit")
     p = plan(recipe, **plan_options)
     n = max(1, threads or os.cpu_count() or 1)
-    return CheckReport(p, estimate_peak_memory(p, n), n)
+    baseline = execute_module.resident_bytes()
+    budget = data_budget(limit, baseline)
+    chunk = chunk_elements_for(limit)
+    over: list[tuple[str, int]] = []
+    if limit is not None:
+        seen = set()
+        for item in sorted(work_items(p, chunk), key=lambda i: -item_memory(p, i)):
+            need = item_memory(p, item)
+            if need <= budget:
+                break
+            if item.tensor.name not in seen:
+                seen.add(item.tensor.name)
+                over.append((item.tensor.name, need))
+    return CheckReport(p, estimate_peak_memory(p, n, chunk, budget), n, limit, baseline,
+                       tuple(over))
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
@@ -140,7 +171,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         out_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
         compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
         unsafe_truncate_embeddings: bool = False, strict_finite: bool = False,
-        resume: bool = False,
+        resume: bool = False, memory_limit: int | str | None = None,
         progress: Callable[[Plan], Callable[[int, bool], None]] | None = None) -> Plan:
     """Merge: validate and plan everything, then write ``out`` atomically.
 
@@ -151,13 +182,15 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     """
     out = os.fspath(out)
     resolve_device(device)
+    limit = None if memory_limit is None else parse_size(memory_limit, "--memory-limit")
     p = plan(recipe, out_shard_size=out_shard_size, compute_dtype=compute_dtype, seed=seed,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
     check_output(out, overwrite)
+    data_budget(limit)  # a limit too small for this process is an error before any writing
     partial = partial_path(out)
-    chunk = execute_module.CHUNK_ELEMENTS
+    chunk = chunk_elements_for(limit)
     fp = resume_module.fingerprint(p, chunk)
     finished = resume_module.load_finished(p, partial, fp) if resume else None
     if resume and finished is None:
@@ -174,9 +207,11 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
             shutil.rmtree(partial, ignore_errors=True)
             raise
     log = resume_module.ProgressLog(partial, fp, append=finished is not None)
+    digests: dict[str, str] = {}
     try:
         found = execute(p, partial, threads=threads, device=device, chunk_elements=chunk,
-                        strict_finite=strict_finite, finished=finished,
+                        strict_finite=strict_finite, finished=finished, memory_limit=limit,
+                        digests=digests,
                         record=lambda item, crc: log.record(item.tensor.name, item.rows, crc),
                         progress=progress(p) if progress else None)
         log.close()
@@ -185,7 +220,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         write_side_files(p, partial)
         verify_plan(p, partial)
         resume_module.remove_records(partial)
-        write_checksums(p, partial)
+        write_checksums(p, partial, digests)
         publish(partial, out)
     except (MergeIOError, KeyboardInterrupt):
         log.close()  # resumable: keep what is finished

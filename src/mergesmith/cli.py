@@ -84,6 +84,10 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                           "prefer a 'tokenizer:' block)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Worker threads [default: number of CPU cores]."),
+        click.option("--memory-limit", default=None, metavar="SIZE",
+                     help="Keep the whole process under SIZE (e.g. 512M, 8GiB): tensors are "
+                          "processed in smaller pieces and fewer at a time. Methods that need "
+                          "whole tensors can exceed it; 'check' says which."),
         click.option("--debug", is_flag=True, help="Show tracebacks and warnings in full."),
     ]
     for option in reversed(options):
@@ -109,7 +113,8 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, resume: bool,
         strict_finite: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, allow_crimes: bool,
-        unsafe_truncate_embeddings: bool, threads: int | None, debug: bool) -> None:
+        unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
+        debug: bool) -> None:
     """Merge the models of RECIPE into the folder OUT.
 
     The whole recipe is validated and planned before any weights are read. The model is
@@ -149,7 +154,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, r
                        out_shard_size=out_shard_size, overwrite=overwrite,
                        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-                       strict_finite=strict_finite, resume=resume, progress=progress)
+                       strict_finite=strict_finite, resume=resume, progress=progress,
+                       memory_limit=memory_limit)
     finally:
         if bar is not None:
             bar.close()
@@ -165,7 +171,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, r
 @_common_plan_options
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bool,
-          unsafe_truncate_embeddings: bool, threads: int | None, debug: bool) -> None:
+          unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
+          debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 
     Checks every key, parameter, model folder, tensor name and shape; prints the output
@@ -173,7 +180,8 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
     """
     from .api import check as api_check
 
-    report = api_check(recipe, threads=threads, out_shard_size=out_shard_size,
+    report = api_check(recipe, threads=threads, memory_limit=memory_limit,
+                       out_shard_size=out_shard_size,
                        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings)
     click.echo(report.summary())

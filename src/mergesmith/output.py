@@ -205,13 +205,16 @@ was rounded once to the output dtype ({', '.join(out_dtypes)}).
 CHECKSUMS = "mergesmith_checksums.json"
 
 
-def write_checksums(plan: Plan, folder: str) -> None:
-    """sha256 and size of every shard, so ``mergesmith verify`` can re-check the folder."""
+def write_checksums(plan: Plan, folder: str, known: dict[str, str] | None = None) -> None:
+    """sha256 and size of every shard, so ``mergesmith verify`` can re-check the folder.
+    ``known`` digests (computed while writing) are used as they are."""
     from concurrent.futures import ThreadPoolExecutor
 
     def digest(name: str) -> tuple[str, dict[str, Any]]:
-        h = hashlib.sha256()
         path = os.path.join(folder, name)
+        if known and name in known:
+            return name, {"size": os.path.getsize(path), "sha256": known[name]}
+        h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(16 << 20):
                 h.update(block)

@@ -8,6 +8,7 @@ buffered per shard, so memory does not grow with the shard size.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import zlib
@@ -31,13 +32,53 @@ def _io_error(path: str, e: OSError) -> MergeIOError:
     return MergeIOError(f"cannot write {path}: {e.strerror or e}")
 
 
+class _ShardDigest:
+    """sha256 of a shard computed while the merge runs: the finished ranges are read back
+    (from the page cache) as soon as they extend the hashed prefix of the file, and their
+    write-back to disk is started, so the final checksum and fsync cost little."""
+
+    def __init__(self, fd: int, size: int, header_size: int) -> None:
+        self.fd, self.size = fd, size
+        self.hash = hashlib.sha256()
+        self.done_to = 0
+        self.ranges: dict[int, int] = {0: header_size}  # start → end of finished ranges
+
+    def finished(self, start: int, end: int) -> None:
+        if end > start:
+            self.ranges[start] = max(end, self.ranges.get(start, end))
+        while self.done_to in self.ranges:
+            start = self.done_to
+            self._hash(start, self.ranges.pop(start))
+
+    def _hash(self, start: int, end: int) -> None:
+        block = 16 << 20
+        for offset in range(start, end, block):
+            data = os.pread(self.fd, min(block, end - offset), offset)
+            if len(data) != min(block, end - offset):
+                raise OSError(errno.EIO, "short read while checksumming")
+            self.hash.update(data)
+        if hasattr(os, "posix_fadvise"):  # start write-back now; keeps the page cache small
+            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        self.done_to = end
+
+    def hexdigest(self) -> str:
+        if self.done_to < self.size:  # ranges that never joined the prefix (not expected)
+            self._hash(self.done_to, self.size)
+        return self.hash.hexdigest()
+
+
 class ShardWriter:
-    """Owns the output files of a merge; ``write`` is safe to call from many threads."""
+    """Owns the output files of a merge; ``write`` is safe to call from many threads.
+
+    ``finished(t, rows)`` (one thread) tells it a write is complete, so checksums can be
+    computed while the merge runs; ``digests`` holds them after ``close``."""
 
     def __init__(self, folder: str, shards: list[Shard], resume: bool = False) -> None:
         """Create the shard files (or, with ``resume``, reopen those of an interrupted run)."""
         self.folder = folder
         self._fds: dict[str, int] = {}
+        self._digests: dict[str, _ShardDigest] = {}
+        self.digests: dict[str, str] = {}
         if not resume:
             check_disk_space(folder, sum(s.size for s in shards))
         try:
@@ -52,6 +93,8 @@ class ShardWriter:
                         self._fds[shard.filename] = fd
                         _reserve(fd, shard.size)
                     _pwrite_all(fd, memoryview(shard.header), 0)
+                    self._digests[shard.filename] = _ShardDigest(fd, shard.size,
+                                                                 len(shard.header))
                 except OSError as e:
                     raise _io_error(path, e) from None
         except BaseException:
@@ -80,12 +123,24 @@ class ShardWriter:
             raise _io_error(os.path.join(self.folder, t.file), e) from None
         return zlib.crc32(view, crc)
 
+    def finished(self, t: OutputTensor, rows: tuple[int, int] | None) -> None:
+        """The bytes of ``t`` (rows ``rows``) are written: extend the running checksum."""
+        row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
+        start = t.offset + (rows[0] * row_bytes if rows is not None else 0)
+        end = t.offset + (rows[1] * row_bytes if rows is not None else t.nbytes)
+        try:
+            self._digests[t.file].finished(start, end)
+        except OSError as e:
+            raise _io_error(os.path.join(self.folder, t.file), e) from None
+
     def close(self, sync: bool = True) -> None:
-        """Flush to disk (so a later rename publishes complete files) and close."""
+        """Finish the checksums (when ``sync``), flush to disk (so a later rename publishes
+        complete files) and close."""
         error = None
         for name, fd in self._fds.items():
             try:
                 if sync:
+                    self.digests[name] = self._digests[name].hexdigest()
                     os.fsync(fd)
             except OSError as e:
                 error = error or _io_error(os.path.join(self.folder, name), e)
