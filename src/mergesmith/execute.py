@@ -39,9 +39,9 @@ CHUNK_ELEMENTS = 2 * 1024 * 1024
 """Rows of element-wise tensors are processed in chunks of about this many elements
 (8 MB per input in float32), so memory stays flat however large a tensor is."""
 
-BLOCK_ELEMENTS = 128 * 1024
+BLOCK_ELEMENTS = 256 * 1024
 """Within a work item, element-wise math runs on row blocks of about this many elements
-(512 KB per input in float32): the upcast inputs, the method's temporaries and the result
+(1 MB per input in float32): the upcast inputs, the method's temporaries and the result
 stay in the CPU cache instead of streaming through main memory several times."""
 
 
@@ -89,8 +89,13 @@ def item_memory(plan: Plan, item: WorkItem) -> int:
     if t.method == COPY:
         return sum(raw) + t.dtype.itemsize * numel
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
-    temps = get_method(t.method).temp_buffers
-    return int(max(raw) + (len(t.inputs) + temps) * width * numel + t.dtype.itemsize * numel)
+    spec = get_method(t.method)
+    if spec.raw_inputs and not (t.elementwise and item.rows is not None):
+        # inputs held as stored, one float32 task vector at a time, the result
+        return int(sum(raw) + (1 + spec.temp_buffers) * width * numel
+                   + t.dtype.itemsize * numel)
+    return int(max(raw) + (len(t.inputs) + spec.temp_buffers) * width * numel
+               + t.dtype.itemsize * numel)
 
 
 def _keep_freed_memory() -> None:
@@ -206,6 +211,8 @@ class _Job:
         self.plan, self.indexes, self.reader, self.writer = plan, indexes, reader, writer
         self.device = device
         self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
+        self.raw = {t.method for t in plan.tensors
+                    if t.method != COPY and get_method(t.method).raw_inputs}
         self.strict_finite = strict_finite
         self.warnings: list[str] = []
 
@@ -228,12 +235,15 @@ class _Job:
                     and len(t.shape) > 0 and t.shape[0] > 1
                     and prod(t.shape) // max(1, prod(t.shape[1:])) > 0):
                 return self._blocked(t, item)
-            xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one raw at a time
+            if t.method in self.raw:  # stored dtype; the method upcasts piece by piece
+                xs = [self._round(self._read(i, item)) for i in t.inputs]
+            else:
+                xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one at a time
             generator = None
             if self.plan.method.random:
                 generator = tensor_generator(self.plan.seed, t.name, self.device, item.rows)
             inputs = MergeInputs(xs, t.base_index, t.params, list(t.model_params), t.name,
-                                 generator)
+                                 generator, self.plan.options.compute_dtype)
             result = self.fn[t.method](inputs)
             if result.device.type != "cpu":
                 result = result.to("cpu")
@@ -306,13 +316,18 @@ class _Job:
     def _read(self, inp: InputTensor, item: WorkItem) -> torch.Tensor:
         return self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Round to the recipe's ``dtype`` (mergekit reads inputs in it), then upcast."""
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        """Round to the recipe's ``dtype`` (mergekit reads inputs in it); to the device."""
         read_dtype = self.plan.read_dtype
         if read_dtype is not None and x.dtype != read_dtype:
             x = x.to(read_dtype)
+        return x.to(device=self.device)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Rounded as by ``_round``, then upcast to the compute dtype."""
+        x = self._round(x)
         compute = torch.promote_types(self.plan.options.compute_dtype, x.dtype)
-        return x.to(device=self.device, dtype=compute)
+        return x.to(dtype=compute)
 
 
 def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str = "cpu",

@@ -83,6 +83,9 @@ class MergeInputs:
     model_params: list[Mapping[str, Any]]
     tensor_name: str = ""
     generator: torch.Generator | None = None
+    compute_dtype: torch.dtype = torch.float32
+    """Methods declared with ``raw_inputs`` get ``tensors`` in their stored dtype and
+    upcast (piece by piece) to this."""
 
     @property
     def base(self) -> torch.Tensor:
@@ -115,6 +118,7 @@ class MethodSpec:
     elementwise: bool = False
     random: bool = False
     temp_buffers: float = 2.0
+    raw_inputs: bool = False
     summary: str = ""
     description: str = ""
     reference: str = ""
@@ -148,6 +152,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
                  max_non_base: int | None = None, elementwise: bool = False,
                  random: bool = False, temp_buffers: float = 2.0, reference: str = "",
                  differences: str = "", check: CheckFn | None = None,
+                 raw_inputs: bool = False,
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
@@ -158,6 +163,9 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
     * ``random``: ``inputs.generator`` is a per-tensor generator seeded from (seed, name).
     * ``temp_buffers``: how many tensor-sized compute buffers the method needs besides its
       inputs (the scheduler's memory estimate).
+    * ``raw_inputs``: the method receives whole tensors in their stored dtype (bf16: half
+      the memory of float32 copies) and upcasts pieces to ``inputs.compute_dtype`` itself;
+      it must not change its inputs.
     * ``check(tensor_name, params, model_params, base_index)``: validates resolved parameters
       at plan time (before any data is read); raise MergeError.
     * ``differences``: where the method knowingly differs from mergekit (for the docs).
@@ -170,7 +178,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
         doc = inspect.cleandoc(fn.__doc__ or "")
         summary, _, description = doc.partition("\n\n")
         register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, min_non_base,
-                            max_non_base, elementwise, random, temp_buffers,
+                            max_non_base, elementwise, random, temp_buffers, raw_inputs,
                             summary.replace("\n", " "), description.strip(), reference,
                             inspect.cleandoc(differences), check), replace=replace)
         return fn

@@ -25,81 +25,103 @@ from ..errors import MergeError
 from . import sparsify
 from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
 
-Sparsifier = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], None]
+MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
 
 
-def generalized_task_arithmetic(m: MergeInputs, sparsifier: Sparsifier | None = None,
+def generalized_task_arithmetic(m: MergeInputs, sparsifier: MaskMaker | None = None,
                                 consensus: bool = False) -> torch.Tensor:
-    """The shared pipeline. Works in place on the method's own copies of the inputs."""
-    base = m.base
-    others = m.others()
+    """The shared pipeline, in two passes so that memory does not grow with the number of
+    models: inputs stay in their stored dtype; pass 1 looks at one model's whole float32
+    task vector at a time and keeps only its mask (a few numbers) and rescale factor;
+    pass 2 recomputes every task vector chunk by chunk, masks, weights and combines."""
+    compute = torch.promote_types(m.compute_dtype, m.base.dtype)
+    base = m.base.reshape(-1)
+    others = [(x.reshape(-1), p) for x, p in m.others()]
     if not others:
-        return base
+        return m.base.to(compute, copy=True)
     rescale = m.params.get("rescale", False)
-    deltas, weights = [], []
-    for x, p in others:
-        delta = x.sub_(base)
+    masks: list[sparsify.Mask | None] = []
+    factors: list[float] = []
+    for x, p in others:  # pass 1
+        mask, factor = None, 1.0
         if sparsifier is not None and p.get("density", 1.0) < 1:
-            before = sparsify.l1(delta) if rescale else 0.0
-            sparsifier(delta, p, m.generator)
-            if rescale:
-                sparsify.rescale_l1_(delta, before)
-        deltas.append(delta.mul_(p["weight"]).view(-1))
-        weights.append(p["weight"])
-    _combine_into(base.view(-1), deltas, weights, consensus, m.params["normalize"],
-                  m.params["lambda"])
-    return base
+            delta = x.to(compute, copy=True).sub_(base)  # never change the inputs
+            mask = sparsifier(delta.view(m.base.shape), p, m.generator)  # DELLA: rows
+            if rescale or m.generator is not None:  # random masks: advance the generator
+                before = sparsify.l1(delta) if rescale else 0.0
+                sparsify.apply_mask_(delta, mask, m.generator)
+                if rescale:
+                    after = sparsify.l1(delta)
+                    if before >= 1e-7 and after >= 1e-7:
+                        factor = before / after
+            del delta
+        masks.append(mask)
+        factors.append(factor)
+    weights = [p["weight"] for _, p in others]
+    out = torch.empty(base.shape, dtype=compute, device=base.device)
+    appliers = [mask.applier() if mask is not None else None for mask in masks]
+    step = sparsify.chunk_elements(next((mk for mk in masks if mk is not None), None))
+    for start in range(0, base.numel(), step):  # pass 2
+        end = start + step
+        b = base[start:end].to(compute, copy=True)
+        ws = []
+        for (x, _), apply, factor, weight in zip(others, appliers, factors, weights):
+            delta = x[start:end].to(compute) - b
+            if apply is not None:
+                apply(delta)
+            if factor != 1.0:
+                delta.mul_(factor)
+            ws.append(delta.mul_(weight))
+        out[start:end] = b.add_(_combine(ws, weights, consensus, m.params["normalize"],
+                                         m.params["lambda"]))
+    return out.view(m.base.shape)
 
 
-def _combine_into(out: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float],
-                  consensus: bool, normalize: bool, lam: float) -> None:
-    """out += lambda · combine(W) (/ divisor), chunk by chunk to keep temporaries small."""
-    weight_sum = sum(weights)
-    scalar_divisor = weight_sum if abs(weight_sum) >= 1e-8 else 1.0
-    for start in range(0, out.numel(), sparsify.CHUNK):
-        end = start + sparsify.CHUNK
-        ws = [d[start:end] for d in deltas]
-        if consensus:
-            # sign of the majority (+ where Σ Wᵢ ≥ 0); an agreeing Wᵢ has Wᵢ·sign > 0, so
-            # relu(Wᵢ·sign) is |Wᵢ| where it agrees and 0 elsewhere (zeros never agree)
-            sign = torch.copysign(torch.ones((), dtype=out.dtype, device=out.device),
-                                  sum(ws[1:], ws[0].clone()))
-            mixed = torch.zeros_like(ws[0])
-            divisor = torch.zeros_like(ws[0]) if normalize else None
-            for w_i, weight in zip(ws, weights):
-                aligned = w_i * sign
-                if divisor is not None:
-                    divisor.add_(aligned > 0, alpha=weight)
-                mixed.add_(aligned.relu_())
-            mixed.mul_(sign)
+def _combine(ws: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool,
+             normalize: bool, lam: float) -> torch.Tensor:
+    """lambda · combine(W) (/ divisor) for one chunk of the weighted task vectors."""
+    if consensus:
+        # sign of the majority (+ where Σ Wᵢ ≥ 0); an agreeing Wᵢ has Wᵢ·sign > 0, so
+        # relu(Wᵢ·sign) is |Wᵢ| where it agrees and 0 elsewhere (zeros never agree)
+        sign = torch.copysign(torch.ones((), dtype=ws[0].dtype, device=ws[0].device),
+                              sum(ws[1:], ws[0].clone()))
+        mixed = torch.zeros_like(ws[0])
+        divisor = torch.zeros_like(ws[0]) if normalize else None
+        for w_i, weight in zip(ws, weights):
+            aligned = w_i * sign
             if divisor is not None:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        else:
-            mixed = sum(ws[1:], ws[0].clone())
-            if normalize:
-                mixed.div_(scalar_divisor)
-        if lam != 1.0:
-            mixed.mul_(lam)
-        out[start:end].add_(mixed)
+                divisor.add_(aligned > 0, alpha=weight)
+            mixed.add_(aligned.relu_())
+        mixed.mul_(sign)
+        if divisor is not None:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    else:
+        mixed = sum(ws[1:], ws[0].clone())
+        if normalize:
+            weight_sum = sum(weights)
+            mixed.div_(weight_sum if abs(weight_sum) >= 1e-8 else 1.0)
+    if lam != 1.0:
+        mixed.mul_(lam)
+    return mixed
 
 
 # ------------------------------------------------------------------ the eight methods
 
 
 def _magnitude(delta, p, generator):
-    sparsify.magnitude_(delta, p["density"])
+    return sparsify.magnitude_mask(delta, p["density"])
 
 
 def _bernoulli(delta, p, generator):
-    sparsify.bernoulli_(delta, p["density"], generator)
+    return sparsify.bernoulli_mask(delta, p["density"], generator)
 
 
 def _outliers(delta, p, generator):
-    sparsify.magnitude_outliers_(delta, p["density"], p["gamma"])
+    return sparsify.magnitude_outliers_mask(delta, p["density"], p["gamma"])
 
 
 def _della(delta, p, generator):
-    sparsify.della_magprune_(delta, p["density"], p["epsilon"], generator)
+    return sparsify.della_mask(delta, p["density"], p["epsilon"], generator)
 
 
 def _check_della(name: str, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
@@ -115,7 +137,7 @@ def _check_della(name: str, params: Mapping[str, Any], model_params: Sequence[Ma
 @dataclass(frozen=True)
 class _Variant:
     name: str
-    sparsifier: Sparsifier | None
+    sparsifier: MaskMaker | None
     consensus: bool
     normalize: bool
     rescale: bool
@@ -217,7 +239,8 @@ def _register(v: _Variant) -> None:
                       "documented number of entries is kept." if v.sparsifier else ""))
     merge_method(v.name, base=BasePolicy.REQUIRED, params=params,
                  elementwise=v.sparsifier is None and not v.consensus, random=v.random,
-                 temp_buffers=1.0, reference=v.reference, differences=differences,
+                 temp_buffers=1.0, raw_inputs=True, reference=v.reference,
+                 differences=differences,
                  check=_check_della if v.sparsifier is _della else None)(method)
 
 
