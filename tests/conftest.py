@@ -103,8 +103,8 @@ def models(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-def recipe_file(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "recipe.yml"
+def recipe_file(tmp_path: Path, text: str, name: str = "recipe.yml") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 

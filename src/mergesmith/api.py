@@ -16,7 +16,8 @@ from .checkpoint import ModelSource, resolve
 from .errors import MergeError, MergeIOError
 from .writer import check_disk_space
 from . import execute as execute_module
-from .execute import chunk_elements_for, data_budget, execute, item_memory, resolve_device, work_items
+from .execute import (chunk_elements_for, data_budget, execute, item_memory, resolve_devices,
+                      work_items)
 from .output import (check_output, partial_path, prepare_partial, publish, verify_folder,
                      write_checksums, write_side_files)
 from .output import verify as verify_plan
@@ -181,7 +182,7 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     callback ``(bytes_written, tensor_finished)`` called after each work item.
     """
     out = os.fspath(out)
-    resolve_device(device)
+    resolve_devices(device)
     limit = None if memory_limit is None else parse_size(memory_limit, "--memory-limit")
     p = plan(recipe, out_shard_size=out_shard_size, compute_dtype=compute_dtype, seed=seed,
              allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)

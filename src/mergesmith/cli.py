@@ -102,6 +102,9 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Seed for random methods (overrides the recipe's 'seed:').")
 @click.option("--device", default="cpu", show_default=True,
               help="Where the math runs: cpu, cuda, cuda:N, mps or auto.")
+@click.option("--devices", default=None, metavar="LIST",
+              help="Spread the math over several GPUs, e.g. 0,1,2,3 (or device names); "
+                   "one worker thread per device at least. Overrides --device.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted merge from OUT.partial (same recipe and inputs).")
@@ -110,7 +113,8 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_common_plan_options
 @friendly
-def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, resume: bool,
+def run(recipe: str, out: str, seed: int | None, device: str, devices: str | None,
+        overwrite: bool, resume: bool,
         strict_finite: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, allow_crimes: bool,
         unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
@@ -150,7 +154,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, overwrite: bool, r
         return update
 
     try:
-        plan = api_run(recipe, out, seed=seed, threads=threads, device=device,
+        plan = api_run(recipe, out, seed=seed, threads=threads, device=devices or device,
                        out_shard_size=out_shard_size, overwrite=overwrite,
                        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings,

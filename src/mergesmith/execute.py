@@ -45,6 +45,11 @@ BLOCK_ELEMENTS = 256 * 1024
 stay in the CPU cache instead of streaming through main memory several times."""
 
 
+BLOCKED_ON_CPU = True
+"""Use cache-sized row blocks for element-wise math on the CPU (tests turn it off to run
+the whole-item path that accelerators use)."""
+
+
 def chunk_elements_for(memory_limit: int | None) -> int:
     """Row-chunk size of element-wise tensors: smaller under a tight memory limit. Depends
     only on the limit (not on threads), and never changes the bytes written."""
@@ -179,6 +184,13 @@ class _Budget:
             self.cv.notify_all()
 
 
+def resolve_devices(spec: str) -> list[torch.device]:
+    """A comma list of devices (``cuda:0,cuda:1``; a bare number means that GPU): work
+    items are spread over them, one device per worker thread."""
+    names = [n.strip() for n in str(spec).split(",") if n.strip()] or ["cpu"]
+    return [resolve_device(f"cuda:{n}" if n.isdigit() else n) for n in names]
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (a GPU when there is one)."""
     if name == "auto":
@@ -207,17 +219,39 @@ class _Job:
     """Computes one work item. Shared state is read-only except the reader and writer."""
 
     def __init__(self, plan: Plan, indexes: list[CheckpointIndex], reader: TensorReader,
-                 writer: ShardWriter, device: torch.device, strict_finite: bool = False) -> None:
+                 writer: ShardWriter, devices: list[torch.device],
+                 strict_finite: bool = False) -> None:
         self.plan, self.indexes, self.reader, self.writer = plan, indexes, reader, writer
-        self.device = device
+        self.devices = devices
+        self._local = threading.local()
+        self._next_device = iter(range(1 << 62))
+        self._device_lock = threading.Lock()
         self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
         self.raw = {t.method for t in plan.tensors
                     if t.method != COPY and get_method(t.method).raw_inputs}
         self.strict_finite = strict_finite
         self.warnings: list[str] = []
 
+    @property
+    def device(self) -> torch.device:
+        """This worker thread's device (threads are given the devices in turn)."""
+        device = getattr(self._local, "device", None)
+        if device is None:
+            with self._device_lock:
+                device = self.devices[next(self._next_device) % len(self.devices)]
+            self._local.device = device
+            if device.type == "cuda":  # its own stream: transfers overlap other threads' math
+                self._local.stream = torch.cuda.Stream(device)
+        return device
+
     def __call__(self, item: WorkItem) -> int:
         """Compute and write one work item; return the CRC-32 of the bytes written."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device), torch.cuda.stream(self._local.stream):
+                return self._compute(item)
+        return self._compute(item)
+
+    def _compute(self, item: WorkItem) -> int:
         t = item.tensor
         if t.method == COPY:
             raw = [self._read(i, item) for i in t.inputs]
@@ -231,7 +265,8 @@ class _Job:
         else:
             if t.reindex:
                 return self._reindexed(t, item)
-            if (t.elementwise and self.device.type == "cpu" and not self.plan.method.random
+            if (t.elementwise and BLOCKED_ON_CPU and self.device.type == "cpu"
+                    and not self.plan.method.random
                     and len(t.shape) > 0 and t.shape[0] > 1
                     and prod(t.shape) // max(1, prod(t.shape[1:])) > 0):
                 return self._blocked(t, item)
@@ -321,7 +356,7 @@ class _Job:
         read_dtype = self.plan.read_dtype
         if read_dtype is not None and x.dtype != read_dtype:
             x = x.to(read_dtype)
-        return x.to(device=self.device)
+        return x.to(device=self.device, non_blocking=self.device.type == "cuda")
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Rounded as by ``_round``, then upcast to the compute dtype."""
@@ -347,8 +382,8 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
     than that runs alone). Items in ``finished`` (keys
     ``(name, rows)``, from an interrupted run) are skipped; their files are reopened.
     """
-    threads = max(1, threads or os.cpu_count() or 1)
-    torch_device = resolve_device(device)
+    devices = resolve_devices(device)
+    threads = max(1, threads or max(os.cpu_count() or 1, len(devices)))
     budget = data_budget(memory_limit)
     _keep_freed_memory()
     indexes = [m.ensure_local() for m in plan.models]
@@ -359,8 +394,8 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
     gc.disable()  # the loop makes no reference cycles; collections only cost time
     ok = False
     try:
-        with TensorReader() as reader:
-            job = _Job(plan, indexes, reader, writer, torch_device, strict_finite)
+        with TensorReader(pin_memory=any(d.type == "cuda" for d in devices)) as reader:
+            job = _Job(plan, indexes, reader, writer, devices, strict_finite)
             items = list(work_items(plan, chunk_elements))
             chunks_left = Counter(item.tensor.name for item in items)
 

@@ -22,7 +22,9 @@ from .index import TensorInfo, load_bin
 class TensorReader:
     """Thread-safe reader shared by all workers of a merge; keeps files open until closed."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin_memory: bool = False) -> None:
+        """``pin_memory``: read into page-locked memory (fast, asynchronous GPU copies)."""
+        self.pin_memory = pin_memory
         self._fds: dict[str, int] = {}
         self._bins: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -51,7 +53,7 @@ class TensorReader:
         row_bytes = prod(info.shape[1:]) * info.dtype.itemsize if info.shape else info.nbytes
         begin = info.offset + (rows[0] * row_bytes if rows is not None else 0)
         nbytes = prod(shape) * info.dtype.itemsize
-        tensor = torch.empty(shape, dtype=info.dtype)
+        tensor = torch.empty(shape, dtype=info.dtype, pin_memory=self.pin_memory)
         if nbytes:
             self._pread_into(info.file, tensor_bytes(tensor), begin)
         return tensor
