@@ -283,6 +283,7 @@ def bench_row(args, size: float, method: str, n_ft: int, models_dir: Path, env: 
     if avail and in_bytes + out_bytes > 0.8 * avail:
         print(f"  warning: inputs + output ({(in_bytes + out_bytes) / 1e9:.1f} GB) do not fit "
               f"comfortably in available memory ({avail / 1e9:.1f} GB); runs will hit the disk")
+    estimate = check_estimate(args, recipe_path, env)
     warm_s = warm_cache(files)
     print(f"  page cache warmed: {in_bytes / 1e9:.2f} GB in {warm_s:.1f}s")
 
@@ -334,6 +335,7 @@ def bench_row(args, size: float, method: str, n_ft: int, models_dir: Path, env: 
         "output_bytes": out_bytes,
         "stats": stats,
         "io_floor_wall_s": round(io_floor, 3) if io_floor is not None else None,
+        "estimate_s": estimate,
         "ratios": {
             "ms_mk_wall": ratio(ms.get("wall_s"), mk.get("wall_s")),
             "ms_mk_rss": ratio(ms.get("max_rss_mb"), mk.get("max_rss_mb")),
@@ -342,6 +344,24 @@ def bench_row(args, size: float, method: str, n_ft: int, models_dir: Path, env: 
         },
         "runs": [r for rs in runs.values() for r in rs],
     }
+
+
+def check_estimate(args, recipe_path: Path, env: dict) -> float | None:
+    """The time `mergesmith check` predicts for this row (compared with the real one)."""
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    try:
+        out = subprocess.run([*args.mergesmith, "check", str(recipe_path), *threads,
+                              *[a for a in args.ms_args if a != "--quiet"]],
+                             capture_output=True, text=True, env=env, timeout=600).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        if line.startswith("time:"):
+            try:
+                return float(line.split("about", 1)[1].split()[0])
+            except (IndexError, ValueError):
+                return None
+    return None
 
 
 # ------------------------------------------------------------------ reporting
@@ -376,8 +396,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "| size GB | models | method | ms wall s | ms CPU s | ms RSS MB | mk wall s | mk CPU s "
         "| mk RSS MB | io floor s | torch wall s | torch RSS MB | ms/mk wall | ms/mk RSS "
-        "| ms/io wall | ms/torch wall |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ms/io wall | ms/torch wall | check est s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         st, ra = row["stats"], row["ratios"]
@@ -391,7 +411,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             fmt(row["io_floor_wall_s"]), tool_cell(st, "torch", "wall_s"),
             tool_cell(st, "torch", "max_rss_mb", 0),
             fmt(ra["ms_mk_wall"]), fmt(ra["ms_mk_rss"]), fmt(ra["ms_io_wall"]),
-            fmt(ra["ms_torch_wall"]),
+            fmt(ra["ms_torch_wall"]), fmt(row.get("estimate_s"), 0),
         ]) + " |")
     lines += ["", "| size GB | method | tool | ok/runs | wall s | CPU s | RSS MB |",
               "|---:|---|---|---:|---:|---:|---:|"]

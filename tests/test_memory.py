@@ -101,3 +101,17 @@ def test_check_cli_shows_limit(tmp_path, models):
     result = invoke("check", str(_recipe(tmp_path, models)), "--memory-limit", "2GB")
     assert result.exit_code == 0, result.output
     assert "--memory-limit 2.00 GB" in result.output
+
+
+def test_time_estimate_follows_methods_and_threads(tmp_path, models):
+    from mergesmith.api import STARTUP_SECONDS, estimate_seconds
+
+    ta = mergesmith.check(_recipe(tmp_path, models), threads=1)
+    ties = mergesmith.check(_recipe(tmp_path, models, "ties", ", density: 0.5"), threads=1)
+    assert STARTUP_SECONDS < ta.seconds < ties.seconds
+    work = ties.seconds - STARTUP_SECONDS
+    two = estimate_seconds(ties.plan, 2) - STARTUP_SECONDS
+    import os
+
+    assert two == pytest.approx(work / min(2, os.cpu_count() or 1))
+    assert "time:" in ties.summary()

@@ -38,6 +38,7 @@ class CheckReport:
     threads: int
     memory_limit: int | None = None
     baseline: int = 0
+    seconds: float = 0.0
     over_limit: tuple[tuple[str, int], ...] = ()  # (tensor, bytes) needing more than the limit
 
     def summary(self) -> str:
@@ -72,6 +73,9 @@ class CheckReport:
                 f"{len(self.over_limit)} tensor(s) need more at once, because "
                 f"{p.method.name} needs whole tensors (largest: '{name}', {fb(need)}); they "
                 "run one at a time, and the peak is the estimate above")
+        lines.append(f"time:          about {self.seconds:.0f} s with {self.threads} thread(s) "
+                     "(rough: rates measured on a 2-core x86 machine with the inputs in "
+                     "the page cache; reading from disk adds bytes to read ÷ disk speed)")
         for module, layers in p.layer_maps.items():
             title = "layer map" + ("" if module == "default" else f" of module '{module}'")
             lines.append(f"{title} (output layers ← input layers):")
@@ -144,6 +148,28 @@ def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = Non
     return max(costs[0], min(together, budget)) if threads > 1 else costs[0]
 
 
+STARTUP_SECONDS = 2.0
+"""Starting Python, importing torch and planning, on the reference machine."""
+
+REFERENCE_CORES = 2
+"""The methods' ``seconds_per_gb`` were measured with this many worker threads."""
+
+
+def estimate_seconds(p: Plan, threads: int) -> float:
+    """Wall time of the merge: each output tensor's input bytes at its method's measured
+    rate, scaled by the worker threads that can run (at most the CPU cores)."""
+    from .methods import get_method
+
+    per_gb: dict[str, float] = {}
+    work = 0.0
+    for t in p.tensors:
+        if t.method not in per_gb:
+            per_gb[t.method] = 0.35 if t.method == "copy" else get_method(t.method).seconds_per_gb
+        work += sum(p.input_info(i).nbytes for i in t.inputs) / 1e9 * per_gb[t.method]
+    cores = max(1, min(threads, os.cpu_count() or 1))
+    return STARTUP_SECONDS + work * REFERENCE_CORES / cores
+
+
 def check(recipe: RecipeLike, *, threads: int | None = None,
           memory_limit: int | str | None = None, **plan_options: Any) -> CheckReport:
     """Validate a recipe and estimate the merge without reading any tensor data."""
@@ -164,7 +190,7 @@ def check(recipe: RecipeLike, *, threads: int | None = None,
                 seen.add(item.tensor.name)
                 over.append((item.tensor.name, need))
     return CheckReport(p, estimate_peak_memory(p, n, chunk, budget), n, limit, baseline,
-                       tuple(over))
+                       estimate_seconds(p, n), tuple(over))
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,

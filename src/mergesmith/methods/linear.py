@@ -28,6 +28,7 @@ def _check(name: str, params: Mapping[str, Any], model_params: Sequence[Mapping[
         Param("normalize", bool, True, doc="divide by the sum of the weights"),
     ],
     elementwise=True,
+    seconds_per_gb=0.9,
     reference="https://arxiv.org/abs/2203.05482",
     check=_check,
 )

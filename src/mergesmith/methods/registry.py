@@ -119,6 +119,7 @@ class MethodSpec:
     random: bool = False
     temp_buffers: float = 2.0
     raw_inputs: bool = False
+    seconds_per_gb: float = 1.0
     summary: str = ""
     description: str = ""
     reference: str = ""
@@ -152,7 +153,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
                  max_non_base: int | None = None, elementwise: bool = False,
                  random: bool = False, temp_buffers: float = 2.0, reference: str = "",
                  differences: str = "", check: CheckFn | None = None,
-                 raw_inputs: bool = False,
+                 raw_inputs: bool = False, seconds_per_gb: float = 1.0,
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
@@ -166,6 +167,8 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
     * ``raw_inputs``: the method receives whole tensors in their stored dtype (bf16: half
       the memory of float32 copies) and upcasts pieces to ``inputs.compute_dtype`` itself;
       it must not change its inputs.
+    * ``seconds_per_gb``: wall seconds per GB of input on the reference machine (2 CPU
+      cores, inputs in the page cache) for ``check``'s time estimate.
     * ``check(tensor_name, params, model_params, base_index)``: validates resolved parameters
       at plan time (before any data is read); raise MergeError.
     * ``differences``: where the method knowingly differs from mergekit (for the docs).
@@ -179,6 +182,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
         summary, _, description = doc.partition("\n\n")
         register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, min_non_base,
                             max_non_base, elementwise, random, temp_buffers, raw_inputs,
+                            seconds_per_gb,
                             summary.replace("\n", " "), description.strip(), reference,
                             inspect.cleandoc(differences), check), replace=replace)
         return fn

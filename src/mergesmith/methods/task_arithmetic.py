@@ -240,9 +240,13 @@ def _register(v: _Variant) -> None:
     merge_method(v.name, base=BasePolicy.REQUIRED, params=params,
                  elementwise=v.sparsifier is None and not v.consensus, random=v.random,
                  temp_buffers=1.0, raw_inputs=True, reference=v.reference,
+                 seconds_per_gb=_SECONDS_PER_GB.get(v.sparsifier, 0.9),
                  differences=differences,
                  check=_check_della if v.sparsifier is _della else None)(method)
 
+
+_SECONDS_PER_GB = {_magnitude: 6.5, _outliers: 6.5, _bernoulli: 4.0, _della: 12.0}
+"""Measured on the reference machine (bench/README.md); check's time estimate."""
 
 for _v in VARIANTS:
     _register(_v)
