@@ -125,11 +125,12 @@ def test_local_looking_path_is_not_sent_to_the_hub(tmp_path):
         resolve(parse_model_reference("./does/not/exist"), "models[0].model")
 
 
-def test_lora_references_are_refused_clearly(tmp_path):
+def test_missing_lora_adapter_folder_is_named(tmp_path):
     from mergesmith.checkpoint import resolve
 
-    with pytest.raises(MergeError, match="not supported yet"):
-        resolve(parse_model_reference("a/b+c/d"), "models[0].model")
+    write_model(tmp_path / "base", random_tensors(LLAMA, 0))
+    with pytest.raises(MergeError, match="adapter folder not found"):
+        resolve(parse_model_reference(f"{tmp_path / 'base'}+./no/adapter"), "models[0].model")
 
 
 def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_path, monkeypatch):

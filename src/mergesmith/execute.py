@@ -349,7 +349,11 @@ class _Job:
         self.warnings.append(message)
 
     def _read(self, inp: InputTensor, item: WorkItem) -> torch.Tensor:
-        return self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
+        x = self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
+        lora = self.plan.models[inp.model].lora
+        if lora is not None and lora.touches(inp.name):  # W + s·B·A, in float32
+            x = lora.apply(inp.name, x, item.rows)
+        return x
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         """Round to the recipe's ``dtype`` (mergekit reads inputs in it); to the device."""

@@ -36,7 +36,10 @@ def fingerprint(plan: Plan, chunk_elements: int) -> str:
     inputs = []
     for m in plan.models:
         files = []
-        for f in m.index.files:
+        adapter_files = []
+        if m.lora is not None:
+            adapter_files = [os.path.join(m.lora.folder, n) for n in sorted(os.listdir(m.lora.folder))]
+        for f in [*m.index.files, *adapter_files]:
             try:
                 st = os.stat(f)
                 files.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])

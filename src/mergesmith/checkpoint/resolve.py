@@ -14,8 +14,9 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import MergeError
-from ..recipe.refs import ModelReference
+from ..recipe.refs import ModelPath, ModelReference
 from .index import WEIGHT_SUFFIXES, CheckpointIndex, TensorInfo, index_folder, read_config
+from .lora import LoraAdapter, load_adapter
 from .safetensors_format import ST_TO_TORCH
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -34,6 +35,7 @@ class ModelSource:
     index: CheckpointIndex
     repo_id: str | None = None  # set for Hub models
     pending_download: bool = False
+    lora: LoraAdapter | None = None  # applied to the weights as they are read
     _ignore: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -70,9 +72,11 @@ def looks_like_path(path: str) -> bool:
 def resolve(ref: ModelReference, where: str) -> ModelSource:
     """Resolve one reference without reading tensor data (may fetch Hub metadata)."""
     if ref.lora is not None:
-        raise MergeError(f"{where}: '{ref}' applies a LoRA adapter; model+lora references are "
-                         "not supported yet. Merge the adapter into its base first "
-                         "(PEFT's merge_and_unload) and refer to that folder.")
+        source = resolve(ModelReference(ref.model, None, ref.override_architecture), where)
+        adapter = load_adapter(_adapter_folder(ref.lora, where), f"{where}: adapter '{ref.lora}'")
+        adapter.check_against(source.index.tensors, f"{where}: adapter '{ref.lora}'")
+        source.ref, source.lora = ref, adapter
+        return source
     path = os.path.expanduser(ref.model.path)
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -83,6 +87,19 @@ def resolve(ref: ModelReference, where: str) -> ModelSource:
         raise MergeError(f"{where}: model folder not found: {ref.model.path} (relative paths "
                          f"are resolved from the current folder, {os.getcwd()})")
     return _resolve_hub(ref, where)
+
+
+def _adapter_folder(path: ModelPath, where: str) -> str:
+    """A LoRA adapter: a local folder, or a Hub repository (small: fetched whole)."""
+    local = os.path.expanduser(path.path)
+    if os.path.isdir(local):
+        return local
+    if looks_like_path(path.path) or not _HUB_ID.match(path.path):
+        raise MergeError(f"{where}: adapter folder not found: {path.path}")
+    try:
+        return _snapshot(path.path, path.revision, [], local_only=_offline())
+    except MergeError as e:
+        raise MergeError(f"{where}: adapter '{path}': {e}") from None
 
 
 def _offline() -> bool:
