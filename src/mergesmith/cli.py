@@ -192,6 +192,51 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
     click.echo("ok: the recipe is valid")
 
 
+@cli.command("extract-lora", epilog=EPILOG)
+@click.option("--model", "model", required=True, type=click.Path(),
+              help="The fine-tuned model folder.")
+@click.option("--base", required=True, type=click.Path(), help="The model it was tuned from.")
+@click.option("--out", required=True, type=click.Path(), help="Adapter folder to write.")
+@click.option("--rank", type=int, default=None, help="Rank of every matrix.")
+@click.option("--energy", type=float, default=None,
+              help="Instead of --rank: per matrix, the smallest rank keeping this fraction "
+                   "of the task vector's squared norm (e.g. 0.99).")
+@click.option("--include", default=None, metavar="REGEX", help="Only tensors matching REGEX.")
+@click.option("--exclude", default=None, metavar="REGEX", help="Skip tensors matching REGEX.")
+@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora",
+              show_default=True, help="Token embeddings as an embedding LoRA, saved whole "
+                                      "(modules_to_save), or left out.")
+@click.option("--randomized", is_flag=True,
+              help="Randomized SVD (faster for small --rank; slightly less exact).")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly
+def extract_lora(model: str, base: str, out: str, rank: int | None, energy: float | None,
+                 include: str | None, exclude: str | None, embeddings: str, randomized: bool,
+                 device: str, overwrite: bool, quiet: bool, debug: bool) -> None:
+    """Extract a LoRA adapter (PEFT format) from a fine-tune: SVD of MODEL − BASE.
+
+    Writes adapter_config.json, adapter_model.safetensors and extract_report.json (the
+    relative error of every matrix). Load it with PeftModel.from_pretrained, or use it in a
+    recipe as BASE+OUT.
+
+    \b
+    Example:
+      mergesmith extract-lora --model ./ft --base ./base --out ./ft-lora --rank 32
+    """
+    from .execute import resolve_device
+    from .tools.extract_lora import extract_lora as run_extract
+
+    resolve_device(device)
+    result = run_extract(model, base, out, rank=rank, energy=energy, include=include,
+                         exclude=exclude, embeddings=embeddings, randomized=randomized,
+                         device=device, overwrite=overwrite,
+                         progress=None if quiet else lambda n: click.echo(f"  {n}", err=True))
+    click.echo(result.summary())
+
+
 @cli.command()
 @click.argument("folder", type=click.Path())
 @friendly

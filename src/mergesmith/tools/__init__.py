@@ -1,0 +1,1 @@
+"""Tools beyond merging: LoRA extraction."""
