@@ -295,7 +295,10 @@ class _Job:
         finite = True
         for start in range(0, rows, step):
             end = min(start + step, rows)
-            xs = [self._prepare(r[start:end]) for r in raws]
+            if t.method in self.raw:
+                xs = [self._round(r[start:end]) for r in raws]  # the method upcasts
+            else:
+                xs = [self._prepare(r[start:end]) for r in raws]
             result = self.fn[t.method](MergeInputs(xs, t.base_index, t.params,
                                                    list(t.model_params), t.name, None))
             block = out[start:end]

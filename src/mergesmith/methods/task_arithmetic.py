@@ -58,22 +58,25 @@ def generalized_task_arithmetic(m: MergeInputs, sparsifier: MaskMaker | None = N
         masks.append(mask)
         factors.append(factor)
     weights = [p["weight"] for _, p in others]
-    out = torch.empty(base.shape, dtype=compute, device=base.device)
     appliers = [mask.applier() if mask is not None else None for mask in masks]
     step = sparsify.chunk_elements(next((mk for mk in masks if mk is not None), None))
+    out = None if base.numel() <= step else torch.empty(base.shape, dtype=compute,
+                                                         device=base.device)
     for start in range(0, base.numel(), step):  # pass 2
         end = start + step
         b = base[start:end].to(compute, copy=True)
         ws = []
         for (x, _), apply, factor, weight in zip(others, appliers, factors, weights):
-            delta = x[start:end].to(compute) - b
+            delta = torch.sub(x[start:end], b)  # the upcast happens inside the kernel
             if apply is not None:
                 apply(delta)
             if factor != 1.0:
                 delta.mul_(factor)
             ws.append(delta.mul_(weight))
-        out[start:end] = b.add_(_combine(ws, weights, consensus, m.params["normalize"],
-                                         m.params["lambda"]))
+        b.add_(_combine(ws, weights, consensus, m.params["normalize"], m.params["lambda"]))
+        if out is None:
+            return b.view(m.base.shape)
+        out[start:end] = b
     return out.view(m.base.shape)
 
 
@@ -96,7 +99,9 @@ def _combine(ws: Sequence[torch.Tensor], weights: Sequence[float], consensus: bo
         if divisor is not None:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     else:
-        mixed = sum(ws[1:], ws[0].clone())
+        mixed = ws[0]  # the caller's temporaries: accumulate in place
+        for w_i in ws[1:]:
+            mixed.add_(w_i)
         if normalize:
             weight_sum = sum(weights)
             mixed.div_(weight_sum if abs(weight_sum) >= 1e-8 else 1.0)
