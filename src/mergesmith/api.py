@@ -215,6 +215,8 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
     check_output(out, overwrite)
+    if p.recipe.output == "adapter":
+        return _run_adapter_merge(p, out)
     data_budget(limit)  # a limit too small for this process is an error before any writing
     partial = partial_path(out)
     chunk = chunk_elements_for(limit)
@@ -258,6 +260,20 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         raise
     except BaseException:
         log.close()
+        raise
+    return p
+
+
+def _run_adapter_merge(p: Plan, out: str) -> Plan:
+    """``output: adapter``: LoRA inputs merged into one adapter (small: written at once)."""
+    from .tools.merge_adapters import merge_adapters
+
+    partial = prepare_partial(out, keep=False)
+    try:
+        p.adapter_result = merge_adapters(p, partial)
+        publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
         raise
     return p
 

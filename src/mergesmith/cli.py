@@ -163,7 +163,9 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
     finally:
         if bar is not None:
             bar.close()
-    if not quiet:
+    if plan.adapter_result is not None:
+        click.echo(plan.adapter_result.summary())
+    elif not quiet:
         from .units import format_bytes
 
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "

@@ -110,6 +110,7 @@ class Plan:
     vocab: VocabPlan | None = None
     generation_config: dict[str, Any] | None = None  # patched; None: copied as is
     chat_template: str | None = None
+    adapter_result: Any = field(default=None, repr=False)  # set by an adapter merge
 
     @property
     def seed(self) -> int | None:

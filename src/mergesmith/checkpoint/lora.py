@@ -39,6 +39,7 @@ class LoraModule:
     b: torch.Tensor  # (out, r); for embeddings (embedding_dim, r)
     scale: float
     transpose: bool  # ΔW = (B·A)ᵀ: fan_in_fan_out layers and embeddings
+    embedding: bool = False  # PEFT's lora_embedding_A/B
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,6 +65,7 @@ class LoraAdapter:
     config: dict[str, Any]
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved_base_layers: set[str] = field(default_factory=set)  # PEFT's copies of base weights
 
     def touches(self, name: str) -> bool:
         return name in self.modules or name in self.replacements
@@ -147,7 +149,10 @@ def load_adapter(folder: str, who: str) -> LoraAdapter:
                 raise MergeError(f"{who}: adapter tensor '{key}' is of a LoRA variant "
                                  "mergesmith does not apply (DoRA magnitudes, biases, ...)")
             # modules_to_save, or a saved embedding layer (``base_layer``): a full tensor
-            adapter.replacements[name.replace(".base_layer.", ".")] = value
+            target = name.replace(".base_layer.", ".")
+            adapter.replacements[target] = value
+            if ".base_layer." in name:
+                adapter.saved_base_layers.add(target)
     r_default = config.get("r", 8)
     alpha_default = config.get("lora_alpha", r_default)
     for module, parts in pairs.items():
@@ -165,7 +170,7 @@ def load_adapter(folder: str, who: str) -> LoraAdapter:
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         transpose = module in embedding or bool(config.get("fan_in_fan_out"))
         adapter.modules[module + ".weight"] = LoraModule(module + ".weight", a, b, float(scale),
-                                                         transpose)
+                                                         transpose, module in embedding)
     if not adapter.modules and not adapter.replacements:
         raise MergeError(f"{who}: the adapter in {folder} has no LoRA tensors")
     return adapter

@@ -13,7 +13,7 @@ import os
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Literal, Any, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
@@ -80,6 +80,8 @@ class _Recipe(_Strict):
     chat_template: Optional[str] = None
     name: Optional[str] = None
     seed: Optional[StrictInt] = None
+    output: Optional[Literal["model", "adapter"]] = None
+    output_rank: Optional[StrictInt] = None
 
 
 # ------------------------------------------------------------------ the parsed recipe
@@ -173,6 +175,8 @@ class Recipe:
     modules: dict[str, ModuleRecipe] | None = None
     tokenizer: TokenizerRecipe | None = None
     chat_template: str | None = None
+    output: str = "model"  # or "adapter": LoRA inputs merged into a LoRA adapter
+    output_rank: int | None = None
     text: str = ""
     source: str = "<recipe>"
     positions: dict[tuple, tuple[int, int]] = field(default_factory=dict, repr=False)
@@ -270,6 +274,14 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
         r.tokenizer = TokenizerRecipe(_vocab_source(raw.tokenizer_source, r.at("tokenizer_source")),
                                       {}, None, r.at("tokenizer_source"))
     r.chat_template = raw.chat_template
+    r.output = raw.output or "model"
+    if raw.output_rank is not None:
+        if raw.output_rank < 1:
+            raise MergeError(f"{r.at('output_rank')}: output_rank must be at least 1")
+        if r.output != "adapter":
+            raise MergeError(f"{r.at('output_rank')}: output_rank applies only with "
+                             "'output: adapter'")
+    r.output_rank = raw.output_rank
     return r
 
 
