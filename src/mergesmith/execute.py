@@ -14,7 +14,7 @@ import os
 import functools
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from math import prod
@@ -95,6 +95,8 @@ def item_memory(plan: Plan, item: WorkItem) -> int:
         return sum(raw) + t.dtype.itemsize * numel
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
     spec = get_method(t.method)
+    if spec.lazy_inputs:  # the base, one expert and the method's working buffers
+        return int(max(raw) + (2 + spec.temp_buffers) * width * numel + t.dtype.itemsize * numel)
     if spec.raw_inputs and not (t.elementwise and item.rows is not None):
         # inputs held as stored, one float32 task vector at a time, the result
         return int(sum(raw) + (1 + spec.temp_buffers) * width * numel
@@ -215,6 +217,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class _LazyInputs(Sequence):
+    """Inputs of a ``lazy_inputs`` method: reading input ``k`` happens at ``xs[k]``."""
+
+    def __init__(self, load: Callable[[int], torch.Tensor], n: int) -> None:
+        self.load, self.n = load, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.load(i) for i in range(self.n)[k]]
+        if not -self.n <= k < self.n:
+            raise IndexError(k)
+        return self.load(k % self.n)
+
+
 class _Job:
     """Computes one work item. Shared state is read-only except the reader and writer."""
 
@@ -229,6 +248,8 @@ class _Job:
         self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
         self.raw = {t.method for t in plan.tensors
                     if t.method != COPY and get_method(t.method).raw_inputs}
+        self.lazy = {t.method for t in plan.tensors
+                     if t.method != COPY and get_method(t.method).lazy_inputs}
         self.strict_finite = strict_finite
         self.warnings: list[str] = []
 
@@ -270,7 +291,10 @@ class _Job:
                     and len(t.shape) > 0 and t.shape[0] > 1
                     and prod(t.shape) // max(1, prod(t.shape[1:])) > 0):
                 return self._blocked(t, item)
-            if t.method in self.raw:  # stored dtype; the method upcasts piece by piece
+            if t.method in self.lazy:  # read when the method asks, one at a time
+                xs = _LazyInputs(lambda k: self._prepare(self._read(t.inputs[k], item)),
+                                 len(t.inputs))
+            elif t.method in self.raw:  # stored dtype; the method upcasts piece by piece
                 xs = [self._round(self._read(i, item)) for i in t.inputs]
             else:
                 xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one at a time

@@ -367,6 +367,11 @@ class _Planner:
                                      "'parameters:'")
                 value = p.default
             params[p.name] = self._coerce(value, p.type, p.name, out_name)
+        if "lines_alpha" in params:  # LiNeS: the task vector's scale grows with depth
+            depth = (t if arch.split_layer(out_name) is not None
+                     else 0.0 if arch.is_pre_layer(out_name) else 1.0)
+            params["lambda"] = params.get("lambda", 1.0) * (
+                params["lines_alpha"] + params["lines_beta"] * depth)
         model_params = []
         for k, (src, inp) in enumerate(zip(sl.sources, inputs)):
             values: dict[str, Any] = {}

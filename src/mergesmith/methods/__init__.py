@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (importing a module registers its methods)
     arcee_fusion,
     linear,
+    modern,
     model_stock,
     nearswap,
     passthrough,

@@ -69,6 +69,15 @@ class Param:
         return f"{self.name} ({kind}, {who}, {default})"
 
 
+LINES_PARAMS = (
+    Param("lines_alpha", float, 1.0, doc="LiNeS (arXiv 2410.17146): the task vector's scale at "
+          "the first layer (and the embeddings); multiplies lambda"),
+    Param("lines_beta", float, 0.0, doc="LiNeS: added to the scale linearly with depth, "
+          "reaching lines_alpha + lines_beta at the last layer (and the head)"),
+)
+"""Parameters of task-vector methods: layer-increasing scaling, applied by the planner."""
+
+
 @dataclass
 class MergeInputs:
     """What a method function receives for one output tensor (or one chunk of its rows).
@@ -98,6 +107,19 @@ class MergeInputs:
         return [(t, p) for i, (t, p) in enumerate(zip(self.tensors, self.model_params))
                 if i != self.base_index]
 
+    def task_vectors(self, base: torch.Tensor | None = None):
+        """``(τᵢ = xᵢ − base, params)`` of the non-base inputs, one at a time: with
+        ``lazy_inputs`` each input is read only when its turn comes, so a pass over the
+        experts holds one of them at a time. Call again for another pass."""
+        base = self.base if base is None else base
+        for i, p in enumerate(self.model_params):
+            if i != self.base_index:
+                yield torch.sub(self.tensors[i], base), p
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.model_params) - (self.base_index is not None)
+
 
 MethodFn = Callable[[MergeInputs], torch.Tensor]
 CheckFn = Callable[[str, Mapping[str, Any], Sequence[Mapping[str, Any]], "int | None"], None]
@@ -120,6 +142,7 @@ class MethodSpec:
     temp_buffers: float = 2.0
     raw_inputs: bool = False
     seconds_per_gb: float = 1.0
+    lazy_inputs: bool = False
     summary: str = ""
     description: str = ""
     reference: str = ""
@@ -154,6 +177,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
                  random: bool = False, temp_buffers: float = 2.0, reference: str = "",
                  differences: str = "", check: CheckFn | None = None,
                  raw_inputs: bool = False, seconds_per_gb: float = 1.0,
+                 lazy_inputs: bool = False,
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
@@ -167,6 +191,9 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
     * ``raw_inputs``: the method receives whole tensors in their stored dtype (bf16: half
       the memory of float32 copies) and upcasts pieces to ``inputs.compute_dtype`` itself;
       it must not change its inputs.
+    * ``lazy_inputs``: ``inputs.tensors[i]`` reads input ``i`` when indexed (a fresh copy in
+      the compute dtype each time): methods that pass over the experts one at a time keep
+      memory independent of their number (see ``MergeInputs.task_vectors``).
     * ``seconds_per_gb``: wall seconds per GB of input on the reference machine (2 CPU
       cores, inputs in the page cache) for ``check``'s time estimate.
     * ``check(tensor_name, params, model_params, base_index)``: validates resolved parameters
@@ -182,7 +209,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
         summary, _, description = doc.partition("\n\n")
         register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, min_non_base,
                             max_non_base, elementwise, random, temp_buffers, raw_inputs,
-                            seconds_per_gb,
+                            seconds_per_gb, lazy_inputs,
                             summary.replace("\n", " "), description.strip(), reference,
                             inspect.cleandoc(differences), check), replace=replace)
         return fn

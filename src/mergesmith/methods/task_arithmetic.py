@@ -23,7 +23,7 @@ import torch
 
 from ..errors import MergeError
 from . import sparsify
-from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
+from .registry import LINES_PARAMS, BasePolicy, MergeInputs, Param, Scope, merge_method
 
 MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
 
@@ -227,6 +227,7 @@ def _register(v: _Variant) -> None:
         Param("rescale", bool, v.rescale,
               doc="rescale each pruned task vector to its L1 norm before pruning"),
         Param("lambda", float, 1.0, doc="scale of the combined task vector"),
+        *LINES_PARAMS,
         Param("int8_mask", bool, False, doc="accepted for mergekit compatibility (no effect)"),
     ]
 
