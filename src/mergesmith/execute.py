@@ -220,8 +220,9 @@ def resolve_device(name: str) -> torch.device:
 class _LazyInputs(Sequence):
     """Inputs of a ``lazy_inputs`` method: reading input ``k`` happens at ``xs[k]``."""
 
-    def __init__(self, load: Callable[[int], torch.Tensor], n: int) -> None:
-        self.load, self.n = load, n
+    def __init__(self, load: Callable[[int], torch.Tensor], n: int,
+                 shape: tuple[int, ...]) -> None:
+        self.load, self.n, self.shape = load, n, shape
 
     def __len__(self) -> int:
         return self.n
@@ -292,8 +293,10 @@ class _Job:
                     and prod(t.shape) // max(1, prod(t.shape[1:])) > 0):
                 return self._blocked(t, item)
             if t.method in self.lazy:  # read when the method asks, one at a time
+                rows = t.shape if item.rows is None else (item.rows[1] - item.rows[0],
+                                                          *t.shape[1:])
                 xs = _LazyInputs(lambda k: self._prepare(self._read(t.inputs[k], item)),
-                                 len(t.inputs))
+                                 len(t.inputs), tuple(rows))
             elif t.method in self.raw:  # stored dtype; the method upcasts piece by piece
                 xs = [self._round(self._read(i, item)) for i in t.inputs]
             else:

@@ -2,7 +2,8 @@
 
 Notation: base ``θ₀``, experts ``θᵢ``, task vectors ``τᵢ = θᵢ − θ₀`` (``i = 1..T``), weights
 ``wᵢ`` (default 1), global scale ``λ``. Every method works one weight matrix at a time;
-tensors that are not matrices (norms, biases) fall back to task arithmetic
+tensors that are not matrices (norms, biases, token embeddings and LM heads) fall back to
+task arithmetic
 ``θ₀ + λ·Σ wᵢτᵢ``, as the papers do for parameters outside their scope. Methods marked
 *streaming* read the experts one at a time (``lazy_inputs``), in one or two passes, and keep
 only running sums or truncated factors, so memory does not grow with the number of experts.
@@ -33,7 +34,12 @@ def _ta(m: MergeInputs) -> torch.Tensor:
 
 
 def _is_matrix(m: MergeInputs) -> bool:
-    return m.base.dim() == 2 and min(m.base.shape) > 1
+    """A weight matrix the spectral methods apply to: 2-D, not a token embedding or LM
+    head (indexed by token, not a linear map of features; the papers leave them out)."""
+    from ..arch import is_vocab_tensor
+
+    shape = m.shape
+    return len(shape) == 2 and min(shape) > 1 and not is_vocab_tensor(m.tensor_name)
 
 
 def _sum_tasks(m: MergeInputs, base: torch.Tensor) -> torch.Tensor:

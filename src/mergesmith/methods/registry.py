@@ -117,6 +117,12 @@ class MergeInputs:
                 yield torch.sub(self.tensors[i], base), p
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensors' shape, without reading a lazy input."""
+        known = getattr(self.tensors, "shape", None)
+        return tuple(known) if known is not None else tuple(self.tensors[0].shape)
+
+    @property
     def n_tasks(self) -> int:
         return len(self.model_params) - (self.base_index is not None)
 
