@@ -421,3 +421,29 @@ def test_whole_model_merge_equals_the_method_per_tensor(tmp_path, method):
                                {"weight": 1.0}, base_index=0)
             if method in ("iso_c", "iso_cts", "tsv_m", "wudi", "svc_ta"):
                 torch.testing.assert_close(got[name], ta, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,extra", [("task_arithmetic", {}), ("ties", {"density": 0.7})])
+def test_svc_as_an_option_of_task_vector_methods(method, extra):
+    base, xs = case("random")
+    w = [1.0, 0.5, 0.8]
+    plain = run(method, base, xs, weight=w, **extra)
+    got = run(method, base, xs, weight=w, svc=True, **extra)
+    taus = [wi * t for wi, t in zip(w, deltas(base, xs))]
+    want = base.to(D) + singular_value_calibration(plain - base.to(D), taus)
+    close(got, want, tol=1e-4)
+
+
+def test_svc_turns_off_row_chunks_in_the_plan(tmp_path):
+    from conftest import LLAMA, random_tensors, recipe_file, write_model
+
+    import mergesmith
+
+    base = random_tensors(LLAMA, 0)
+    paths = [write_model(tmp_path / "b", base),
+             write_model(tmp_path / "a", random_tensors(LLAMA, 1, base))]
+    recipe = recipe_file(tmp_path, f"merge_method: task_arithmetic\nbase_model: {paths[0]}\n"
+                                   f"models:\n  - model: {paths[1]}\n    parameters: {{weight: 1}}\n"
+                                   "parameters: {svc: true}\n")
+    plan = mergesmith.plan(recipe)
+    assert not any(t.elementwise for t in plan.tensors if len(t.shape) == 2)

@@ -396,7 +396,8 @@ class _Planner:
         dtype = r.out_dtype or r.dtype or _promote(info.dtype for info in infos)
         self.outputs.append(OutputTensor(out_name, shape, dtype, spec.name, tuple(inputs),
                                          base_pos, params, tuple(model_params),
-                                         spec.elementwise and not reindex, reindex=reindex))
+                                         spec.elementwise and not reindex
+                                         and not params.get("svc"), reindex=reindex))
 
     def _output_shape(self, out_name: str, sl: _Slice, inputs: list[InputTensor],
                       infos: list[TensorInfo]) -> tuple[tuple[int, ...], bool]:

@@ -77,6 +77,13 @@ LINES_PARAMS = (
 )
 """Parameters of task-vector methods: layer-increasing scaling, applied by the planner."""
 
+SVC_PARAMS = (
+    Param("svc", bool, False, doc="Singular-Value Calibration (arXiv 2602.05536) of every "
+          "merged weight matrix: directions the tasks share are scaled back from their sum"),
+    Param("svc_alpha", float, 1.0, doc="SVC: floor α of the per-task ratios"),
+)
+"""Post-hoc calibration for task-vector methods (whole matrices: turns off row chunks)."""
+
 
 @dataclass
 class MergeInputs:

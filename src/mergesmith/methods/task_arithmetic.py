@@ -23,7 +23,8 @@ import torch
 
 from ..errors import MergeError
 from . import sparsify
-from .registry import LINES_PARAMS, BasePolicy, MergeInputs, Param, Scope, merge_method
+from .registry import (LINES_PARAMS, SVC_PARAMS, BasePolicy, MergeInputs, Param, Scope,
+                       merge_method)
 
 MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
 
@@ -75,9 +76,24 @@ def generalized_task_arithmetic(m: MergeInputs, sparsifier: MaskMaker | None = N
             ws.append(delta.mul_(weight))
         b.add_(_combine(ws, weights, consensus, m.params["normalize"], m.params["lambda"]))
         if out is None:
-            return b.view(m.base.shape)
+            return _calibrate(m, b.view(m.base.shape), compute)
         out[start:end] = b
-    return out.view(m.base.shape)
+    return _calibrate(m, out.view(m.base.shape), compute)
+
+
+def _calibrate(m: MergeInputs, merged: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """With ``svc``: Singular-Value Calibration of the merged task matrix against the
+    weighted task vectors (2-D weights other than token embeddings and heads)."""
+    from ..arch import is_vocab_tensor
+    from .modern import singular_value_calibration
+
+    if (not m.params.get("svc") or merged.dim() != 2 or min(merged.shape) < 2
+            or is_vocab_tensor(m.tensor_name)):
+        return merged
+    base = m.base.to(compute)
+    taus = (torch.sub(x, base).mul_(p["weight"]) for x, p in m.others())
+    calibrated = singular_value_calibration(merged - base, taus, m.params["svc_alpha"])
+    return base.add_(calibrated)
 
 
 def _combine(ws: Sequence[torch.Tensor], weights: Sequence[float], consensus: bool,
@@ -228,6 +244,7 @@ def _register(v: _Variant) -> None:
               doc="rescale each pruned task vector to its L1 norm before pruning"),
         Param("lambda", float, 1.0, doc="scale of the combined task vector"),
         *LINES_PARAMS,
+        *SVC_PARAMS,
         Param("int8_mask", bool, False, doc="accepted for mergekit compatibility (no effect)"),
     ]
 

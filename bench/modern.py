@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Benchmark the modern data-free methods: time and peak RSS per method, and memory as the
+number of experts grows.
+
+1. Every method on base + 3 fine-tunes (``--size-gb``, default 0.5 GB each, bf16), next to
+   task arithmetic and TIES: whole-process wall time, CPU time and peak RSS.
+2. Iso-C and TSV-M (streaming: experts are read one at a time) with 2 and 8 experts on the
+   same tensors: the growth of peak RSS, compared with the size of the largest tensor
+   they process (float32).
+
+Models come from ``make_models.py`` (cached). Run with the project's Python:
+
+    .venv/bin/python bench/modern.py --workdir /tmp/msbench [--size-gb 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import parse_time_v, remove  # noqa: E402
+
+METHODS = {
+    "task_arithmetic": {"weight": 0.5},
+    "ties": {"weight": 0.5, "density": 0.5},
+    "magmax": {},
+    "consensus_ta": {},
+    "consensus_ties": {"density": 0.5},
+    "iso_c": {},
+    "iso_cts": {},
+    "tsv_m": {},
+    "cart": {},
+    "star": {},
+    "wudi": {},
+    "pcb": {},
+    "svc_ta": {},
+}
+
+
+def recipe(method: str, models: Path, experts: int, params: dict) -> dict:
+    per_model = {k: v for k, v in params.items() if k in ("weight", "density")}
+    entries = [{"model": str(models / f"ft{i}"), **({"parameters": per_model} if per_model else {})}
+               for i in range(1, experts + 1)]
+    return {"merge_method": method, "base_model": str(models / "base"), "models": entries,
+            "dtype": "bfloat16"}
+
+
+def timed(cmd: list[str], log: Path) -> dict:
+    full = ["/usr/bin/time", "-v", *cmd]
+    with open(log.with_suffix(".time"), "w") as err:
+        proc = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=err)
+    stats = parse_time_v(log.with_suffix(".time").read_text())
+    stats["ok"] = proc.returncode == 0
+    stats["cpu_s"] = stats.get("user_s", 0.0) + stats.get("sys_s", 0.0)
+    stats["max_rss_mb"] = stats.get("max_rss_kb", 0) / 1024
+    return stats
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-bench"))
+    ap.add_argument("--size-gb", type=float, default=0.5)
+    ap.add_argument("--mergesmith", default="/work/main/.venv/bin/mergesmith")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--skip-scaling", action="store_true")
+    args = ap.parse_args()
+    models = args.workdir / "models" / f"{args.size_gb:g}gb"
+    subprocess.run([sys.executable, str(HERE / "make_models.py"), str(models), "--size-gb",
+                    str(args.size_gb), "--finetunes", "8"], check=True,
+                   stdout=subprocess.DEVNULL)
+    runs = args.workdir / "runs" / "modern"
+    runs.mkdir(parents=True, exist_ok=True)
+    out = args.workdir / "out" / "modern"
+    ms = shlex.split(args.mergesmith)
+    rows = []
+
+    def one(method: str, experts: int) -> dict:
+        path = runs / f"{method}-{experts}.yml"
+        path.write_text(yaml.safe_dump(recipe(method, models, experts, METHODS[method])))
+        remove(out)
+        stats = timed([*ms, "run", str(path), str(out), "--quiet"], runs / f"{method}-{experts}")
+        remove(out)
+        row = {"method": method, "experts": experts, **stats}
+        print(json.dumps(row), flush=True)
+        return row
+
+    for method in args.methods.split(","):
+        rows.append(one(method, 3))
+    if not args.skip_scaling:
+        for method in ("iso_c", "tsv_m"):
+            for experts in (2, 8):
+                rows.append(one(method, experts))
+    (args.workdir / "modern.json").write_text(json.dumps(rows, indent=1))
+    print("\n| method | experts | wall s | CPU s | peak RSS MiB |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['experts']} | {r.get('wall_s', 0):.1f} | "
+              f"{r.get('cpu_s', 0):.1f} | {r.get('max_rss_mb', 0):.0f} |"
+              + ("" if r["ok"] else " FAILED"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
