@@ -140,7 +140,7 @@ def consensus_ta(m: MergeInputs) -> torch.Tensor:
             _LAMBDA, *LINES_PARAMS],
     min_non_base=1,
     raw_inputs=True,
-    temp_buffers=3.0,
+    temp_buffers=1.0,
     seconds_per_gb=8.0,
     reference="https://arxiv.org/abs/2405.07813",
 )
@@ -152,16 +152,22 @@ def consensus_ties(m: MergeInputs) -> torch.Tensor:
     vector is zeroed where fewer than `k` tasks agree."""
     compute = torch.promote_types(m.compute_dtype, m.base.dtype)
     merged = generalized_task_arithmetic(m, _magnitude, consensus=True)
-    base = m.base.to(compute)
-    mtl = torch.zeros_like(base)
-    for x, p in m.others():
-        mtl.add_(torch.sub(x, base).mul_(p["weight"]))
-    count = torch.zeros_like(base)
-    for x, p in m.others():
-        tau = torch.sub(x, base)
-        count.add_(tau.abs() >= (mtl - tau).abs_().mul_(p["tall_lambda"]))
-    keep = count >= m.params["k"]
-    return merged.sub_(base).mul_(keep).add_(base)
+    out = merged.view(-1)
+    base = m.base.reshape(-1)
+    others = [(x.reshape(-1), p) for x, p in m.others()]
+    for start in range(0, base.numel(), sparsify.CHUNK):  # masks chunk by chunk
+        end = start + sparsify.CHUNK
+        b = base[start:end].to(compute)
+        taus = [(torch.sub(x[start:end], b), p) for x, p in others]
+        mtl = torch.zeros_like(b)
+        for tau, p in taus:
+            mtl.add_(tau, alpha=p["weight"])
+        count = torch.zeros_like(b)
+        for tau, p in taus:
+            count.add_(tau.abs() >= (mtl - tau).abs_().mul_(p["tall_lambda"]))
+        piece = out[start:end]
+        piece.sub_(b).mul_(count >= m.params["k"]).add_(b)
+    return merged
 
 
 def _magnitude(delta, p, generator):
