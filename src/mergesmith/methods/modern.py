@@ -53,7 +53,7 @@ def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD restricted to the numerical rank: directions of (numerically) zero
     singular value are arbitrary vectors, and would make results depend on the SVD
     routine, so they are dropped."""
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    u, s, vh = _full_svd(x)
     if s.numel() == 0:
         return u, s, vh
     tol = float(s[0]) * max(x.shape) * torch.finfo(s.dtype).eps
@@ -61,11 +61,25 @@ def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u[:, :r], s[:r], vh[:r]
 
 
+def _full_svd(x: torch.Tensor):
+    """Thin SVD; retried in float64 when LAPACK does not converge (repeated or tiny
+    singular values)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal factor ``P·Qᵀ`` of ``x = P·Σ·Qᵀ`` (nearest matrix with orthonormal
-    columns): decorrelates concatenated singular vectors."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    columns): decorrelates concatenated singular vectors. Computed as
+    ``x·(xᵀx)^(-1/2)`` in float64 (an SVD of nearly orthonormal columns may not converge)."""
+    x64 = x.double()
+    values, vectors = torch.linalg.eigh(x64.T @ x64)
+    tol = float(values.max()) * values.numel() * torch.finfo(torch.float64).eps
+    inv_sqrt = torch.where(values > tol, values.clamp_min(tol).rsqrt(), torch.zeros_like(values))
+    return (x64 @ ((vectors * inv_sqrt) @ vectors.T)).to(x.dtype)
 
 
 # ------------------------------------------------------------------ element-wise
@@ -224,7 +238,7 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
     if not _is_matrix(m):
         return _ta(m)
     base = m.base
-    u, s, vh = torch.linalg.svd(_sum_tasks(m, base), full_matrices=False)
+    u, s, vh = _full_svd(_sum_tasks(m, base))
     r = s.numel()
     k = max(1, min(r, int(m.params["common_fraction"] * r)))
     k = min(k, _svd_rank(s, base.shape))
@@ -235,7 +249,7 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
         for tau, p in m.task_vectors(base):
             tau.mul_(p["weight"])
             tau.sub_(common @ (common.T @ tau))
-            tu, ts, tvh = torch.linalg.svd(tau, full_matrices=False)
+            tu, ts, tvh = _full_svd(tau)
             # what is left may be only rounding noise: keep directions that are real
             # relative to the merged matrix, not to the residue itself
             n = min(per_task, int((ts > float(s[0]) * max(base.shape)
@@ -358,7 +372,7 @@ def star(m: MergeInputs) -> torch.Tensor:
         if not _is_matrix(m):
             acc.add_(tau, alpha=p["weight"])
             continue
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = _full_svd(tau)
         share = torch.cumsum(s, 0) / s.sum().clamp_min(1e-30)
         k = int(torch.searchsorted(share, torch.tensor(m.params["eta"], dtype=share.dtype)
                                    - 1e-7)) + 1
@@ -482,7 +496,7 @@ def singular_value_calibration(merged_tv: torch.Tensor, taus: Iterable[torch.Ten
     0 where the task has none); ``σ_r`` is multiplied by ``γ_r = T / Σᵢ max(α, s_rⁱ)``.
     A direction shared by all tasks and summed T times is scaled back by 1/T; one that a
     single task owns is left alone (with α = 1)."""
-    u, s, vh = torch.linalg.svd(merged_tv, full_matrices=False)
+    u, s, vh = _full_svd(merged_tv)
     mv = u * s  # M·v_r for every r (columns)
     total = torch.zeros_like(s)
     count = 0
