@@ -126,7 +126,6 @@ def test_adapter_for_another_model_is_refused(tmp_path):
         tmp_path / "other")
     recipe = recipe_file(tmp_path, f"merge_method: passthrough\nmodels:\n"
                                    f"  - model: {tmp_path / 'other'}+{adapter}\n")
-    out = tmp_path / "out"
     assert_user_error(invoke("check", str(recipe)), "another model")
 
 
