@@ -5,8 +5,8 @@ number of experts grows.
 1. Every method on base + 3 fine-tunes (``--size-gb``, default 0.5 GB each, bf16), next to
    task arithmetic and TIES: whole-process wall time, CPU time and peak RSS.
 2. Iso-C and TSV-M (streaming: experts are read one at a time) with 2 and 8 experts on the
-   same tensors: the growth of peak RSS, compared with the size of the largest tensor
-   they process (float32).
+   same tensors, one worker thread: the growth of peak RSS, compared with the size of the
+   largest tensor they process (float32).
 
 Models come from ``make_models.py`` (cached). Run with the project's Python:
 
@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--mergesmith", default="/work/main/.venv/bin/mergesmith")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--scaling-only", action="store_true",
+                    help="only the 2-versus-8-experts memory rows")
     args = ap.parse_args()
     models = args.workdir / "models" / f"{args.size_gb:g}gb"
     subprocess.run([sys.executable, str(HERE / "make_models.py"), str(models), "--size-gb",
@@ -82,23 +84,27 @@ def main() -> int:
     ms = shlex.split(args.mergesmith)
     rows = []
 
-    def one(method: str, experts: int) -> dict:
+    def one(method: str, experts: int, extra: tuple[str, ...] = ()) -> dict:
         path = runs / f"{method}-{experts}.yml"
         path.write_text(yaml.safe_dump(recipe(method, models, experts, METHODS[method])))
         remove(out)
-        stats = timed([*ms, "run", str(path), str(out), "--quiet"], runs / f"{method}-{experts}")
+        stats = timed([*ms, "run", str(path), str(out), "--quiet", *extra],
+                      runs / f"{method}-{experts}")
         remove(out)
         row = {"method": method, "experts": experts, **stats}
         print(json.dumps(row), flush=True)
         return row
 
-    for method in args.methods.split(","):
+    for method in ([] if args.scaling_only else args.methods.split(",")):
         rows.append(one(method, 3))
     if not args.skip_scaling:
         for method in ("iso_c", "tsv_m"):
             for experts in (2, 8):
-                rows.append(one(method, experts))
-    (args.workdir / "modern.json").write_text(json.dumps(rows, indent=1))
+                # one worker thread: with two, whether the two largest tensors overlap
+                # in time depends on scheduling, not on the number of experts
+                rows.append(one(method, experts, ("--threads", "1")))
+    name = f"modern-{args.size_gb:g}gb{'-scaling' if args.scaling_only else ''}.json"
+    (args.workdir / name).write_text(json.dumps(rows, indent=1))
     print("\n| method | experts | wall s | CPU s | peak RSS MiB |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['experts']} | {r.get('wall_s', 0):.1f} | "

@@ -131,7 +131,7 @@ def _consensus_mask(m: MergeInputs, base: torch.Tensor, mtl: torch.Tensor) -> to
     elementwise=True,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=2.0,
+    seconds_per_gb=1.5,
     reference="https://arxiv.org/abs/2405.07813",
 )
 def consensus_ta(m: MergeInputs) -> torch.Tensor:
@@ -155,7 +155,7 @@ def consensus_ta(m: MergeInputs) -> torch.Tensor:
     min_non_base=1,
     raw_inputs=True,
     temp_buffers=1.0,
-    seconds_per_gb=8.0,
+    seconds_per_gb=9.0,
     reference="https://arxiv.org/abs/2405.07813",
 )
 def consensus_ties(m: MergeInputs) -> torch.Tensor:
@@ -200,7 +200,7 @@ _ALPHA = Param("lambda", float, 1.0, doc="scale α of the merged task matrix")
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=6.0,
+    seconds_per_gb=25.0,
     reference="https://arxiv.org/abs/2502.04959",
 )
 def iso_c(m: MergeInputs) -> torch.Tensor:
@@ -224,7 +224,7 @@ def iso_c(m: MergeInputs) -> torch.Tensor:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=12.0,
+    seconds_per_gb=25.0,
     reference="https://arxiv.org/abs/2502.04959",
 )
 def iso_cts(m: MergeInputs) -> torch.Tensor:
@@ -276,7 +276,7 @@ def _rank_of(x: torch.Tensor, fraction: float, tasks: int = 1) -> int:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=10.0,
+    seconds_per_gb=45.0,
     reference="https://arxiv.org/abs/2412.00081",
 )
 def tsv_m(m: MergeInputs) -> torch.Tensor:
@@ -320,7 +320,7 @@ def _low_rank(x: torch.Tensor, k: int) -> torch.Tensor:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=10.0,
+    seconds_per_gb=45.0,
     reference="https://arxiv.org/abs/2412.12153",
     differences="A base_model, if given, is not used: CART centres on the models' mean.",
 )
@@ -355,7 +355,7 @@ def cart(m: MergeInputs) -> torch.Tensor:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=10.0,
+    seconds_per_gb=55.0,
     reference="https://arxiv.org/abs/2502.10339",
 )
 def star(m: MergeInputs) -> torch.Tensor:
@@ -394,7 +394,7 @@ def star(m: MergeInputs) -> torch.Tensor:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=15.0,
+    seconds_per_gb=50.0,
     reference="https://arxiv.org/abs/2503.08099",
     differences="Solves WUDI's quadratic objective exactly (minimum-norm least squares) "
                 "instead of running the paper's Adam for a few hundred steps.",
@@ -453,7 +453,7 @@ def _pinv_psd(g: torch.Tensor) -> torch.Tensor:
     min_non_base=1,
     raw_inputs=True,
     temp_buffers=6.0,
-    seconds_per_gb=8.0,
+    seconds_per_gb=16.0,
     reference="https://arxiv.org/abs/2410.02396",
 )
 def pcb(m: MergeInputs) -> torch.Tensor:
@@ -517,7 +517,7 @@ def singular_value_calibration(merged_tv: torch.Tensor, taus: Iterable[torch.Ten
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=10.0,
+    seconds_per_gb=40.0,
     reference="https://arxiv.org/abs/2602.05536",
 )
 def svc_ta(m: MergeInputs) -> torch.Tensor:

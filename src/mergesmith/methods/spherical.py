@@ -113,6 +113,7 @@ def _lone_input(m: MergeInputs) -> torch.Tensor | None:
     max_inputs=2,
     params=[Param("t", float, doc="interpolation factor: 0 gives the base, 1 the other model")],
     temp_buffers=0.0,
+    seconds_per_gb=3.5,
     reference="https://en.wikipedia.org/wiki/Slerp",
     differences="""
         The norms and the dot product are accumulated in float64 (mergekit: float32 in
@@ -165,6 +166,7 @@ def _nuslerp_t(w1: float, w2: float) -> float:
                   "of a [out, in] matrix) instead of the last"),
     ],
     temp_buffers=0.0,
+    seconds_per_gb=3.5,
     reference="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp",
     differences="""
         Cosines are accumulated in float64 (mergekit: the input dtype); the (anti)parallel
@@ -239,6 +241,7 @@ def _multislerp_coefficients(gram: torch.Tensor, weights: list[float],
         Param("eps", float, 1e-8, doc="small constant for numerical stability"),
     ],
     temp_buffers=0.0,
+    seconds_per_gb=3.5,
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     check=_check_weight_sum,
     differences="""
@@ -343,6 +346,7 @@ def _karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torc
                                       "input norms below it are ignored"),
     ],
     temp_buffers=0.0,
+    seconds_per_gb=3.5,
     reference="https://arxiv.org/abs/2603.04972",
     differences="""
         The iteration runs on the inputs' Gram matrix in float64 instead of on float32

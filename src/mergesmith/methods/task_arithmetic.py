@@ -268,7 +268,7 @@ def _register(v: _Variant) -> None:
                  check=_check_della if v.sparsifier is _della else None)(method)
 
 
-_SECONDS_PER_GB = {_magnitude: 6.5, _outliers: 6.5, _bernoulli: 4.0, _della: 12.0}
+_SECONDS_PER_GB = {_magnitude: 7.5, _outliers: 7.5, _bernoulli: 5.5, _della: 12.0}
 """Measured on the reference machine (bench/README.md); check's time estimate."""
 
 for _v in VARIANTS:
