@@ -127,11 +127,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-skills"))
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply the training steps (default 1: 1500 + 4 × 1200)")
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    scale = 0.2 if args.quick else 1.0
+    scale = 0.2 if args.quick else args.scale
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
