@@ -2,9 +2,9 @@
 """A small, real skill benchmark for merge methods, on the CPU in a few minutes.
 
 1. Pretrain a tiny Llama-shaped causal LM (character vocabulary) on a mixed corpus: the four
-   task formats with short operands only.
-2. Fine-tune four copies, each on one skill with longer operands: addition, reversal,
-   sorting, copying (the specialists).
+   task formats with short words only (1–4 letters).
+2. Fine-tune four copies, each on one skill with longer words (5–6 letters): next letter,
+   reversal, sorting, copying (the specialists). The base fails at that length.
 3. Merge the four specialists onto the base with every method (a small grid over λ / density
    where it matters), through ``mergesmith.run`` like any recipe.
 4. Report per-skill exact-match accuracy (greedy decoding, held-out examples) of the base,
@@ -26,22 +26,21 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mergesmith
+from mergesmith.methods import get_method
 
-CHARS = list("0123456789abcdefgh+=>") + ["A", "R", "S", "C", " "]
+CHARS = list("0123456789abcdefgh+=>") + ["N", "R", "S", "C", " "]
 PAD, EOS = len(CHARS), len(CHARS) + 1
 VOCAB = len(CHARS) + 2
 INDEX = {c: i for i, c in enumerate(CHARS)}
-SKILLS = {"A": "addition", "R": "reversal", "S": "sorting", "C": "copying"}
+SKILLS = {"N": "next-letter", "R": "reversal", "S": "sorting", "C": "copying"}
 
 
 def example(tag: str, rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
     """(prompt, answer) of one task instance with operands of length lo..hi."""
     n = rng.randint(lo, hi)
-    if tag == "A":
-        a, b = rng.randrange(10 ** (n - 1), 10 ** n), rng.randrange(10 ** (n - 1), 10 ** n)
-        return f"A {a}+{b}=", str(a + b)
     word = "".join(rng.choice("abcdefgh") for _ in range(n))
-    answer = {"R": word[::-1], "S": "".join(sorted(word)), "C": word}[tag]
+    shifted = "".join("abcdefgh"[("abcdefgh".index(c) + 1) % 8] for c in word)
+    answer = {"N": shifted, "R": word[::-1], "S": "".join(sorted(word)), "C": word}[tag]
     return f"{tag} {word}>", answer
 
 
@@ -128,7 +127,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-skills"))
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply the training steps (default 1: 1500 + 4 × 1200)")
+                    help="multiply the training steps (default 1: 1500 + 4 × 900)")
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -145,7 +144,7 @@ def main() -> int:
     if not (base_dir / "model.safetensors").exists():
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-        train(model, "ARSC", int(1500 * scale), 1, 3, seed=1, lr=3e-3)
+        train(model, "NRSC", int(1500 * scale), 1, 4, seed=1, lr=3e-3)
         model.save_pretrained(base_dir)
     print(f"base ready ({time.time() - t0:.0f}s)", flush=True)
     for tag in SKILLS:
@@ -153,10 +152,10 @@ def main() -> int:
         if not (folder / "model.safetensors").exists():
             torch.manual_seed(1)
             model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-            train(model, tag, int(1200 * scale), 4, 6, seed=10 + ord(tag), lr=1e-3)
+            train(model, tag, int(900 * scale), 5, 6, seed=10 + ord(tag), lr=1e-4)
             model.save_pretrained(folder)
         print(f"{folder.name} ready ({time.time() - t0:.0f}s)", flush=True)
-    lo, hi, n = 4, 6, 200 if not args.quick else 50
+    lo, hi, n = 5, 6, 200 if not args.quick else 50
     results = [{"model": "base", "settings": "", **evaluate(base_dir, lo, hi, n)}]
     for tag in SKILLS:
         results.append({"model": f"specialist: {SKILLS[tag]}", "settings": "",
@@ -165,10 +164,12 @@ def main() -> int:
         for settings in GRID[method]:
             per_model = {k: v for k, v in settings.items() if k in ("density",)}
             shared = {k: v for k, v in settings.items() if k not in per_model}
-            models = [{"model": str(work / f"ft_{SKILLS[t]}"),
-                       "parameters": {"weight": 1.0, **per_model}} for t in SKILLS]
-            if method == "cart":
-                models = [{"model": m["model"]} for m in models]
+            spec = get_method(method)
+            weight = {"weight": 1.0} if spec.param("weight") is not None else {}
+            models = [{"model": str(work / f"ft_{SKILLS[t]}")} for t in SKILLS]
+            for m in models:
+                if weight or per_model:
+                    m["parameters"] = {**weight, **per_model}
             recipe = {"merge_method": method, "base_model": str(base_dir), "models": models,
                       "parameters": shared, "seed": 0}
             out = work / "merged"
