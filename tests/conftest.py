@@ -115,3 +115,27 @@ def run_cli(*args: str, cwd: str | os.PathLike | None = None):
 
     return subprocess.run([sys.executable, "-m", "mergesmith", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def items_in_flight(monkeypatch):
+    """Counts work items computing at once; ``peak[0]`` is the most seen together."""
+    import threading
+
+    import mergesmith.execute as ex
+
+    lock, running, peak = threading.Lock(), [0], [0]
+    original = ex._Job.__call__
+
+    def counting(self, item):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return original(self, item)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(ex._Job, "__call__", counting)
+    return peak

@@ -48,23 +48,14 @@ models:
 
 
 @pytest.mark.parametrize("method,extra", [("task_arithmetic", ""), ("ties", ", density: 0.5")])
-def test_same_bytes_under_a_tight_limit(tmp_path, models, monkeypatch, method, extra):
+def test_same_bytes_under_a_tight_limit(tmp_path, models, monkeypatch, items_in_flight,
+                                        method, extra):
     """A limit that leaves room for only a few small items: items wait for each other or
     run alone, chunks get smaller, and the output does not change."""
     recipe = _recipe(tmp_path, models, method, extra)
     mergesmith.run(recipe, tmp_path / "free", threads=3)
-    running, peak = [0], [0]
-    original = ex._Job.__call__
-
-    def counting(self, item):
-        running[0] += 1
-        peak[0] = max(peak[0], running[0])
-        try:
-            return original(self, item)
-        finally:
-            running[0] -= 1
-
-    monkeypatch.setattr(ex._Job, "__call__", counting)
+    peak = items_in_flight
+    peak[0] = 0
     monkeypatch.setattr(ex, "resident_bytes", lambda: 0)
     monkeypatch.setattr(ex, "MIN_DATA_BUDGET", 1)
     monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 4096)

@@ -364,7 +364,8 @@ models:
 
 
 def test_memory_budget_serialises_big_items_without_changing_output(models, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch,
+                                                                    items_in_flight):
     recipe = recipe_file(tmp_path, f"""
 merge_method: ties
 base_model: {models['base']}
@@ -375,21 +376,11 @@ models:
     parameters: {{weight: 0.5, density: 0.3}}
 """)
     mergesmith.run(recipe, tmp_path / "free", threads=4)
-    running, peak = [0], [0]
     import mergesmith.execute as ex
 
-    original = ex._Job.__call__
-
-    def counting(self, item):
-        running[0] += 1
-        peak[0] = max(peak[0], running[0])
-        try:
-            return original(self, item)
-        finally:
-            running[0] -= 1
-
+    peak = items_in_flight
+    peak[0] = 0
     monkeypatch.setattr(ex, "MEMORY_BUDGET", 1000)  # every item is "too big": one at a time
-    monkeypatch.setattr(ex._Job, "__call__", counting)
     mergesmith.run(recipe, tmp_path / "tight", threads=4)
     assert peak[0] == 1
     a, b = load_model(tmp_path / "free"), load_model(tmp_path / "tight")
