@@ -18,7 +18,7 @@ import torch
 
 from . import sparsify
 from .registry import LINES_PARAMS, BasePolicy, MergeInputs, Param, Scope, merge_method
-from .task_arithmetic import generalized_task_arithmetic
+from .task_arithmetic import _magnitude, generalized_task_arithmetic
 
 _WEIGHT = Param("weight", float, 1.0, Scope.NON_BASE, "weight of the model's task vector")
 _LAMBDA = Param("lambda", float, 1.0, doc="scale of the merged task vector")
@@ -115,12 +115,13 @@ _TALL = Param("tall_lambda", float, 0.6, Scope.NON_BASE,
 _K = Param("k", int, 2, doc="keep weights that at least k tasks' TALL masks select")
 
 
-def _consensus_mask(m: MergeInputs, base: torch.Tensor, mtl: torch.Tensor) -> torch.Tensor:
-    """Σₜ 1{|τₜ| ≥ λₜ·|τ_MTL − τₜ|} ≥ k (second pass over the experts)."""
-    count = torch.zeros_like(base)
-    for tau, p in m.task_vectors(base):
+def _consensus_mask(tasks: Iterable, mtl: torch.Tensor, k: int) -> torch.Tensor:
+    """Σₜ 1{|τₜ| ≥ λₜ·|τ_MTL − τₜ|} ≥ k over ``(τₜ, params)`` pairs (any iterable: a
+    second streaming pass over the experts, or the chunks of held inputs)."""
+    count = torch.zeros_like(mtl)
+    for tau, p in tasks:
         count.add_(tau.abs() >= (mtl - tau).abs_().mul_(p["tall_lambda"]))
-    return count >= m.params["k"]
+    return count >= k
 
 
 @merge_method(
@@ -141,7 +142,7 @@ def consensus_ta(m: MergeInputs) -> torch.Tensor:
     `θ₀ + λ·1{Σₜ maskₜ ≥ k}·τ_MTL`. Two streaming passes; element-wise."""
     base = m.base
     mtl = _sum_tasks(m, base)
-    keep = _consensus_mask(m, base, mtl)
+    keep = _consensus_mask(m.task_vectors(base), mtl, m.params["k"])
     return base.add_(mtl.mul_(keep).mul_(m.params["lambda"]))
 
 
@@ -176,16 +177,9 @@ def consensus_ties(m: MergeInputs) -> torch.Tensor:
         mtl = torch.zeros_like(b)
         for tau, p in taus:
             mtl.add_(tau, alpha=p["weight"])
-        count = torch.zeros_like(b)
-        for tau, p in taus:
-            count.add_(tau.abs() >= (mtl - tau).abs_().mul_(p["tall_lambda"]))
         piece = out[start:end]
-        piece.sub_(b).mul_(count >= m.params["k"]).add_(b)
+        piece.sub_(b).mul_(_consensus_mask(taus, mtl, m.params["k"])).add_(b)
     return merged
-
-
-def _magnitude(delta, p, generator):
-    return sparsify.magnitude_mask(delta, p["density"])
 
 
 # ------------------------------------------------------------------ spectral
