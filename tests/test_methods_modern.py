@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mergesmith import merge_tensors
+from mergesmith.methods.linalg import randomized_svd
 from mergesmith.methods.modern import singular_value_calibration
 
 D = torch.float64
@@ -98,7 +99,7 @@ def test_consensus_with_k_1_and_no_threshold_keeps_everything():
 
 def test_consensus_ties_is_ties_masked_by_consensus():
     base, xs = case("random")
-    p = dict(density=0.6, k=2, tall_lambda=0.5)
+    p = {"density": 0.6, "k": 2, "tall_lambda": 0.5}
     ties = run("ties", base, xs, weight=1.0, density=0.6)
     taus = deltas(base, xs)
     mtl = sum(taus)
@@ -200,6 +201,36 @@ def test_cart(kind):
 def test_cart_of_one_model_is_that_model():
     _, xs = case("random", tasks=1)
     close(merge_tensors(xs, "cart", {}), xs[0])
+
+
+def decaying(shape, rank, seed, noise=1e-5):
+    """A matrix with `rank` strong directions and a small full-rank remainder."""
+    rows, cols = shape
+    low = torch.randn(rows, rank, generator=g(seed)) @ torch.randn(rank, cols, generator=g(seed + 1))
+    return 0.1 * low + noise * torch.randn(rows, cols, generator=g(seed + 2))
+
+
+def test_randomized_svd_matches_the_exact_top_directions():
+    x = decaying((200, 120), rank=6, seed=3)
+    u, s, vh = randomized_svd(x, 6, g(0))
+    eu, es, evh = torch.linalg.svd(x.to(D), full_matrices=False)
+    torch.testing.assert_close(s.to(D), es[:6], rtol=1e-5, atol=0)
+    # same subspaces: the projections onto them agree
+    close(u.to(D) @ u.T.to(D), eu[:, :6] @ eu[:, :6].T, tol=1e-4)
+    close(vh.T.to(D) @ vh.to(D), evh[:6].T @ evh[:6], tol=1e-4)
+    again = randomized_svd(x, 6, g(0))
+    assert all(torch.equal(a, b) for a, b in zip((u, s, vh), again))
+
+
+@pytest.mark.parametrize("method,params", [("tsv_m", {"rank_fraction": 0.15}),
+                                           ("cart", {"rank_fraction": 0.05})])
+def test_randomized_svd_option_approximates_the_exact_merge(method, params):
+    base = torch.randn(120, 90, generator=g(1))
+    xs = [base + decaying((120, 90), rank=4, seed=10 * i) for i in range(1, 4)]
+    exact = run(method, base, xs, **params) - base.to(D)
+    fast = run(method, base, xs, randomized_svd=True, **params) - base.to(D)
+    assert float((fast - exact).norm() / exact.norm()) < 1e-3
+    assert torch.equal(fast, run(method, base, xs, randomized_svd=True, **params) - base.to(D))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -17,11 +17,15 @@ from collections.abc import Iterable
 import torch
 
 from . import sparsify
+from .linalg import full_svd, numerical_rank, polar, svd, top_svd
 from .registry import LINES_PARAMS, BasePolicy, MergeInputs, Param, Scope, merge_method
 from .task_arithmetic import _magnitude, generalized_task_arithmetic
 
 _WEIGHT = Param("weight", float, 1.0, Scope.NON_BASE, "weight of the model's task vector")
 _LAMBDA = Param("lambda", float, 1.0, doc="scale of the merged task vector")
+_RANDOMIZED = Param("randomized_svd", bool, False,
+                    doc="top singular directions by a seeded randomized SVD (much faster "
+                        "when few are kept; slightly approximate) instead of an exact one")
 
 
 def _ta(m: MergeInputs) -> torch.Tensor:
@@ -47,39 +51,6 @@ def _sum_tasks(m: MergeInputs, base: torch.Tensor) -> torch.Tensor:
     for tau, p in m.task_vectors(base):
         acc.add_(tau.mul_(p["weight"]))
     return acc
-
-
-def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD restricted to the numerical rank: directions of (numerically) zero
-    singular value are arbitrary vectors, and would make results depend on the SVD
-    routine, so they are dropped."""
-    u, s, vh = _full_svd(x)
-    if s.numel() == 0:
-        return u, s, vh
-    tol = float(s[0]) * max(x.shape) * torch.finfo(s.dtype).eps
-    r = max(1, int((s > tol).sum()))
-    return u[:, :r], s[:r], vh[:r]
-
-
-def _full_svd(x: torch.Tensor):
-    """Thin SVD; retried in float64 when LAPACK does not converge (repeated or tiny
-    singular values)."""
-    try:
-        return torch.linalg.svd(x, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
-        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
-
-
-def _polar(x: torch.Tensor) -> torch.Tensor:
-    """The orthogonal factor ``P·Qᵀ`` of ``x = P·Σ·Qᵀ`` (nearest matrix with orthonormal
-    columns): decorrelates concatenated singular vectors. Computed as
-    ``x·(xᵀx)^(-1/2)`` in float64 (an SVD of nearly orthonormal columns may not converge)."""
-    x64 = x.double()
-    values, vectors = torch.linalg.eigh(x64.T @ x64)
-    tol = float(values.max()) * values.numel() * torch.finfo(torch.float64).eps
-    inv_sqrt = torch.where(values > tol, values.clamp_min(tol).rsqrt(), torch.zeros_like(values))
-    return (x64 @ ((vectors * inv_sqrt) @ vectors.T)).to(x.dtype)
 
 
 # ------------------------------------------------------------------ element-wise
@@ -205,7 +176,7 @@ def iso_c(m: MergeInputs) -> torch.Tensor:
     if not _is_matrix(m):
         return _ta(m)
     base = m.base
-    u, s, vh = _svd(_sum_tasks(m, base))
+    u, s, vh = svd(_sum_tasks(m, base))
     return base.add_((u @ vh).mul_(s.mean() * m.params["lambda"]))
 
 
@@ -232,10 +203,10 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
     if not _is_matrix(m):
         return _ta(m)
     base = m.base
-    u, s, vh = _full_svd(_sum_tasks(m, base))
+    u, s, vh = full_svd(_sum_tasks(m, base))
     r = s.numel()
     k = max(1, min(r, int(m.params["common_fraction"] * r)))
-    k = min(k, _svd_rank(s, base.shape))
+    k = min(k, numerical_rank(s, base.shape))
     per_task = (r - k) // max(1, m.n_tasks)
     us, vs, values = [u[:, :k]], [vh[:k].T], [s[:k]]
     if per_task > 0:
@@ -243,7 +214,7 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
         for tau, p in m.task_vectors(base):
             tau.mul_(p["weight"])
             tau.sub_(common @ (common.T @ tau))
-            tu, ts, tvh = _full_svd(tau)
+            tu, ts, tvh = full_svd(tau)
             # what is left may be only rounding noise: keep directions that are real
             # relative to the merged matrix, not to the residue itself
             n = min(per_task, int((ts > float(s[0]) * max(base.shape)
@@ -252,7 +223,7 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
             vs.append(tvh[:n].T)
             values.append(ts[:n])
     mean = torch.cat(values).mean()
-    merged = _polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 1)).T
+    merged = polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T
     return base.add_(merged.mul_(mean * m.params["lambda"]))
 
 
@@ -266,7 +237,7 @@ def _rank_of(x: torch.Tensor, fraction: float, tasks: int = 1) -> int:
     params=[_WEIGHT, Param("rank_fraction", float, 1.0,
                            doc="share of the full rank split among the tasks: each keeps "
                                "⌊rank_fraction·r/T⌋ singular directions"),
-            _ALPHA, *LINES_PARAMS],
+            _ALPHA, _RANDOMIZED, *LINES_PARAMS],
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
@@ -285,24 +256,21 @@ def tsv_m(m: MergeInputs) -> torch.Tensor:
     base = m.base
     k = _rank_of(base, m.params["rank_fraction"], m.n_tasks)
     us, ss, vs = [], [], []
-    for tau, p in m.task_vectors(base):
-        u, s, vh = _svd(tau.mul_(p["weight"]))
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vs.append(vh[:k].T)
-    u_orth, v_orth = _polar(torch.cat(us, 1)), _polar(torch.cat(vs, 1))
+    randomized = m.params["randomized_svd"]
+    for i, (tau, p) in enumerate(m.task_vectors(base)):
+        u, s, vh = top_svd(tau.mul_(p["weight"]), k, randomized=randomized,
+                           name=f"{m.tensor_name}\0{i}")
+        us.append(u)
+        ss.append(s)
+        vs.append(vh.T)
+    u_orth, v_orth = polar(torch.cat(us, 1)), polar(torch.cat(vs, 1))
     merged = (u_orth * torch.cat(ss)) @ v_orth.T
     return base.add_(merged.mul_(m.params["lambda"]))
 
 
-def _svd_rank(s: torch.Tensor, shape) -> int:
-    tol = float(s[0]) * max(shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
-    return max(1, int((s > tol).sum()))
-
-
-def _low_rank(x: torch.Tensor, k: int) -> torch.Tensor:
-    u, s, vh = _svd(x)
-    return (u[:, :k] * s[:k]) @ vh[:k]
+def _low_rank(x: torch.Tensor, k: int, randomized: bool = False, name: str = "") -> torch.Tensor:
+    u, s, vh = top_svd(x, k, randomized=randomized, name=name)
+    return (u * s) @ vh
 
 
 @merge_method(
@@ -310,7 +278,8 @@ def _low_rank(x: torch.Tensor, k: int) -> torch.Tensor:
     base=BasePolicy.OPTIONAL,
     params=[Param("rank_fraction", float, 0.08,
                   doc="rank kept of each centred task vector, as a share of the full rank"),
-            Param("lambda", float, 1.0, doc="scale of the summed low-rank vectors")],
+            Param("lambda", float, 1.0, doc="scale of the summed low-rank vectors"),
+            _RANDOMIZED],
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
@@ -334,7 +303,8 @@ def cart(m: MergeInputs) -> torch.Tensor:
     k = _rank_of(mean, m.params["rank_fraction"])
     acc = torch.zeros_like(mean)
     for i in idx:
-        acc.add_(_low_rank(torch.sub(m.tensors[i], mean), k))
+        acc.add_(_low_rank(torch.sub(m.tensors[i], mean), k, m.params["randomized_svd"],
+                           f"{m.tensor_name}\0{i}"))
     return mean.add_(acc.mul_(m.params["lambda"]))
 
 
@@ -366,7 +336,7 @@ def star(m: MergeInputs) -> torch.Tensor:
         if not _is_matrix(m):
             acc.add_(tau, alpha=p["weight"])
             continue
-        u, s, vh = _full_svd(tau)
+        u, s, vh = full_svd(tau)
         share = torch.cumsum(s, 0) / s.sum().clamp_min(1e-30)
         k = int(torch.searchsorted(share, torch.tensor(m.params["eta"], dtype=share.dtype)
                                    - 1e-7)) + 1
@@ -403,7 +373,6 @@ def wudi(m: MergeInputs) -> torch.Tensor:
     if not _is_matrix(m):
         return _ta(m)
     base = m.base
-    rows, cols = base.shape
     blocks_a, blocks_e = [], []
     for tau, p in m.task_vectors(base):
         t = tau.double()
@@ -490,7 +459,7 @@ def singular_value_calibration(merged_tv: torch.Tensor, taus: Iterable[torch.Ten
     0 where the task has none); ``σ_r`` is multiplied by ``γ_r = T / Σᵢ max(α, s_rⁱ)``.
     A direction shared by all tasks and summed T times is scaled back by 1/T; one that a
     single task owns is left alone (with α = 1)."""
-    u, s, vh = _full_svd(merged_tv)
+    u, s, vh = full_svd(merged_tv)
     mv = u * s  # M·v_r for every r (columns)
     total = torch.zeros_like(s)
     count = 0

@@ -27,6 +27,8 @@ import torch
 from ..arch import input_embedding_name
 from ..checkpoint import TensorReader, index_folder
 from ..errors import MergeError
+from ..methods.apply import tensor_generator
+from ..methods.linalg import randomized_svd
 
 _PREFIX = "base_model.model."
 
@@ -71,15 +73,14 @@ def choose_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
 
 
 def factor(delta: torch.Tensor, rank: int | None, energy: float | None,
-           randomized: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+           randomized: bool = False, name: str = "") -> tuple[torch.Tensor, torch.Tensor, float]:
     """``B, A`` with ``B·A`` the best rank-k approximation of ``delta`` (float32), and the
-    relative Frobenius error of that approximation."""
+    relative Frobenius error of that approximation. The randomized SVD is seeded by
+    ``name``: extracting twice gives identical files."""
     d = delta.double()
     norm = float(torch.linalg.matrix_norm(d))
     if randomized and rank is not None and rank < min(d.shape) // 2:
-        u, s, v = torch.svd_lowrank(d, q=min(min(d.shape), rank + 10), niter=4)
-        k = max(1, min(rank, s.numel()))
-        u, s, vh = u[:, :k], s[:k], v[:, :k].T
+        u, s, vh = randomized_svd(d, rank, tensor_generator(0, f"svd\0{name}", d.device))
     else:
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         k = choose_rank(s, rank, energy)
@@ -169,13 +170,13 @@ def extract_lora(model: str, base: str, out: str, *, rank: int | None = None,
                 result.reports.append(MatrixReport(name, tuple(info.shape), 0, 1.0, "skipped"))
                 continue
             if is_embedding:  # PEFT embedding LoRA: ΔWᵀ = B·A
-                b, a, error = factor(delta.T, rank, energy, randomized)
+                b, a, error = factor(delta.T, rank, energy, randomized, name)
                 tensors[f"{_PREFIX}{module}.lora_embedding_A"] = a.cpu()
                 tensors[f"{_PREFIX}{module}.lora_embedding_B"] = b.cpu()
                 embedding_modules.append(module)
                 kind = "embedding"
             else:
-                b, a, error = factor(delta, rank, energy, randomized)
+                b, a, error = factor(delta, rank, energy, randomized, name)
                 tensors[f"{_PREFIX}{module}.lora_A.weight"] = a.cpu()
                 tensors[f"{_PREFIX}{module}.lora_B.weight"] = b.cpu()
                 kind = "lora"

@@ -1,0 +1,79 @@
+"""Matrix factorizations the spectral merge methods share: robust, deterministic SVDs.
+
+Exact SVDs are restricted to the numerical rank (directions of zero singular value are
+arbitrary and would make results depend on the LAPACK routine). The randomized variant
+(Halko, Martinsson & Tropp 2011, arXiv:0909.4061) draws its test matrix from a generator
+seeded by the tensor name, so a merge stays bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .apply import tensor_generator
+
+
+def full_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; retried in float64 when LAPACK does not converge (repeated or tiny
+    singular values)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> int:
+    """Singular values above ``s₀·max(shape)·eps`` (at least 1)."""
+    tol = float(s[0]) * max(shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
+    return max(1, int((s > tol).sum()))
+
+
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD restricted to the numerical rank."""
+    u, s, vh = full_svd(x)
+    if s.numel() == 0:
+        return u, s, vh
+    r = numerical_rank(s, x.shape)
+    return u[:, :r], s[:r], vh[:r]
+
+
+def randomized_svd(x: torch.Tensor, k: int, generator: torch.Generator, *,
+                   oversample: int = 10, power_iterations: int = 4
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-``k`` SVD: a range finder with ``k + oversample`` Gaussian test
+    vectors and ``power_iterations`` QR-stabilised power steps, then the exact SVD of
+    the small projected matrix. Costs a few ``m×n×(k+p)`` products instead of a full
+    SVD; accurate when the spectrum decays (task vectors' usually does)."""
+    m, n = x.shape
+    q = min(k + oversample, m, n)
+    omega = torch.randn(n, q, generator=generator, device=x.device, dtype=x.dtype)
+    basis = torch.linalg.qr(x @ omega).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(x.T @ basis).Q
+        basis = torch.linalg.qr(x @ basis).Q
+    ub, s, vh = full_svd(basis.T @ x)
+    return (basis @ ub)[:, :k], s[:k], vh[:k]
+
+
+def top_svd(x: torch.Tensor, k: int, *, randomized: bool = False, name: str = ""
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` singular triplets (fewer if the numerical rank is lower). The
+    randomized path is used only when it saves work (``k`` well below the full rank)."""
+    if randomized and 2 * (k + 10) < min(x.shape):
+        u, s, vh = randomized_svd(x, k, tensor_generator(0, f"svd\0{name}", x.device))
+        r = numerical_rank(s, x.shape) if s.numel() else 0
+        return u[:, :r], s[:r], vh[:r]
+    u, s, vh = svd(x)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal factor ``P·Qᵀ`` of ``x = P·Σ·Qᵀ`` (nearest matrix with orthonormal
+    columns): decorrelates concatenated singular vectors. Computed as
+    ``x·(xᵀx)^(-1/2)`` in float64 (an SVD of nearly orthonormal columns may not converge)."""
+    x64 = x.double()
+    values, vectors = torch.linalg.eigh(x64.T @ x64)
+    tol = float(values.max()) * values.numel() * torch.finfo(torch.float64).eps
+    inv_sqrt = torch.where(values > tol, values.clamp_min(tol).rsqrt(), torch.zeros_like(values))
+    return (x64 @ ((vectors * inv_sqrt) @ vectors.T)).to(x.dtype)
