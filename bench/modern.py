@@ -4,7 +4,7 @@ number of experts grows.
 
 1. Every method on base + 3 fine-tunes (``--size-gb``, default 0.5 GB each, bf16), next to
    task arithmetic and TIES: whole-process wall time, CPU time and peak RSS.
-2. Iso-C and TSV-M (streaming: experts are read one at a time) with 2 and 8 experts on the
+2. Iso-C and TSV-M (or ``--scaling-methods``; streaming: experts are read one at a time) with 2 and 8 experts on the
    same tensors, one worker thread: the growth of peak RSS, compared with the size of the
    largest tensor they process (float32).
 
@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--mergesmith", default="/work/main/.venv/bin/mergesmith")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--scaling-methods", default="iso_c,tsv_m",
+                    help="methods run with 2 and 8 experts")
     ap.add_argument("--scaling-only", action="store_true",
                     help="only the 2-versus-8-experts memory rows")
     args = ap.parse_args()
@@ -98,7 +100,7 @@ def main() -> int:
     for method in ([] if args.scaling_only else args.methods.split(",")):
         rows.append(one(method, 3))
     if not args.skip_scaling:
-        for method in ("iso_c", "tsv_m"):
+        for method in args.scaling_methods.split(","):
             for experts in (2, 8):
                 # one worker thread: with two, whether the two largest tensors overlap
                 # in time depends on scheduling, not on the number of experts

@@ -414,9 +414,9 @@ def _pinv_psd(g: torch.Tensor) -> torch.Tensor:
                                           "balance score"),
             _LAMBDA, *LINES_PARAMS],
     min_non_base=1,
-    raw_inputs=True,
-    temp_buffers=6.0,
-    seconds_per_gb=16.0,
+    lazy_inputs=True,
+    temp_buffers=7.0,
+    seconds_per_gb=30.0,
     reference="https://arxiv.org/abs/2410.02396",
 )
 def pcb(m: MergeInputs) -> torch.Tensor:
@@ -425,26 +425,52 @@ def pcb(m: MergeInputs) -> torch.Tensor:
     Per task, `intraᵢ = exp(T·n(|τᵢ|)²)` with `n` the min–max normalisation over the
     tensor; `interᵢ = softmaxᵢ(τᵢ ⊙ Σⱼ τⱼ)` across tasks per element; `βᵢ = intraᵢ·interᵢ`.
     Each task keeps its top `ratio` entries by `βᵢ`, scored `β̃ᵢ = n(max(βᵢ, qᵢ))` (`qᵢ`
-    the cut), and the result is `θ₀ + λ·Σ β̃ᵢτᵢ / Σ β̃ᵢ`."""
-    compute = torch.promote_types(m.compute_dtype, m.base.dtype)
-    base = m.base.to(compute).reshape(-1)
-    taus = torch.stack([torch.sub(x.reshape(-1), base) for x, _ in m.others()])
-    n = taus.shape[0]
-    intra = torch.exp(n * _minmax(taus.abs()) ** 2)
-    inter = torch.softmax(taus * taus.sum(0, keepdim=True), dim=0)
-    beta = intra.mul_(inter)
-    keep = max(1, int(m.params["ratio"] * beta.shape[1]))
-    cut = beta.kthvalue(beta.shape[1] - keep + 1, dim=1, keepdim=True).values
-    score = _minmax(torch.maximum(beta, cut))
-    merged = (score * taus).sum(0) / score.sum(0).clamp_min(1e-12)
-    return base.add_(merged.mul_(m.params["lambda"])).view(m.base.shape)
+    the cut), and the result is `θ₀ + λ·Σ β̃ᵢτᵢ / Σ β̃ᵢ`.
 
+    Streaming, four passes over the experts, one held at a time: (1) `Σⱼ τⱼ` and each
+    task's |τ| range; (2) the softmax denominator as a running log-sum-exp; (3) each
+    task's cut `qᵢ` and score range (scalars); (4) the weighted sums. Memory: about seven
+    tensor-sized buffers whatever the number of experts."""
+    base = m.base
+    n = m.n_tasks
+    total = torch.zeros_like(base)
+    ranges = []
+    for tau, _ in m.task_vectors(base):
+        total.add_(tau)
+        magnitude = tau.abs_()
+        ranges.append((float(magnitude.min()), float(magnitude.max())))
+    log_norm = torch.full_like(base, float("-inf"))  # log Σⱼ exp(τⱼ ⊙ Στ), online
+    scale = torch.zeros_like(base)
+    for tau, _ in m.task_vectors(base):
+        z = tau.mul_(total)
+        new_max = torch.maximum(log_norm, z)
+        scale.mul_(torch.exp(log_norm.sub_(new_max))).add_(torch.exp(z.sub_(new_max)))
+        log_norm = new_max
+    log_norm.add_(scale.log_())
+    del scale
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Per row of ``x``: ``(x − min)/(max − min)`` (0 where the row is constant)."""
-    low = x.min(dim=1, keepdim=True).values
-    span = x.max(dim=1, keepdim=True).values - low
-    return (x - low) / torch.where(span > 0, span, torch.ones_like(span))
+    def balance(tau: torch.Tensor, i: int) -> torch.Tensor:
+        low, high = ranges[i]
+        intra = tau.abs().sub_(low).div_(high - low if high > low else 1.0).square_()
+        inter = torch.mul(tau, total).sub_(log_norm)
+        return intra.mul_(n).add_(inter).exp_()
+
+    numel = base.numel()
+    keep = max(1, int(m.params["ratio"] * numel))
+    cuts = []
+    for i, (tau, _) in enumerate(m.task_vectors(base)):
+        beta = balance(tau, i).reshape(-1)
+        cut = float(beta.kthvalue(numel - keep + 1).values)
+        cuts.append((cut, max(float(beta.min()), cut), max(float(beta.max()), cut)))
+    merged = torch.zeros_like(base)
+    weights = torch.zeros_like(base)
+    for i, (tau, _) in enumerate(m.task_vectors(base)):
+        cut, low, high = cuts[i]
+        score = balance(tau, i).clamp_min_(cut).sub_(low).div_(high - low if high > low else 1.0)
+        weights.add_(score)
+        merged.add_(score.mul_(tau))
+    merged.div_(weights.clamp_min_(1e-12))
+    return base.add_(merged.mul_(m.params["lambda"]))
 
 
 # ------------------------------------------------------------------ SVC
