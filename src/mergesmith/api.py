@@ -175,6 +175,10 @@ def check(recipe: RecipeLike, *, threads: int | None = None,
     """Validate a recipe and estimate the merge without reading any tensor data."""
     limit = None if memory_limit is None else parse_size(memory_limit, "--memory-limit")
     p = plan(recipe, **plan_options)
+    if p.recipe.evaluate is not None:
+        from .evaluate.after_merge import check_evaluation
+
+        p.notes += check_evaluation(p)
     n = max(1, threads or os.cpu_count() or 1)
     baseline = execute_module.resident_bytes()
     budget = data_budget(limit, baseline)
@@ -199,13 +203,18 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
         unsafe_truncate_embeddings: bool = False, strict_finite: bool = False,
         resume: bool = False, memory_limit: int | str | None = None,
-        progress: Callable[[Plan], Callable[[int, bool], None]] | None = None) -> Plan:
+        progress: Callable[[Plan], Callable[[int, bool], None]] | None = None,
+        evaluate: bool = True, eval_progress: bool = False) -> Plan:
     """Merge: validate and plan everything, then write ``out`` atomically.
 
     The model is built in ``OUT.partial/`` with a manifest of finished work: if the merge
     is interrupted (killed, Ctrl-C, disk full) the folder stays, and ``resume=True``
     continues from it. ``progress``, if given, is called with the plan and returns a
     callback ``(bytes_written, tensor_finished)`` called after each work item.
+
+    A recipe's ``evaluate:`` block runs on the finished folder (unless ``evaluate=False``;
+    ``eval_progress`` shows its progress bars); the results go into the model card and
+    ``plan.evaluation``.
     """
     out = os.fspath(out)
     resolve_devices(device)
@@ -215,7 +224,15 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
     check_output(out, overwrite)
+    evaluate = evaluate and p.recipe.evaluate is not None
+    if evaluate:  # before the merge: a missing file should not wait for the end
+        from .evaluate.after_merge import check_evaluation
+
+        check_evaluation(p)
     if p.recipe.output == "adapter":
+        if evaluate:
+            warnings.warn(f"{p.recipe.evaluate.where}: not run, the output is a LoRA "
+                          "adapter", stacklevel=2)
         return _run_adapter_merge(p, out)
     data_budget(limit)  # a limit too small for this process is an error before any writing
     partial = partial_path(out)
@@ -261,6 +278,11 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     except BaseException:
         log.close()
         raise
+    if evaluate:
+        from .evaluate.after_merge import evaluate_merge
+
+        eval_device = str(resolve_devices(device)[0])
+        p.evaluation = evaluate_merge(p, out, device=eval_device, progress=eval_progress)
     return p
 
 

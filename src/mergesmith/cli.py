@@ -62,6 +62,7 @@ def cli() -> None:
       mergesmith demo                 build tiny models, merge them, verify the result
       mergesmith check recipe.yml     validate a recipe and show the plan (reads no weights)
       mergesmith run recipe.yml OUT   merge into the folder OUT
+      mergesmith eval OUT --text FILE perplexity; with --parents A B: KL and top-1 vs them
       mergesmith methods              list merge methods and their parameters
       mergesmith verify OUT           re-check a merged folder against its checksums
     """
@@ -110,12 +111,14 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Continue an interrupted merge from OUT.partial (same recipe and inputs).")
 @click.option("--strict-finite", is_flag=True,
               help="Stop on NaN or Inf in the merged tensors (default: a warning).")
+@click.option("--no-evaluate", is_flag=True,
+              help="Skip the recipe's 'evaluate:' block (run it later with 'mergesmith eval').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_common_plan_options
 @friendly
 def run(recipe: str, out: str, seed: int | None, device: str, devices: str | None,
         overwrite: bool, resume: bool,
-        strict_finite: bool, quiet: bool,
+        strict_finite: bool, no_evaluate: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, allow_crimes: bool,
         unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
         debug: bool) -> None:
@@ -150,6 +153,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
             if finished:
                 bar.set_postfix_str(f"{done}/{total} tensors", refresh=False)
             bar.update(nbytes)
+            if done == total:
+                bar.close()  # before the recipe's evaluation shows its own bars
 
         return update
 
@@ -159,7 +164,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
                        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
                        unsafe_truncate_embeddings=unsafe_truncate_embeddings,
                        strict_finite=strict_finite, resume=resume, progress=progress,
-                       memory_limit=memory_limit)
+                       memory_limit=memory_limit, evaluate=not no_evaluate,
+                       eval_progress=not quiet)
     finally:
         if bar is not None:
             bar.close()
@@ -170,6 +176,9 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
 
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
+    if plan.evaluation is not None:
+        click.echo(plan.evaluation.table())
+        click.echo(f"(in the model card {os.path.join(out, 'README.md')})")
 
 
 @cli.command(epilog=EPILOG)
@@ -292,6 +301,108 @@ def methods(name: str | None, markdown: bool) -> None:
         for p in spec.params:
             click.echo(f"    {p.describe()}{': ' + p.doc if p.doc else ''}")
         click.echo("")
+
+
+class _GreedyParents(click.Command):
+    """``--parents A B C``: the arguments after ``--parents`` up to the next option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            if args[i] == "--":
+                out += args[i:]
+                break
+            if args[i] != "--parents":
+                out.append(args[i])
+                i += 1
+                continue
+            i += 1
+            start = i
+            while i < len(args) and not args[i].startswith("-"):
+                out += ["--parents", args[i]]
+                i += 1
+            if i == start:
+                out.append("--parents")  # click reports the missing value
+        return super().parse_args(ctx, out)
+
+
+@cli.command("eval", cls=_GreedyParents, epilog=EPILOG)
+@click.argument("model", type=click.Path())
+@click.option("--text", type=click.Path(), metavar="FILE",
+              help="UTF-8 text to compute perplexity on (the file is one document).")
+@click.option("--jsonl", type=click.Path(), metavar="FILE",
+              help="Instead of --text: one JSON object per line, each a document.")
+@click.option("--field", "field_name", default="text", show_default=True,
+              help="The key of --jsonl lines that holds the text.")
+@click.option("--parents", multiple=True, metavar="A B ...",
+              help="Model folders to compare with on the same tokens (e.g. the inputs of "
+                   "a merge): their perplexity, KL(parent‖MODEL) and top-1 agreement. Each "
+                   "runs side by side with MODEL, one at a time.")
+@click.option("--tokenizer", type=click.Path(), default=None, metavar="PATH",
+              help="Tokenizer folder [default: MODEL's own].")
+@click.option("--tasks", default=None, metavar="T1,T2",
+              help="lm-evaluation-harness tasks (pip install 'mergesmith[eval]').")
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="At most N examples per task.")
+@click.option("--include-path", type=click.Path(), default=None, metavar="DIR",
+              help="Folder of your own lm-eval task YAMLs ('dataset_path: json' with "
+                   "'data_files' reads local JSONL: works offline).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True,
+              help="auto: float32 on CPU, the checkpoint's dtype on a GPU.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Windows per forward pass (logits take batch × length × vocab × 4 bytes).")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Tokens per window; windows do not overlap [default: 1024, or the "
+                   "model's context if shorter].")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Evaluate only the first N tokens of the text.")
+@click.option("--no-cache", is_flag=True,
+              help="Recompute everything. Results are cached by model content in "
+                   "~/.cache/mergesmith/eval (or $MERGESMITH_EVAL_CACHE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly
+def evaluate_command(model: str, text: str | None, jsonl: str | None, field_name: str,
+                     parents: tuple[str, ...], tokenizer: str | None, tasks: str | None,
+                     limit: int | None, include_path: str | None, device: str, dtype: str,
+                     batch_size: int, max_length: int | None, max_tokens: int | None,
+                     no_cache: bool, as_json: bool, quiet: bool, debug: bool) -> None:
+    """Evaluate MODEL: perplexity on a text, agreement with other models, lm-eval tasks.
+
+    Perplexity: the text is tokenized with MODEL's tokenizer and cut into windows of
+    --max-length tokens (no overlap); every token but each window's first is predicted.
+    With --parents, each parent is scored on the same tokens: its perplexity, the mean
+    KL(parent‖MODEL) per token in nats (0: same predictions) and the fraction of
+    positions where both predict the same most likely token.
+
+    \b
+    Example:
+      mergesmith eval ./merged --text eval.txt --parents ./base ./ft_math ./ft_code
+      mergesmith eval ./merged --tasks my_task --include-path tasks/ --limit 100 --json
+    """
+    import json as json_module
+
+    from .evaluate import EvalCache
+    from .evaluate.runner import evaluate
+
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if tasks is not None and not task_list:
+        raise MergeError("--tasks: give task names separated by commas")
+    if limit is not None and not task_list:
+        raise MergeError("--limit applies to --tasks")
+    report = evaluate(model, text=text, jsonl=jsonl, field_name=field_name,
+                      parents=list(parents), tokenizer=tokenizer, device=device, dtype=dtype,
+                      batch_size=batch_size, max_length=max_length, max_tokens=max_tokens,
+                      tasks=task_list, limit=limit, include_path=include_path,
+                      cache=EvalCache(enabled=not no_cache), progress=not quiet)
+    if as_json:
+        click.echo(json_module.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.table())
 
 
 def main() -> None:

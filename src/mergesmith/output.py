@@ -159,8 +159,9 @@ def _write_text(path: str, text: str) -> None:
         raise MergeIOError(f"cannot write {path}: {e.strerror}") from None
 
 
-def model_card(plan: Plan, folder_name: str) -> str:
-    """README.md with Hub front matter: method, inputs, precision and the recipe."""
+def model_card(plan: Plan, folder_name: str, evaluation: str | None = None) -> str:
+    """README.md with Hub front matter: method, inputs, precision and the recipe; and the
+    recipe's ``evaluate:`` results (markdown) when given."""
     name = plan.recipe.name or folder_name.removesuffix(".partial")
     hub_models = [m.repo_id for m in plan.models if m.repo_id]
     front = ["---"]
@@ -173,6 +174,7 @@ def model_card(plan: Plan, folder_name: str) -> str:
     using = f" with `{base}` as the base" if base is not None else ""
     inputs = "\n".join(f"* `{m.ref}`" for m in plan.models)
     out_dtypes = sorted({dtype_name(t.dtype) for t in plan.tensors})
+    section = "" if evaluation is None else f"\n## Evaluation\n\n{evaluation}"
     read = (f"Inputs were first rounded to {dtype_name(plan.read_dtype)} (the recipe's "
             "`dtype`), then " if plan.read_dtype else "Inputs were ")
     body = f"""# {name}
@@ -192,7 +194,7 @@ Merged with {method}{using}. {spec.summary}
 
 {read}upcast to {dtype_name(plan.options.compute_dtype)} for the arithmetic; each result
 was rounded once to the output dtype ({', '.join(out_dtypes)}).
-
+{section}
 ## Recipe
 
 ```yaml

@@ -111,6 +111,7 @@ class Plan:
     generation_config: dict[str, Any] | None = None  # patched; None: copied as is
     chat_template: str | None = None
     adapter_result: Any = field(default=None, repr=False)  # set by an adapter merge
+    evaluation: Any = field(default=None, repr=False)  # set by a recipe's 'evaluate:'
 
     @property
     def seed(self) -> int | None:

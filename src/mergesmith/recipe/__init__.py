@@ -2,11 +2,11 @@
 
 from .params import Conditional, Gradient, Setting, coerce, evaluate
 from .refs import ModelPath, ModelReference, parse_model_reference
-from .schema import (InputModel, ModelRow, ModuleRecipe, OutputSlice, Recipe, SliceSource,
+from .schema import (EvaluateRecipe, InputModel, ModelRow, ModuleRecipe, OutputSlice, Recipe, SliceSource,
                      TokenizerRecipe, TokenOverride, ZeroRow, load_recipe)
 
 __all__ = [
-    "Conditional", "Gradient", "InputModel", "ModelPath", "ModuleRecipe", "ModelReference", "OutputSlice",
+    "Conditional", "EvaluateRecipe", "Gradient", "InputModel", "ModelPath", "ModuleRecipe", "ModelReference", "OutputSlice",
     "Recipe", "Setting", "SliceSource", "coerce", "evaluate", "load_recipe",
     "parse_model_reference", "ModelRow", "TokenizerRecipe", "TokenOverride", "ZeroRow",
 ]

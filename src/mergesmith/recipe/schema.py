@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Any, Optional, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from ..errors import MergeError, did_you_mean
 from ..units import parse_dtype
@@ -66,6 +66,19 @@ class _Tokenizer(_Strict):
     pad_to_multiple_of: Optional[int] = None
 
 
+class _Evaluate(_Strict):
+    text: Optional[str] = None
+    jsonl: Optional[str] = None
+    field: Optional[str] = None
+    tasks: Optional[Union[list[str], str]] = None
+    include_path: Optional[str] = None
+    limit: Optional[StrictInt] = None
+    parents: StrictBool = True
+    max_length: Optional[StrictInt] = None
+    max_tokens: Optional[StrictInt] = None
+    batch_size: Optional[StrictInt] = None
+
+
 class _Recipe(_Strict):
     merge_method: str
     base_model: Any = None
@@ -82,6 +95,7 @@ class _Recipe(_Strict):
     seed: Optional[StrictInt] = None
     output: Optional[Literal["model", "adapter"]] = None
     output_rank: Optional[StrictInt] = None
+    evaluate: Optional[_Evaluate] = None
 
 
 # ------------------------------------------------------------------ the parsed recipe
@@ -160,6 +174,24 @@ class ModuleRecipe:
 
 
 @dataclass
+class EvaluateRecipe:
+    """``evaluate:``: what ``mergesmith run`` evaluates once the merged folder is written.
+    Paths are resolved like model paths (from the current folder)."""
+
+    text: str | None = None
+    jsonl: str | None = None
+    field_name: str = "text"  # the key of 'jsonl' lines (the recipe's 'field:')
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None
+    limit: int | None = None
+    parents: bool = True
+    max_length: int | None = None
+    max_tokens: int | None = None
+    batch_size: int | None = None
+    where: str = "evaluate"
+
+
+@dataclass
 class Recipe:
     """A validated recipe. ``text`` is the YAML as written (saved next to the merged model)."""
 
@@ -177,6 +209,7 @@ class Recipe:
     chat_template: str | None = None
     output: str = "model"  # or "adapter": LoRA inputs merged into a LoRA adapter
     output_rank: int | None = None
+    evaluate: EvaluateRecipe | None = None
     text: str = ""
     source: str = "<recipe>"
     positions: dict[tuple, tuple[int, int]] = field(default_factory=dict, repr=False)
@@ -282,7 +315,39 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
             raise MergeError(f"{r.at('output_rank')}: output_rank applies only with "
                              "'output: adapter'")
     r.output_rank = raw.output_rank
+    if raw.evaluate is not None:
+        r.evaluate = _evaluate(raw.evaluate, r)
     return r
+
+
+def _evaluate(e: _Evaluate, r: Recipe) -> EvaluateRecipe:
+    def at(*key: str) -> str:
+        return r.at("evaluate", *key)
+
+    if e.text is not None and e.jsonl is not None:
+        raise MergeError(f"{at('jsonl')}: give 'text' or 'jsonl', not both")
+    if e.field is not None and e.jsonl is None:
+        raise MergeError(f"{at('field')}: 'field' names the JSON key of 'jsonl' lines; "
+                         "it needs 'jsonl'")
+    tasks = e.tasks if isinstance(e.tasks, list) else (
+        [t.strip() for t in e.tasks.split(",")] if e.tasks else [])
+    if any(not t for t in tasks):
+        raise MergeError(f"{at('tasks')}: empty task name")
+    if e.text is None and e.jsonl is None and not tasks:
+        raise MergeError(f"{at()}: nothing to evaluate; give 'text' (or 'jsonl') for "
+                         "perplexity and KL against the inputs, and/or 'tasks' (lm-eval)")
+    for key in ("include_path", "limit"):
+        if getattr(e, key) is not None and not tasks:
+            raise MergeError(f"{at(key)}: '{key}' applies to 'tasks', and there are none")
+    for key, least in (("limit", 1), ("max_length", 2), ("max_tokens", 2), ("batch_size", 1)):
+        value = getattr(e, key)
+        if value is not None and value < least:
+            raise MergeError(f"{at(key)}: must be at least {least} (got {value})")
+    for key in ("text", "jsonl", "include_path", "field"):
+        if getattr(e, key) == "":
+            raise MergeError(f"{at(key)}: empty")
+    return EvaluateRecipe(e.text, e.jsonl, e.field or "text", tasks, e.include_path, e.limit,
+                          e.parents, e.max_length, e.max_tokens, e.batch_size, at())
 
 
 def _vocab_source(value: Any, where: str) -> str | ModelReference:
