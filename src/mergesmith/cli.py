@@ -65,6 +65,7 @@ def cli() -> None:
       mergesmith eval OUT --text FILE perplexity; with --parents A B: KL and top-1 vs them
       mergesmith methods              list merge methods and their parameters
       mergesmith verify OUT           re-check a merged folder against its checksums
+      mergesmith inspect BASE A B     compare task vectors, suggest merge methods
     """
 
 
@@ -246,6 +247,90 @@ def extract_lora(model: str, base: str, out: str, rank: int | None, energy: floa
                          device=device, overwrite=overwrite,
                          progress=None if quiet else lambda n: click.echo(f"  {n}", err=True))
     click.echo(result.summary())
+
+
+@cli.command("inspect", epilog=EPILOG)
+@click.argument("base")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option("--out", default=None, type=click.Path(), metavar="DIR",
+              help="Write DIR/index.html, DIR/*.png heatmaps and DIR/inspect.json.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print all numbers as JSON on stdout instead of the summary.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True,
+              help="A delta is near zero when |model − base| ≤ atol + rtol·|base|: "
+                   "it counts towards sparsity, and sign conflicts ignore it.")
+@click.option("--atol", type=float, default=1e-8, show_default=True,
+              help="Absolute part of the near-zero tolerance.")
+@click.option("--no-rank", is_flag=True, help="Skip effective ranks (no SVDs; fastest).")
+@click.option("--rank-max-dim", type=click.IntRange(min=1), default=2048, show_default=True,
+              metavar="N", help="Effective rank only for matrices whose smaller side is at "
+                                "most N (cost grows with N³).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the math runs (cuda speeds up effective ranks).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly
+def inspect_command(base: str, models: tuple[str, ...], out: str | None, as_json: bool,
+                    rtol: float, atol: float, no_rank: bool, rank_max_dim: int, device: str,
+                    quiet: bool, debug: bool) -> None:
+    """Compare the task vectors MODEL − BASE and suggest merge methods.
+
+    Per tensor, per layer and for the whole model: norms (absolute and relative to the
+    base), cosine similarity between models, sign conflicts, sparsity (near-zero deltas)
+    and effective rank; then simple rules turn the numbers into method suggestions
+    (ties for sign conflicts, model_stock for near-identical deltas, ...). Models are
+    read one tensor at a time, like a merge. Models may be folders, Hub ids or
+    BASE+ADAPTER references. Effective ranks are the slow part: limit them with
+    --rank-max-dim, or skip them with --no-rank.
+
+    \b
+    Example:
+      mergesmith inspect ./base ./ft_math ./ft_code --out report/
+      mergesmith inspect ./base ./ft_math ./ft_code --json > numbers.json
+    """
+    from .execute import resolve_device
+    from .tools.inspect_models import inspect_models
+
+    device = str(resolve_device(device))
+    if out is not None:
+        from .tools.report import check_report_folder
+
+        check_report_folder(out)
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="tensor", desc="inspecting", dynamic_ncols=True,
+                       file=sys.stderr)
+        bar.update(1)
+
+    try:
+        result = inspect_models(base, list(models), rtol=rtol, atol=atol, rank=not no_rank,
+                                rank_max_dim=rank_max_dim, device=device,
+                                progress=None if quiet else progress)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: nothing was written", err=True)
+        sys.exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
+    files = None
+    if out is not None:
+        from .tools.report import write_report
+
+        files = write_report(result, out)
+    if as_json:
+        click.echo(result.to_json())
+    else:
+        click.echo(result.summary())
+    if files is not None:
+        pngs = f", {len(files.pngs)} PNG plot(s)" if files.pngs else ""
+        click.echo(f"report: {files.html}{pngs}, {files.json}", err=as_json)
+        if files.note:
+            click.echo(f"note: {files.note}", err=True)
 
 
 @cli.command()
