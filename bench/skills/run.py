@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""A small, real skill benchmark for merge methods, on the CPU in a few minutes.
+"""A small, real skill benchmark for merge methods, on the CPU in about 15 minutes.
 
-1. Pretrain a tiny Llama-shaped causal LM (character vocabulary) on a mixed corpus: the four
-   task formats with short words only (1–4 letters).
-2. Fine-tune four copies, each on one skill with longer words (5–6 letters): next letter,
-   reversal, sorting, copying (the specialists). The base fails at that length.
-3. Merge the four specialists onto the base with every method (a small grid over λ / density
-   where it matters), through ``mergesmith.run`` like any recipe.
-4. Report per-skill exact-match accuracy (greedy decoding, held-out examples) of the base,
-   the specialists and every merge; the best setting per method is summarised.
+1. Pretrain a tiny Llama-shaped causal LM (character vocabulary) on a mixed corpus of four
+   tasks — next letter, reversal, sorting, copying — mostly with short words (1–4 letters)
+   and a few (5 %) long ones (5–6 letters): the base is partly competent at length 5–6.
+2. Fine-tune four copies, each on one skill at length 5–6 (400 steps, lr 1e-4), with 30 %
+   of the batches replayed from the pretraining mix, as careful fine-tunes do: the
+   specialists.
+3. Merge the four specialists onto the base with every method (a small grid over λ /
+   density where it matters), through ``mergesmith.run`` like any recipe.
+4. Report per-skill exact-match accuracy (greedy decoding, held-out length-5–6 examples)
+   of the base, the specialists and every merge. Each method's setting is chosen on a
+   validation set (200 examples per skill) and reported on a separate test set (500 per
+   skill), with the share of the specialists' gains over the base that the merge keeps.
 
     .venv/bin/python bench/skills/run.py --workdir /tmp/msbench/skills [--quick]
 """
@@ -33,11 +37,14 @@ PAD, EOS = len(CHARS), len(CHARS) + 1
 VOCAB = len(CHARS) + 2
 INDEX = {c: i for i, c in enumerate(CHARS)}
 SKILLS = {"N": "next-letter", "R": "reversal", "S": "sorting", "C": "copying"}
+PRETRAIN, PRETRAIN_LENGTHS = "NRSC", (1, 4)
 
 
-def example(tag: str, rng: random.Random, lo: int, hi: int) -> tuple[str, str]:
-    """(prompt, answer) of one task instance with operands of length lo..hi."""
-    n = rng.randint(lo, hi)
+def example(tag: str, rng: random.Random, lo: int, hi: int,
+            long_share: float = 0.0, long: tuple[int, int] = (5, 6)) -> tuple[str, str]:
+    """(prompt, answer) of one task instance with operands of length lo..hi (or, with
+    probability ``long_share``, of the evaluation lengths ``long``)."""
+    n = rng.randint(*long) if rng.random() < long_share else rng.randint(lo, hi)
     word = "".join(rng.choice("abcdefgh") for _ in range(n))
     shifted = "".join("abcdefgh"[("abcdefgh".index(c) + 1) % 8] for c in word)
     answer = {"N": shifted, "R": word[::-1], "S": "".join(sorted(word)), "C": word}[tag]
@@ -61,12 +68,18 @@ def batch(pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(model, tags: str, steps: int, lo: int, hi: int, seed: int, lr: float) -> None:
+def train(model, tags: str, steps: int, lo: int, hi: int, seed: int, lr: float,
+          long_share: float = 0.0, replay: float = 0.0, replay_long: float = 0.0) -> None:
+    """AdamW with linear decay on batches of 64; with probability ``replay`` an example is
+    drawn from the pretraining mix instead (keeps a fine-tune from forgetting the rest;
+    ``replay_long`` is that mix's share of long words)."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for step in range(steps):
-        x, y = batch([example(rng.choice(tags), rng, lo, hi) for _ in range(64)])
+        x, y = batch([example(rng.choice(PRETRAIN), rng, *PRETRAIN_LENGTHS, replay_long)
+                      if rng.random() < replay else
+                      example(rng.choice(tags), rng, lo, hi, long_share) for _ in range(64)])
         loss = model(input_ids=x, labels=y).loss
         opt.zero_grad()
         loss.backward()
@@ -99,26 +112,45 @@ def accuracy(model, tag: str, lo: int, hi: int, n: int = 200, seed: int = 12345)
     return correct / n
 
 
-def evaluate(folder: Path, lo: int, hi: int, n: int) -> dict[str, float]:
+VALIDATION_SEED, TEST_SEED = 777, 12345
+
+
+def evaluate(folder: Path, n_val: int, n_test: int) -> dict[str, dict[str, float]]:
+    """Accuracy per skill at length 5–6 on a validation set (to choose a method's setting)
+    and a disjointly seeded test set (reported)."""
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return {SKILLS[t]: accuracy(model, t, lo, hi, n) for t in SKILLS}
+    return {split: {SKILLS[t]: accuracy(model, t, 5, 6, n, seed) for t in SKILLS}
+            for split, n, seed in (("val", n_val, VALIDATION_SEED), ("test", n_test, TEST_SEED))}
+
+
+def retained(scores: dict[str, float], base: dict[str, float],
+             specialists: dict[str, float]) -> float:
+    """Mean over skills of the share of the specialist's gain over the base that a merge
+    keeps: (merge − base) / (specialist − base); 1 = every specialist's skill, 0 = the
+    base, negative = worse than the base."""
+    shares = [(scores[s] - base[s]) / (specialists[s] - base[s]) for s in SKILLS.values()
+              if specialists[s] > base[s]]
+    return sum(shares) / len(shares) if shares else float("nan")
 
 
 GRID = {
-    "task_arithmetic": [{"lambda": v} for v in (0.5, 0.8, 1.0)],
-    "ties": [{"density": d, "lambda": v} for d in (0.3, 0.7) for v in (1.0, 1.5)],
-    "dare_ties": [{"density": d, "lambda": v} for d in (0.3, 0.7) for v in (1.0, 1.5)],
+    "task_arithmetic": [{"lambda": v} for v in (0.3, 0.5, 0.7)],
+    "ties": [{"density": d, "lambda": v} for d in (0.3, 0.7) for v in (0.5, 1.0)],
+    "dare_ties": [{"density": d, "lambda": v} for d in (0.3, 0.7) for v in (0.5, 1.0)],
     "magmax": [{"lambda": v} for v in (0.5, 1.0)],
-    "consensus_ta": [{"lambda": v, "k": 2} for v in (0.8, 1.0)],
-    "consensus_ties": [{"lambda": v, "density": 0.7, "k": 2} for v in (1.0, 1.5)],
-    "iso_c": [{"lambda": v} for v in (0.5, 1.0, 1.5)],
-    "iso_cts": [{"lambda": v} for v in (1.0, 1.5)],
+    "consensus_ta": [{"lambda": v, "k": 2} for v in (0.5, 0.7)],
+    "consensus_ties": [{"lambda": v, "density": 0.7, "k": 2} for v in (0.5, 1.0)],
+    "iso_c": [{"lambda": v} for v in (0.3, 0.5, 1.0)],
+    "iso_cts": [{"lambda": v} for v in (0.5, 1.0)],
     "tsv_m": [{"lambda": v} for v in (0.5, 1.0)],
-    "star": [{"lambda": v, "normalize": False} for v in (0.5, 1.0)],
+    "star": [{"lambda": v, "normalize": True} for v in (1.0, 2.0)],
     "cart": [{"lambda": v, "rank_fraction": 0.25} for v in (0.5, 1.0)],
-    "wudi": [{"lambda": 1.0}],
-    "pcb": [{"lambda": v, "ratio": 0.3} for v in (1.0, 2.0)],
-    "svc_ta": [{"lambda": 1.0}],
+    "wudi": [{"lambda": v} for v in (0.5, 1.0)],
+    "pcb": [{"lambda": v, "ratio": 0.3} for v in (0.5, 1.0)],
+    "svc_ta": [{"lambda": v} for v in (0.5, 1.0)],
+    # LiNeS: λ grows with depth from lines_alpha (first layer) to lines_alpha + lines_beta
+    "task_arithmetic+lines": [{"lambda": 1.0, "lines_alpha": a, "lines_beta": b}
+                              for a, b in ((0.3, 0.4), (0.2, 0.6), (0.4, 0.3))],
 }
 
 
@@ -127,7 +159,11 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-skills"))
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke test)")
     ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply the training steps (default 1: 1500 + 4 × 900)")
+                    help="multiply the training steps (default 1: 1200 + 4 × 400)")
+    ap.add_argument("--long-share", type=float, default=0.05,
+                    help="share of length-5–6 examples in pretraining (the base's competence)")
+    ap.add_argument("--ft-steps", type=int, default=400, help="fine-tuning steps per skill")
+    ap.add_argument("--seed", type=int, default=0, help="seed of initialisation and data")
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -142,56 +178,68 @@ def main() -> int:
                          pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
     base_dir = work / "base"
     if not (base_dir / "model.safetensors").exists():
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = LlamaForCausalLM(config)
-        train(model, "NRSC", int(1500 * scale), 1, 4, seed=1, lr=3e-3)
+        train(model, PRETRAIN, int(1200 * scale), *PRETRAIN_LENGTHS, seed=1 + args.seed,
+              lr=3e-3, long_share=args.long_share)
         model.save_pretrained(base_dir)
     print(f"base ready ({time.time() - t0:.0f}s)", flush=True)
     for tag in SKILLS:
         folder = work / f"ft_{SKILLS[tag]}"
         if not (folder / "model.safetensors").exists():
-            torch.manual_seed(1)
+            torch.manual_seed(1 + args.seed)
             model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-            train(model, tag, int(900 * scale), 5, 6, seed=10 + ord(tag), lr=1e-4)
+            train(model, tag, int(args.ft_steps * scale), 5, 6, seed=10 + ord(tag) + args.seed,
+                  lr=1e-4, replay=0.3, replay_long=args.long_share)
             model.save_pretrained(folder)
         print(f"{folder.name} ready ({time.time() - t0:.0f}s)", flush=True)
-    lo, hi, n = 5, 6, 200 if not args.quick else 50
-    results = [{"model": "base", "settings": "", **evaluate(base_dir, lo, hi, n)}]
+    n_val, n_test = (50, 100) if args.quick else (200, 500)
+    results = [{"model": "base", "settings": "", **evaluate(base_dir, n_val, n_test)}]
     for tag in SKILLS:
         results.append({"model": f"specialist: {SKILLS[tag]}", "settings": "",
-                        **evaluate(work / f"ft_{SKILLS[tag]}", lo, hi, n)})
+                        **evaluate(work / f"ft_{SKILLS[tag]}", n_val, n_test)})
     for method in args.methods.split(","):
         for settings in GRID[method]:
             per_model = {k: v for k, v in settings.items() if k in ("density",)}
             shared = {k: v for k, v in settings.items() if k not in per_model}
-            spec = get_method(method)
+            spec = get_method(method.split("+")[0])
             weight = {"weight": 1.0} if spec.param("weight") is not None else {}
             models = [{"model": str(work / f"ft_{SKILLS[t]}")} for t in SKILLS]
             for m in models:
                 if weight or per_model:
                     m["parameters"] = {**weight, **per_model}
-            recipe = {"merge_method": method, "base_model": str(base_dir), "models": models,
+            recipe = {"merge_method": spec.name, "base_model": str(base_dir), "models": models,
                       "parameters": shared, "seed": 0}
             out = work / "merged"
             shutil.rmtree(out, ignore_errors=True)
             mergesmith.run(recipe, out, threads=args.threads)
-            row = {"model": method, "settings": json.dumps(settings), **evaluate(out, lo, hi, n)}
+            row = {"model": method, "settings": json.dumps(settings),
+                   **evaluate(out, n_val, n_test)}
             results.append(row)
             print(json.dumps(row), flush=True)
     for r in results:
-        r["mean"] = sum(r[s] for s in SKILLS.values()) / len(SKILLS)
+        for split in ("val", "test"):
+            r[split]["mean"] = sum(r[split][s] for s in SKILLS.values()) / len(SKILLS)
+    base = results[0]["test"]
+    own = {SKILLS[t]: results[1 + i]["test"][SKILLS[t]] for i, t in enumerate(SKILLS)}
+    for r in results:
+        r["test"]["retained"] = retained(r["test"], base, own)
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    best: dict[str, dict] = {}
+    best: dict[str, dict] = {}  # chosen on the validation set, reported on the test set
     for r in results:
         key = r["model"]
-        if key not in best or r["mean"] > best[key]["mean"]:
+        if key not in best or r["val"]["mean"] > best[key]["val"]["mean"]:
             best[key] = r
-    lines = ["| model | best settings | " + " | ".join(SKILLS.values()) + " | mean |",
-             "|---|---|" + "---:|" * (len(SKILLS) + 1)]
+    lines = ["| model | setting (chosen on validation) | " + " | ".join(SKILLS.values())
+             + " | mean | gain kept |",
+             "|---|---|" + "---:|" * (len(SKILLS) + 2)]
     for r in sorted(best.values(), key=lambda r: (not r["model"].startswith(("base", "spec")),
-                                                  -r["mean"])):
+                                                  -r["test"]["retained"])):
+        t = r["test"]
+        kept = "" if r["model"].startswith(("base", "spec")) else f"{100 * t['retained']:.0f} %"
         lines.append(f"| {r['model']} | {r['settings']} | "
-                     + " | ".join(f"{r[s]:.2f}" for s in SKILLS.values()) + f" | {r['mean']:.2f} |")
+                     + " | ".join(f"{t[s]:.2f}" for s in SKILLS.values())
+                     + f" | {t['mean']:.3f} | {kept} |")
     table = "\n".join(lines)
     (work / "results.md").write_text(table + "\n")
     print("\n" + table)
