@@ -42,6 +42,9 @@ METHODS = {
     "wudi": {},
     "pcb": {},
     "svc_ta": {},
+    # the same methods with the seeded randomized SVD (top directions only)
+    "tsv_m+randomized": {"randomized_svd": True},
+    "cart+randomized": {"randomized_svd": True},
 }
 
 
@@ -49,8 +52,9 @@ def recipe(method: str, models: Path, experts: int, params: dict) -> dict:
     per_model = {k: v for k, v in params.items() if k in ("weight", "density")}
     entries = [{"model": str(models / f"ft{i}"), **({"parameters": per_model} if per_model else {})}
                for i in range(1, experts + 1)]
-    return {"merge_method": method, "base_model": str(models / "base"), "models": entries,
-            "dtype": "bfloat16"}
+    shared = {k: v for k, v in params.items() if k not in per_model}
+    return {"merge_method": method.split("+")[0], "base_model": str(models / "base"),
+            "models": entries, "dtype": "bfloat16", **({"parameters": shared} if shared else {})}
 
 
 def timed(cmd: list[str], log: Path) -> dict:
