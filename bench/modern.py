@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -57,6 +58,15 @@ def recipe(method: str, models: Path, experts: int, params: dict) -> dict:
             "models": entries, "dtype": "bfloat16", **({"parameters": shared} if shared else {})}
 
 
+def estimated_seconds(ms: list[str], recipe_path: Path, extra: tuple[str, ...]) -> float | None:
+    """What ``mergesmith check`` predicts for the run (its 'time: about N s' line)."""
+    threads = list(extra[extra.index("--threads"):][:2]) if "--threads" in extra else []
+    proc = subprocess.run([*ms, "check", str(recipe_path), *threads], capture_output=True,
+                          text=True)
+    found = re.search(r"^time:\s+about (\d+) s", proc.stdout, re.M)
+    return float(found.group(1)) if found else None
+
+
 def timed(cmd: list[str], log: Path) -> dict:
     full = ["/usr/bin/time", "-v", *cmd]
     with open(log.with_suffix(".time"), "w") as err:
@@ -94,10 +104,11 @@ def main() -> int:
         path = runs / f"{method}-{experts}.yml"
         path.write_text(yaml.safe_dump(recipe(method, models, experts, METHODS[method])))
         remove(out)
+        estimate = estimated_seconds(ms, path, extra)
         stats = timed([*ms, "run", str(path), str(out), "--quiet", *extra],
                       runs / f"{method}-{experts}")
         remove(out)
-        row = {"method": method, "experts": experts, **stats}
+        row = {"method": method, "experts": experts, "check_estimate_s": estimate, **stats}
         print(json.dumps(row), flush=True)
         return row
 
@@ -111,10 +122,12 @@ def main() -> int:
                 rows.append(one(method, experts, ("--threads", "1")))
     name = f"modern-{args.size_gb:g}gb{'-scaling' if args.scaling_only else ''}.json"
     (args.workdir / name).write_text(json.dumps(rows, indent=1))
-    print("\n| method | experts | wall s | CPU s | peak RSS MiB |\n|---|---:|---:|---:|---:|")
+    print("\n| method | experts | wall s | CPU s | peak RSS MiB | check's estimate s |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['experts']} | {r.get('wall_s', 0):.1f} | "
-              f"{r.get('cpu_s', 0):.1f} | {r.get('max_rss_mb', 0):.0f} |"
+              f"{r.get('cpu_s', 0):.1f} | {r.get('max_rss_mb', 0):.0f} | "
+              f"{r.get('check_estimate_s') or '—'} |"
               + ("" if r["ok"] else " FAILED"))
     return 0
 

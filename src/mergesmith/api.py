@@ -14,6 +14,7 @@ import torch
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
 from .errors import MergeError, MergeIOError
+from .methods.linalg import NO_WORK, DenseWork
 from .writer import check_disk_space
 from . import execute as execute_module
 from .execute import (chunk_elements_for, data_budget, execute, item_memory, resolve_devices,
@@ -40,6 +41,7 @@ class CheckReport:
     baseline: int = 0
     seconds: float = 0.0
     over_limit: tuple[tuple[str, int], ...] = ()  # (tensor, bytes) needing more than the limit
+    dense: DenseWork = NO_WORK  # SVDs and other dense linear algebra the method needs
 
     def summary(self) -> str:
         from .units import format_bytes as fb
@@ -76,6 +78,12 @@ class CheckReport:
         lines.append(f"time:          about {self.seconds:.0f} s with {self.threads} thread(s) "
                      "(rough: rates measured on a 2-core x86 machine with the inputs in "
                      "the page cache; reading from disk adds bytes to read ÷ disk speed)")
+        if self.dense.factorizations or self.dense.product_flops:
+            d = self.dense
+            lines.append(
+                f"linear algebra: {d.factorizations:,} factorization(s) (SVD, eigh, QR) of "
+                f"{_flops(d.factorization_flops)} and {_flops(d.product_flops)} of matrix "
+                f"products: about {dense_seconds(d, self.threads):.0f} s of the time above")
         for module, layers in p.layer_maps.items():
             title = "layer map" + ("" if module == "default" else f" of module '{module}'")
             lines.append(f"{title} (output layers ← input layers):")
@@ -155,9 +163,36 @@ REFERENCE_CORES = 2
 """The methods' ``seconds_per_gb`` were measured with this many worker threads."""
 
 
-def estimate_seconds(p: Plan, threads: int) -> float:
+FACTORIZATION_FLOPS = 30e9
+"""SVD / eigh / QR throughput on the reference machine (float32, 2 cores, measured)."""
+
+PRODUCT_FLOPS = 150e9
+"""Matrix-product throughput on the reference machine (float32, 2 cores, measured)."""
+
+
+def dense_work(p: Plan) -> DenseWork:
+    """The dense linear algebra of every output tensor whose method declares it."""
+    from .methods import get_method
+
+    total = NO_WORK
+    for t in p.tensors:
+        spec = get_method(t.method) if t.method != "copy" else None
+        if spec is not None and spec.compute is not None:
+            tasks = len(t.inputs) - (t.base_index is not None)
+            total = total + spec.compute(t.name, t.shape, max(1, tasks), t.params)
+    return total
+
+
+def dense_seconds(work: DenseWork, threads: int) -> float:
+    cores = max(1, min(threads, os.cpu_count() or 1))
+    return (work.factorization_flops / FACTORIZATION_FLOPS
+            + work.product_flops / PRODUCT_FLOPS) * REFERENCE_CORES / cores
+
+
+def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> float:
     """Wall time of the merge: each output tensor's input bytes at its method's measured
-    rate, scaled by the worker threads that can run (at most the CPU cores)."""
+    rate, plus the dense linear algebra methods declare (SVDs: not proportional to bytes),
+    scaled by the worker threads that can run (at most the CPU cores)."""
     from .methods import get_method
 
     per_gb: dict[str, float] = {}
@@ -167,7 +202,15 @@ def estimate_seconds(p: Plan, threads: int) -> float:
             per_gb[t.method] = 0.35 if t.method == "copy" else get_method(t.method).seconds_per_gb
         work += sum(p.input_info(i).nbytes for i in t.inputs) / 1e9 * per_gb[t.method]
     cores = max(1, min(threads, os.cpu_count() or 1))
-    return STARTUP_SECONDS + work * REFERENCE_CORES / cores
+    dense = dense_work(p) if dense is None else dense
+    return STARTUP_SECONDS + work * REFERENCE_CORES / cores + dense_seconds(dense, threads)
+
+
+def _flops(n: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} FLOP"
 
 
 def check(recipe: RecipeLike, *, threads: int | None = None,
@@ -193,8 +236,9 @@ def check(recipe: RecipeLike, *, threads: int | None = None,
             if item.tensor.name not in seen:
                 seen.add(item.tensor.name)
                 over.append((item.tensor.name, need))
+    dense = dense_work(p)
     return CheckReport(p, estimate_peak_memory(p, n, chunk, budget), n, limit, baseline,
-                       estimate_seconds(p, n), tuple(over))
+                       estimate_seconds(p, n, dense), tuple(over), dense)
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,

@@ -8,6 +8,8 @@ seeded by the tensor name, so a merge stays bit-reproducible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .apply import tensor_generator
@@ -77,3 +79,73 @@ def polar(x: torch.Tensor) -> torch.Tensor:
     tol = float(values.max()) * values.numel() * torch.finfo(torch.float64).eps
     inv_sqrt = torch.where(values > tol, values.clamp_min(tol).rsqrt(), torch.zeros_like(values))
     return (x64 @ ((vectors * inv_sqrt) @ vectors.T)).to(x.dtype)
+
+
+# ---------------------------------------------------------------- cost model for `check`
+
+
+@dataclass(frozen=True)
+class DenseWork:
+    """Dense linear algebra one output tensor costs beyond streaming its inputs: floating
+    point operations in factorizations (SVD, eigh, QR: slow, a few tens of GFLOP/s on two
+    cores) and in matrix products (fast), and how many factorizations. Rough by design:
+    ``check`` turns it into seconds so that an SVD-heavy recipe is not estimated like
+    task arithmetic."""
+
+    factorization_flops: float = 0.0
+    product_flops: float = 0.0
+    factorizations: int = 0
+
+    def __add__(self, other: DenseWork) -> DenseWork:
+        return DenseWork(self.factorization_flops + other.factorization_flops,
+                         self.product_flops + other.product_flops,
+                         self.factorizations + other.factorizations)
+
+    def __mul__(self, times: int) -> DenseWork:
+        return DenseWork(self.factorization_flops * times, self.product_flops * times,
+                         self.factorizations * times)
+
+    __rmul__ = __mul__
+
+
+NO_WORK = DenseWork()
+
+
+def product_work(m: int, k: int, n: int, *, float64: bool = False) -> DenseWork:
+    """``(m×k)·(k×n)``; float64 counted twice (half the throughput)."""
+    return DenseWork(product_flops=2.0 * m * k * n * (2 if float64 else 1))
+
+
+def svd_work(m: int, n: int) -> DenseWork:
+    """Thin SVD with vectors: ≈ 4·M·r² + 8·r³ (``M``, ``r`` the larger and smaller side)."""
+    big, r = max(m, n), min(m, n)
+    return DenseWork(4.0 * big * r * r + 8.0 * r ** 3, factorizations=1)
+
+
+def eigh_work(n: int) -> DenseWork:
+    """Symmetric eigendecomposition with vectors in float64 (≈ 4·n³ SVD-equivalent)."""
+    return DenseWork(4.0 * n ** 3, factorizations=1)
+
+
+def polar_work(m: int, c: int) -> DenseWork:
+    """:func:`polar` of an ``m×c`` matrix: Gram matrix, eigh, two products (float64)."""
+    return (product_work(c, m, c, float64=True) + eigh_work(c)
+            + product_work(c, c, c, float64=True) + product_work(m, c, c, float64=True))
+
+
+def randomized_svd_work(m: int, n: int, k: int, oversample: int = 10,
+                        power_iterations: int = 4) -> DenseWork:
+    """:func:`randomized_svd`: ``2 + 2·power_iterations`` products with an ``n×q`` block,
+    as many thin QRs, and one small exact SVD."""
+    q = min(k + oversample, m, n)
+    steps = 2 + 2 * power_iterations
+    qr = DenseWork(4.0 * max(m, n) * q * q, factorizations=1)
+    return (product_work(m, n, q) * steps + qr * (steps - 1) + svd_work(q, n)
+            + product_work(m, q, q))
+
+
+def top_svd_work(m: int, n: int, k: int, randomized: bool = False) -> DenseWork:
+    """What :func:`top_svd` costs with the same choice of path."""
+    if randomized and 2 * (k + 10) < min(m, n):
+        return randomized_svd_work(m, n, k)
+    return svd_work(m, n)

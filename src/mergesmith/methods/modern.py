@@ -17,7 +17,20 @@ from collections.abc import Iterable
 import torch
 
 from . import sparsify
-from .linalg import full_svd, numerical_rank, polar, svd, top_svd
+from .linalg import (
+    NO_WORK,
+    DenseWork,
+    eigh_work,
+    full_svd,
+    numerical_rank,
+    polar,
+    polar_work,
+    product_work,
+    svd,
+    svd_work,
+    top_svd,
+    top_svd_work,
+)
 from .registry import LINES_PARAMS, BasePolicy, MergeInputs, Param, Scope, merge_method
 from .task_arithmetic import _magnitude, generalized_task_arithmetic
 
@@ -38,12 +51,80 @@ def _ta(m: MergeInputs) -> torch.Tensor:
 
 
 def _is_matrix(m: MergeInputs) -> bool:
+    return _spectral(m.tensor_name, m.shape)
+
+
+def _spectral(name: str, shape: tuple[int, ...]) -> bool:
     """A weight matrix the spectral methods apply to: 2-D, not a token embedding or LM
     head (indexed by token, not a linear map of features; the papers leave them out)."""
     from ..arch import is_vocab_tensor
 
-    shape = m.shape
-    return len(shape) == 2 and min(shape) > 1 and not is_vocab_tensor(m.tensor_name)
+    return len(shape) == 2 and min(shape) > 1 and not is_vocab_tensor(name)
+
+
+# ------------------------------------------------------------------ costs (for `check`)
+
+
+def _iso_c_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if not _spectral(name, shape):
+        return NO_WORK
+    m, n = shape
+    return svd_work(m, n) + product_work(m, min(m, n), n)
+
+
+def _iso_cts_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if not _spectral(name, shape):
+        return NO_WORK
+    m, n = shape
+    r = min(m, n)
+    per_task = svd_work(m, n) + product_work(m, r, n) * 2  # projection out of the common part
+    return (svd_work(m, n) + per_task * tasks + polar_work(m, r) + polar_work(n, r)
+            + product_work(m, r, n))
+
+
+def _tsv_m_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if not _spectral(name, shape):
+        return NO_WORK
+    m, n = shape
+    k = max(1, int(params["rank_fraction"] * min(m, n) / tasks))
+    kept = min(tasks * k, min(m, n))
+    return (top_svd_work(m, n, k, params["randomized_svd"]) * tasks + polar_work(m, kept)
+            + polar_work(n, kept) + product_work(m, kept, n))
+
+
+def _cart_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if len(shape) != 2 or min(shape) <= 1:
+        return NO_WORK
+    m, n = shape
+    k = max(1, int(params["rank_fraction"] * min(m, n)))
+    return (top_svd_work(m, n, k, params["randomized_svd"]) + product_work(m, k, n)) * tasks
+
+
+def _star_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if not _spectral(name, shape):
+        return NO_WORK
+    m, n = shape
+    return (svd_work(m, n) + product_work(m, min(m, n), n)) * tasks
+
+
+def _wudi_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if not _spectral(name, shape):
+        return NO_WORK
+    rows, cols = shape
+    small, large = sorted((tasks * rows, cols))
+    return (product_work(rows, cols, rows, float64=True) * tasks  # τᵢ·τᵢᵀ
+            + product_work(small, large, small, float64=True) + eigh_work(small)  # Gram, pinv
+            + product_work(small, small, small, float64=True)
+            + product_work(large, small, small, float64=True)
+            + product_work(rows, tasks * rows, cols, float64=True))  # E·(Aᵀ)⁺
+
+
+def _svc_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    if not _spectral(name, shape):
+        return NO_WORK
+    m, n = shape
+    r = min(m, n)
+    return svd_work(m, n) + product_work(m, n, r) * tasks + product_work(m, r, n)
 
 
 def _sum_tasks(m: MergeInputs, base: torch.Tensor) -> torch.Tensor:
@@ -160,12 +241,13 @@ _ALPHA = Param("lambda", float, 1.0, doc="scale α of the merged task matrix")
 
 @merge_method(
     "iso_c",
+    compute=_iso_c_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, _ALPHA, *LINES_PARAMS],
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=25.0,
+    seconds_per_gb=2.0,
     reference="https://arxiv.org/abs/2502.04959",
 )
 def iso_c(m: MergeInputs) -> torch.Tensor:
@@ -182,6 +264,7 @@ def iso_c(m: MergeInputs) -> torch.Tensor:
 
 @merge_method(
     "iso_cts",
+    compute=_iso_cts_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, Param("common_fraction", float, 0.8,
                            doc="share of the directions taken from the common subspace"),
@@ -189,7 +272,7 @@ def iso_c(m: MergeInputs) -> torch.Tensor:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=25.0,
+    seconds_per_gb=3.0,
     reference="https://arxiv.org/abs/2502.04959",
 )
 def iso_cts(m: MergeInputs) -> torch.Tensor:
@@ -233,6 +316,7 @@ def _rank_of(x: torch.Tensor, fraction: float, tasks: int = 1) -> int:
 
 @merge_method(
     "tsv_m",
+    compute=_tsv_m_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, Param("rank_fraction", float, 1.0,
                            doc="share of the full rank split among the tasks: each keeps "
@@ -241,7 +325,7 @@ def _rank_of(x: torch.Tensor, fraction: float, tasks: int = 1) -> int:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=45.0,
+    seconds_per_gb=2.0,
     reference="https://arxiv.org/abs/2412.00081",
 )
 def tsv_m(m: MergeInputs) -> torch.Tensor:
@@ -275,6 +359,7 @@ def _low_rank(x: torch.Tensor, k: int, randomized: bool = False, name: str = "")
 
 @merge_method(
     "cart",
+    compute=_cart_work,
     base=BasePolicy.OPTIONAL,
     params=[Param("rank_fraction", float, 0.08,
                   doc="rank kept of each centred task vector, as a share of the full rank"),
@@ -283,7 +368,7 @@ def _low_rank(x: torch.Tensor, k: int, randomized: bool = False, name: str = "")
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=45.0,
+    seconds_per_gb=3.0,
     reference="https://arxiv.org/abs/2412.12153",
     differences="A base_model, if given, is not used: CART centres on the models' mean.",
 )
@@ -310,6 +395,7 @@ def cart(m: MergeInputs) -> torch.Tensor:
 
 @merge_method(
     "star",
+    compute=_star_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, Param("eta", float, 0.4,
                            doc="share of each task matrix's nuclear norm its kept directions "
@@ -319,7 +405,7 @@ def cart(m: MergeInputs) -> torch.Tensor:
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
-    seconds_per_gb=55.0,
+    seconds_per_gb=2.0,
     reference="https://arxiv.org/abs/2502.10339",
 )
 def star(m: MergeInputs) -> torch.Tensor:
@@ -353,12 +439,13 @@ def star(m: MergeInputs) -> torch.Tensor:
 
 @merge_method(
     "wudi",
+    compute=_wudi_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, _LAMBDA, *LINES_PARAMS],
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=50.0,
+    seconds_per_gb=3.0,
     reference="https://arxiv.org/abs/2503.08099",
     differences="Solves WUDI's quadratic objective exactly (minimum-norm least squares) "
                 "instead of running the paper's Adam for a few hundred steps.",
@@ -500,13 +587,14 @@ def singular_value_calibration(merged_tv: torch.Tensor, taus: Iterable[torch.Ten
 
 @merge_method(
     "svc_ta",
+    compute=_svc_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, Param("svc_alpha", float, 1.0, doc="floor α of the per-task ratios"),
             _LAMBDA, *LINES_PARAMS],
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
-    seconds_per_gb=40.0,
+    seconds_per_gb=3.0,
     reference="https://arxiv.org/abs/2602.05536",
 )
 def svc_ta(m: MergeInputs) -> torch.Tensor:

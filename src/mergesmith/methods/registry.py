@@ -14,11 +14,14 @@ import enum
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import MergeError, did_you_mean
+
+if TYPE_CHECKING:
+    from .linalg import DenseWork
 
 
 class Scope(str, enum.Enum):
@@ -136,6 +139,7 @@ class MergeInputs:
 
 MethodFn = Callable[[MergeInputs], torch.Tensor]
 CheckFn = Callable[[str, Mapping[str, Any], Sequence[Mapping[str, Any]], "int | None"], None]
+ComputeFn = Callable[[str, tuple[int, ...], int, Mapping[str, Any]], "DenseWork"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,7 @@ class MethodSpec:
     reference: str = ""
     differences: str = ""
     check: CheckFn | None = None
+    compute: ComputeFn | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -190,7 +195,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
                  random: bool = False, temp_buffers: float = 2.0, reference: str = "",
                  differences: str = "", check: CheckFn | None = None,
                  raw_inputs: bool = False, seconds_per_gb: float = 1.0,
-                 lazy_inputs: bool = False,
+                 lazy_inputs: bool = False, compute: ComputeFn | None = None,
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
@@ -208,7 +213,12 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
       the compute dtype each time): methods that pass over the experts one at a time keep
       memory independent of their number (see ``MergeInputs.task_vectors``).
     * ``seconds_per_gb``: wall seconds per GB of input on the reference machine (2 CPU
-      cores, inputs in the page cache) for ``check``'s time estimate.
+      cores, inputs in the page cache) for ``check``'s time estimate: the cost of streaming
+      the inputs through the method's element-wise work.
+    * ``compute(tensor_name, shape, n_tasks, params)``: the dense linear algebra (SVDs,
+      eigendecompositions, large products) one output tensor needs, as a
+      :class:`~mergesmith.methods.linalg.DenseWork`; ``check`` reports it and adds it to
+      the time estimate. For methods whose cost is not proportional to bytes.
     * ``check(tensor_name, params, model_params, base_index)``: validates resolved parameters
       at plan time (before any data is read); raise MergeError.
     * ``differences``: where the method knowingly differs from mergekit (for the docs).
@@ -224,7 +234,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
                             max_non_base, elementwise, random, temp_buffers, raw_inputs,
                             seconds_per_gb, lazy_inputs,
                             summary.replace("\n", " "), description.strip(), reference,
-                            inspect.cleandoc(differences), check), replace=replace)
+                            inspect.cleandoc(differences), check, compute), replace=replace)
         return fn
 
     return wrap

@@ -265,7 +265,16 @@ def _register(v: _Variant) -> None:
                  temp_buffers=1.0, raw_inputs=True, reference=v.reference,
                  seconds_per_gb=_SECONDS_PER_GB.get(v.sparsifier, 0.9),
                  differences=differences,
-                 check=_check_della if v.sparsifier is _della else None)(method)
+                 check=_check_della if v.sparsifier is _della else None,
+                 compute=_calibration_work)(method)
+
+
+def _calibration_work(name: str, shape: tuple[int, ...], tasks: int, params):
+    """With ``svc``: one SVD of the merged task matrix and a product per task."""
+    from .linalg import NO_WORK
+    from .modern import _svc_work
+
+    return _svc_work(name, shape, tasks, params) if params.get("svc") else NO_WORK
 
 
 _SECONDS_PER_GB = {_magnitude: 7.5, _outliers: 7.5, _bernoulli: 5.5, _della: 12.0}
