@@ -86,7 +86,7 @@ def _tsv_m_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseW
     if not _spectral(name, shape):
         return NO_WORK
     m, n = shape
-    k = max(1, int(params["rank_fraction"] * min(m, n) / tasks))
+    k = _rank_of(shape, params["rank_fraction"], tasks)
     kept = min(tasks * k, min(m, n))
     return (top_svd_work(m, n, k, params["randomized_svd"]) * tasks + polar_work(m, kept)
             + polar_work(n, kept) + product_work(m, kept, n))
@@ -96,7 +96,7 @@ def _cart_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWo
     if len(shape) != 2 or min(shape) <= 1:
         return NO_WORK
     m, n = shape
-    k = max(1, int(params["rank_fraction"] * min(m, n)))
+    k = _rank_of(shape, params["rank_fraction"])
     return (top_svd_work(m, n, k, params["randomized_svd"]) + product_work(m, k, n)) * tasks
 
 
@@ -310,8 +310,9 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
     return base.add_(merged.mul_(mean * m.params["lambda"]))
 
 
-def _rank_of(x: torch.Tensor, fraction: float, tasks: int = 1) -> int:
-    return max(1, int(fraction * min(x.shape) / tasks))
+def _rank_of(shape: tuple[int, ...], fraction: float, tasks: int = 1) -> int:
+    """Directions kept: ``⌊fraction·min(shape)/tasks⌋``, at least one."""
+    return max(1, int(fraction * min(shape) / tasks))
 
 
 @merge_method(
@@ -338,7 +339,7 @@ def tsv_m(m: MergeInputs) -> torch.Tensor:
     if not _is_matrix(m):
         return _ta(m)
     base = m.base
-    k = _rank_of(base, m.params["rank_fraction"], m.n_tasks)
+    k = _rank_of(base.shape, m.params["rank_fraction"], m.n_tasks)
     us, ss, vs = [], [], []
     randomized = m.params["randomized_svd"]
     for i, (tau, p) in enumerate(m.task_vectors(base)):
@@ -385,7 +386,7 @@ def cart(m: MergeInputs) -> torch.Tensor:
     mean.div_(len(idx))
     if mean.dim() != 2 or min(mean.shape) <= 1:
         return mean
-    k = _rank_of(mean, m.params["rank_fraction"])
+    k = _rank_of(mean.shape, m.params["rank_fraction"])
     acc = torch.zeros_like(mean)
     for i in idx:
         acc.add_(_low_rank(torch.sub(m.tensors[i], mean), k, m.params["randomized_svd"],
