@@ -61,9 +61,9 @@ def recipe(method: str, models: Path, experts: int, params: dict) -> dict:
 def estimated_seconds(ms: list[str], recipe_path: Path, extra: tuple[str, ...]) -> float | None:
     """What ``mergesmith check`` predicts for the run (its 'time: about N s' line)."""
     threads = list(extra[extra.index("--threads"):][:2]) if "--threads" in extra else []
-    proc = subprocess.run([*ms, "check", str(recipe_path), *threads], capture_output=True,
+    proc = subprocess.run([*ms, "check", str(recipe_path), *threads], capture_output=True, check=False,
                           text=True)
-    found = re.search(r"^time:\s+about (\d+) s", proc.stdout, re.M)
+    found = re.search(r"^time:\s+about (\d+) s", proc.stdout, re.MULTILINE)
     return float(found.group(1)) if found else None
 
 

@@ -11,21 +11,40 @@ from typing import Any
 
 import torch
 
+from . import execute as execute_module
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
 from .errors import MergeError, MergeIOError
+from .execute import (
+    chunk_elements_for,
+    data_budget,
+    execute,
+    item_memory,
+    resolve_devices,
+    work_items,
+)
 from .methods.linalg import NO_WORK, DenseWork
-from .writer import check_disk_space
-from . import execute as execute_module
-from .execute import (chunk_elements_for, data_budget, execute, item_memory, resolve_devices,
-                      work_items)
-from .output import (check_output, partial_path, prepare_partial, publish, verify_folder,
-                     write_checksums, write_side_files)
+from .output import (
+    check_output,
+    partial_path,
+    prepare_partial,
+    publish,
+    verify_folder,
+    write_checksums,
+    write_side_files,
+)
 from .output import verify as verify_plan
-from .plan import (DEFAULT_SHARD_SIZE, LayerSource, Plan, PlanOptions, make_plan,
-                   referenced_models)
+from .plan import (
+    DEFAULT_SHARD_SIZE,
+    LayerSource,
+    Plan,
+    PlanOptions,
+    make_plan,
+    referenced_models,
+)
 from .recipe import Recipe, load_recipe
 from .units import parse_dtype, parse_size
+from .writer import check_disk_space
 
 RecipeLike = Any  # path, YAML text, mapping or Recipe
 
