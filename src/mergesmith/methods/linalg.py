@@ -40,8 +40,12 @@ def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return u[:, :r], s[:r], vh[:r]
 
 
+OVERSAMPLE = 10
+"""Extra test vectors of the randomized SVD beyond the ``k`` directions wanted."""
+
+
 def randomized_svd(x: torch.Tensor, k: int, generator: torch.Generator, *,
-                   oversample: int = 10, power_iterations: int = 4
+                   oversample: int = OVERSAMPLE, power_iterations: int = 4
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-``k`` SVD: a range finder with ``k + oversample`` Gaussian test
     vectors and ``power_iterations`` QR-stabilised power steps, then the exact SVD of
@@ -58,11 +62,16 @@ def randomized_svd(x: torch.Tensor, k: int, generator: torch.Generator, *,
     return (basis @ ub)[:, :k], s[:k], vh[:k]
 
 
+def randomized_pays(shape: tuple[int, ...], k: int) -> bool:
+    """The randomized path saves work only when ``k`` is well below the full rank."""
+    return 2 * (k + OVERSAMPLE) < min(shape)
+
+
 def top_svd(x: torch.Tensor, k: int, *, randomized: bool = False, name: str = ""
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``k`` singular triplets (fewer if the numerical rank is lower). The
     randomized path is used only when it saves work (``k`` well below the full rank)."""
-    if randomized and 2 * (k + 10) < min(x.shape):
+    if randomized and randomized_pays(tuple(x.shape), k):
         u, s, vh = randomized_svd(x, k, tensor_generator(0, f"svd\0{name}", x.device))
         r = numerical_rank(s, x.shape) if s.numel() else 0
         return u[:, :r], s[:r], vh[:r]
@@ -133,7 +142,7 @@ def polar_work(m: int, c: int) -> DenseWork:
             + product_work(c, c, c, float64=True) + product_work(m, c, c, float64=True))
 
 
-def randomized_svd_work(m: int, n: int, k: int, oversample: int = 10,
+def randomized_svd_work(m: int, n: int, k: int, oversample: int = OVERSAMPLE,
                         power_iterations: int = 4) -> DenseWork:
     """:func:`randomized_svd`: ``2 + 2·power_iterations`` products with an ``n×q`` block,
     as many thin QRs, and one small exact SVD."""
@@ -146,6 +155,6 @@ def randomized_svd_work(m: int, n: int, k: int, oversample: int = 10,
 
 def top_svd_work(m: int, n: int, k: int, randomized: bool = False) -> DenseWork:
     """What :func:`top_svd` costs with the same choice of path."""
-    if randomized and 2 * (k + 10) < min(m, n):
+    if randomized and randomized_pays((m, n), k):
         return randomized_svd_work(m, n, k)
     return svd_work(m, n)

@@ -54,12 +54,17 @@ def _is_matrix(m: MergeInputs) -> bool:
     return _spectral(m.tensor_name, m.shape)
 
 
+def _is_2d(shape: tuple[int, ...]) -> bool:
+    """A matrix with more than one row and column (a spectrum worth decomposing)."""
+    return len(shape) == 2 and min(shape) > 1
+
+
 def _spectral(name: str, shape: tuple[int, ...]) -> bool:
     """A weight matrix the spectral methods apply to: 2-D, not a token embedding or LM
     head (indexed by token, not a linear map of features; the papers leave them out)."""
     from ..arch import is_vocab_tensor
 
-    return len(shape) == 2 and min(shape) > 1 and not is_vocab_tensor(name)
+    return _is_2d(shape) and not is_vocab_tensor(name)
 
 
 # ------------------------------------------------------------------ costs (for `check`)
@@ -93,7 +98,7 @@ def _tsv_m_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseW
 
 
 def _cart_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
-    if len(shape) != 2 or min(shape) <= 1:
+    if not _is_2d(shape):
         return NO_WORK
     m, n = shape
     k = _rank_of(shape, params["rank_fraction"])
@@ -384,7 +389,7 @@ def cart(m: MergeInputs) -> torch.Tensor:
     for i in idx[1:]:
         mean.add_(m.tensors[i])
     mean.div_(len(idx))
-    if mean.dim() != 2 or min(mean.shape) <= 1:
+    if not _is_2d(tuple(mean.shape)):
         return mean
     k = _rank_of(mean.shape, m.params["rank_fraction"])
     acc = torch.zeros_like(mean)
