@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MergeError, MergeIOError
-from .inspect_models import DEFINITIONS, InspectResult, _mean, pairs
+from .inspect_metrics import DEFINITIONS, mean, pairs
+from .inspect_models import InspectResult
 
 
 @dataclass
@@ -178,7 +179,7 @@ def notable_layers(result: InspectResult, top: int = 3) -> list[tuple[str, list[
         if conf:
             out.append(("most sign conflict", pick(conf, True)))
         cos = [(c, f"{g.label} ({c:.3f})") for g in layers
-               if (c := _mean(g.sums.cosines())) is not None]
+               if (c := mean(g.sums.cosines())) is not None]
         if cos:
             out.append(("lowest mean cosine", pick(cos, False)))
     rel = [(r, f"{g.label} ({r:.3g}, {result.names[i]})") for g in layers
@@ -206,7 +207,7 @@ def render_summary(result: InspectResult) -> str:
     cos_with = []
     for i in range(k):
         others = [s.cosine(min(i, j), max(i, j)) for j in range(k) if j != i]
-        cos_with.append(_mean(others))
+        cos_with.append(mean(others))
     disagree = s.sign_disagreement()
     ranks, rel_ranks = w.median_ranks(), w.median_relative_ranks()
     rows = []
@@ -355,6 +356,6 @@ def render_html(result: InspectResult, maps: Sequence[Heatmap], files: ReportFil
         f"<li><b>{_e(key)}</b>: {_e(text)}</li>" for key, text in DEFINITIONS.items())
         + f"<li>options: {_e(result.options)}</li></ul>")
     parts.append(f"<p>All numbers: <a href='inspect.json'>inspect.json</a>. Mean cosine "
-                 f"over pairs: {_e(_p(_mean(s.cosines()), '.4f'))}; "
+                 f"over pairs: {_e(_p(mean(s.cosines()), '.4f'))}; "
                  f"{len(pairs(k))} pair(s).</p></body></html>\n")
     return "\n".join(parts)
