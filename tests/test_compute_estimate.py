@@ -12,7 +12,7 @@ import mergesmith
 from mergesmith import merge_tensors
 from mergesmith.api import STARTUP_SECONDS
 from mergesmith.methods import get_method
-from mergesmith.methods.apply import resolve_parameters
+from mergesmith.methods.contract import bind_mapping
 from mergesmith.methods.linalg import NO_WORK, svd_work, top_svd_work
 
 CASES = [
@@ -61,8 +61,8 @@ def _inputs(shape, tasks=3):
 def test_declared_factorizations_are_the_ones_run(method, params, name, shape, factorizations):
     spec = get_method(method)
     tensors = _inputs(shape)
-    shared, _ = resolve_parameters(spec, params, len(tensors), 0)
-    declared = spec.compute(name, shape, len(tensors) - 1, shared)
+    shared = bind_mapping(spec, params, len(tensors), 0, tensor_name=name)[1].params
+    declared = spec.cost.compute(name, shape, len(tensors) - 1, shared)
     factorizations["n"] = 0
     merge_tensors(tensors, method, params, base_index=0, name=name)
     assert declared.factorizations == factorizations["n"]
@@ -80,9 +80,9 @@ def test_randomized_path_is_cheaper_only_where_it_is_taken():
 def test_methods_without_dense_work_declare_none():
     for method in ("task_arithmetic", "ties", "magmax", "consensus_ta", "pcb"):
         spec = get_method(method)
-        if spec.compute is not None:
-            shared, _ = resolve_parameters(spec, {"weight": 1.0, "density": 0.5}, 3, 0)
-            assert spec.compute("model.layers.0.mlp.up_proj.weight", (64, 32), 2,
+        if spec.cost.compute is not None:
+            shared = bind_mapping(spec, {"weight": 1.0, "density": 0.5}, 3, 0)[1].params
+            assert spec.cost.compute("model.layers.0.mlp.up_proj.weight", (64, 32), 2,
                                 shared) == NO_WORK
 
 

@@ -9,16 +9,17 @@ from test_cli import assert_user_error, invoke
 
 import mergesmith
 import mergesmith.execute as ex
+import mergesmith.memory as mem
 from mergesmith import MergeError
 
 MB = 1024 * 1024
 
 
 def test_budget_is_what_the_limit_leaves():
-    assert ex.data_budget(None) == ex.MEMORY_BUDGET
-    assert ex.data_budget(1000 * MB, resident=300 * MB) == int(1000 * MB * 0.9) - 300 * MB
+    assert mem.data_budget(None) == mem.MEMORY_BUDGET
+    assert mem.data_budget(1000 * MB, resident=300 * MB) == int(1000 * MB * 0.9) - 300 * MB
     with pytest.raises(MergeError, match="use at least"):
-        ex.data_budget(320 * MB, resident=300 * MB)
+        mem.data_budget(320 * MB, resident=300 * MB)
 
 
 def test_chunks_shrink_only_under_tight_limits(monkeypatch):
@@ -56,8 +57,8 @@ def test_same_bytes_under_a_tight_limit(tmp_path, models, monkeypatch, items_in_
     mergesmith.run(recipe, tmp_path / "free", threads=3)
     peak = items_in_flight
     peak[0] = 0
-    monkeypatch.setattr(ex, "resident_bytes", lambda: 0)
-    monkeypatch.setattr(ex, "MIN_DATA_BUDGET", 1)
+    monkeypatch.setattr(mem, "resident_bytes", lambda: 0)
+    monkeypatch.setattr(mem, "MIN_DATA_BUDGET", 1)
     monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 4096)
     limit = 2000  # bytes: every item is larger, so each runs alone
     mergesmith.run(recipe, tmp_path / "tight", threads=3, memory_limit=limit)
@@ -75,8 +76,8 @@ def test_cli_limit_too_small_is_a_user_error(tmp_path, models):
 
 
 def test_check_reports_limit_and_tensors_that_cannot_fit(tmp_path, models, monkeypatch):
-    monkeypatch.setattr(ex, "MIN_DATA_BUDGET", 1)
-    monkeypatch.setattr(ex, "resident_bytes", lambda: 0)
+    monkeypatch.setattr(mem, "MIN_DATA_BUDGET", 1)
+    monkeypatch.setattr(mem, "resident_bytes", lambda: 0)
     ties = _recipe(tmp_path, models, "ties", ", density: 0.5")
     report = mergesmith.check(ties, memory_limit=4000, threads=2)
     text = report.summary()

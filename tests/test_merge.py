@@ -359,7 +359,7 @@ models:
             seen["tensors"] += finished
         return update
 
-    plan = mergesmith.run(recipe, tmp_path / "out", threads=3, progress=progress)
+    plan = mergesmith.run(recipe, tmp_path / "out", threads=3, progress=progress).plan
     assert seen == {"bytes": plan.bytes_written, "tensors": len(plan.tensors)}
 
 
@@ -376,11 +376,11 @@ models:
     parameters: {{weight: 0.5, density: 0.3}}
 """)
     mergesmith.run(recipe, tmp_path / "free", threads=4)
-    import mergesmith.execute as ex
+    import mergesmith.memory as mem
 
     peak = items_in_flight
     peak[0] = 0
-    monkeypatch.setattr(ex, "MEMORY_BUDGET", 1000)  # every item is "too big": one at a time
+    monkeypatch.setattr(mem, "MEMORY_BUDGET", 1000)  # every item is "too big": one at a time
     mergesmith.run(recipe, tmp_path / "tight", threads=4)
     assert peak[0] == 1
     a, b = load_model(tmp_path / "free"), load_model(tmp_path / "tight")

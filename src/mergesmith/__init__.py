@@ -10,9 +10,10 @@ Python API::
 
 __version__ = "0.1.0"
 
-from .api import CheckReport, check, plan, run, verify  # noqa: E402
+from .api import CheckReport, RunResult, check, plan, run, verify  # noqa: E402
 from .errors import MergeError, MergeIOError  # noqa: E402
 from .methods import merge_state_dicts, merge_tensors  # noqa: E402
+from .options import Options  # noqa: E402
 
-__all__ = ["CheckReport", "MergeError", "MergeIOError", "__version__", "check", "verify",
-           "merge_state_dicts", "merge_tensors", "plan", "run"]
+__all__ = ["CheckReport", "MergeError", "MergeIOError", "Options", "RunResult", "__version__",
+           "check", "merge_state_dicts", "merge_tensors", "plan", "run", "verify"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -9,21 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from . import execute as execute_module
+from . import memory
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
-from .errors import MergeError, MergeIOError
-from .execute import (
-    chunk_elements_for,
-    data_budget,
-    execute,
-    item_memory,
-    resolve_devices,
-    work_items,
-)
+from .devices import resolve_devices
+from .errors import MergeIOError, MergeError
+from .execute import chunk_elements_for, execute, item_memory, work_items
 from .methods.linalg import NO_WORK, DenseWork
+from .options import Options
 from .output import (
     check_output,
     partial_path,
@@ -34,16 +28,8 @@ from .output import (
     write_side_files,
 )
 from .output import verify as verify_plan
-from .plan import (
-    DEFAULT_SHARD_SIZE,
-    LayerSource,
-    Plan,
-    PlanOptions,
-    make_plan,
-    referenced_models,
-)
-from .recipe import Recipe, load_recipe
-from .units import parse_dtype, parse_size
+from .plan import LayerSource, Plan, make_plan, referenced_models
+from .recipe import load_recipe
 from .writer import check_disk_space
 
 RecipeLike = Any  # path, YAML text, mapping or Recipe
@@ -135,27 +121,21 @@ def layer_map_lines(layers: list[LayerSource]) -> list[str]:
     return lines
 
 
-def _options(out_shard_size: int | str, compute_dtype: str | torch.dtype, seed: int | None,
-             allow_crimes: bool, recipe: Recipe,
-             unsafe_truncate_embeddings: bool = False) -> PlanOptions:
-    compute = (compute_dtype if isinstance(compute_dtype, torch.dtype)
-               else parse_dtype(compute_dtype, "--compute-dtype"))
-    if compute not in (torch.float32, torch.float64):
-        raise MergeError("--compute-dtype must be float32 or float64")
-    return PlanOptions(out_shard_size=parse_size(out_shard_size, "--out-shard-size"),
-                       compute_dtype=compute,
-                       seed=seed if seed is not None else recipe.seed,
-                       allow_crimes=allow_crimes,
-                       unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+def _options(options: Options | None, values: dict[str, Any]) -> Options:
+    """``options`` with ``values`` (user-facing: ``"500M"``, ``"float64"``) applied."""
+    if options is None:
+        return Options.parse(**values)
+    if not values:
+        return options
+    parsed = Options.parse(**values)
+    return options.replace(**{k: getattr(parsed, k) for k in values if values[k] is not None})
 
 
-def plan(recipe: RecipeLike, *, out_shard_size: int | str = DEFAULT_SHARD_SIZE,
-         compute_dtype: str | torch.dtype = torch.float32, seed: int | None = None,
-         allow_crimes: bool = False, unsafe_truncate_embeddings: bool = False) -> Plan:
-    """Parse and validate a recipe, resolve its models, and plan the merge (no tensor data)."""
+def plan(recipe: RecipeLike, options: Options | None = None, **option_values: Any) -> Plan:
+    """Parse and validate a recipe, resolve its models, and plan the merge (no tensor data).
+    Options are an :class:`~mergesmith.options.Options` or its fields as keywords."""
     r = load_recipe(recipe)
-    options = _options(out_shard_size, compute_dtype, seed, allow_crimes, r,
-                       unsafe_truncate_embeddings)
+    options = _options(options, option_values)
     sources: dict = {}
     for ref, where in referenced_models(r):
         sources[ref] = resolve(ref, where)
@@ -166,7 +146,7 @@ def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = Non
                          budget: int | None = None) -> int:
     """Bytes of tensor data in flight at once: the largest items that run together, under
     the data budget (an item larger than the budget runs alone)."""
-    budget = data_budget(None) if budget is None else budget
+    budget = memory.data_budget(None) if budget is None else budget
     costs = sorted((item_memory(p, item) for item in work_items(p, chunk_elements)),
                    reverse=True)
     if not costs:
@@ -174,6 +154,9 @@ def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = Non
     together = sum(costs[:threads])
     return max(costs[0], min(together, budget)) if threads > 1 else costs[0]
 
+
+COPY_SECONDS_PER_GB = 0.35
+"""Copying buffers as they are, on the reference machine."""
 
 STARTUP_SECONDS = 2.0
 """Starting Python, importing torch and planning, on the reference machine."""
@@ -192,14 +175,12 @@ PRODUCT_FLOPS = 150e9
 
 def dense_work(p: Plan) -> DenseWork:
     """The dense linear algebra of every output tensor whose method declares it."""
-    from .methods import get_method
-
     total = NO_WORK
     for t in p.tensors:
-        spec = get_method(t.method) if t.method != "copy" else None
-        if spec is not None and spec.compute is not None:
+        compute = None if t.copied else p.bound(t).spec.cost.compute
+        if compute is not None:
             tasks = len(t.inputs) - (t.base_index is not None)
-            total = total + spec.compute(t.name, t.shape, max(1, tasks), t.params)
+            total = total + compute(t.name, t.shape, max(1, tasks), t.params)
     return total
 
 
@@ -213,13 +194,12 @@ def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> f
     """Wall time of the merge: each output tensor's input bytes at its method's measured
     rate, plus the dense linear algebra methods declare (SVDs: not proportional to bytes),
     scaled by the worker threads that can run (at most the CPU cores)."""
-    from .methods import get_method
-
     per_gb: dict[str, float] = {}
     work = 0.0
     for t in p.tensors:
         if t.method not in per_gb:
-            per_gb[t.method] = 0.35 if t.method == "copy" else get_method(t.method).seconds_per_gb
+            per_gb[t.method] = COPY_SECONDS_PER_GB if t.copied else \
+                p.bound(t).spec.cost.seconds_per_gb
         work += sum(p.input_info(i).nbytes for i in t.inputs) / 1e9 * per_gb[t.method]
     cores = max(1, min(threads, os.cpu_count() or 1))
     dense = dense_work(p) if dense is None else dense
@@ -233,18 +213,19 @@ def _flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
-def check(recipe: RecipeLike, *, threads: int | None = None,
-          memory_limit: int | str | None = None, **plan_options: Any) -> CheckReport:
+def check(recipe: RecipeLike, options: Options | None = None,
+          **option_values: Any) -> CheckReport:
     """Validate a recipe and estimate the merge without reading any tensor data."""
-    limit = None if memory_limit is None else parse_size(memory_limit, "--memory-limit")
-    p = plan(recipe, **plan_options)
+    options = _options(options, option_values)
+    p = plan(recipe, options)
     if p.recipe.evaluate is not None:
         from .evaluate.after_merge import check_evaluation
 
-        p.notes += check_evaluation(p)
-    n = max(1, threads or os.cpu_count() or 1)
-    baseline = execute_module.resident_bytes()
-    budget = data_budget(limit, baseline)
+        p = dataclasses.replace(p, notes=(*p.notes, *check_evaluation(p)))
+    n = max(1, options.threads or os.cpu_count() or 1)
+    limit = options.memory_limit
+    baseline = memory.resident_bytes()
+    budget = memory.data_budget(limit, baseline)
     chunk = chunk_elements_for(limit)
     over: list[tuple[str, int]] = []
     if limit is not None:
@@ -261,15 +242,24 @@ def check(recipe: RecipeLike, *, threads: int | None = None,
                        estimate_seconds(p, n, dense), tuple(over), dense)
 
 
-def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
-        threads: int | None = None, device: str = "cpu",
-        out_shard_size: int | str = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-        compute_dtype: str | torch.dtype = torch.float32, allow_crimes: bool = False,
-        unsafe_truncate_embeddings: bool = False, strict_finite: bool = False,
-        resume: bool = False, memory_limit: int | str | None = None,
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced: the plan it carried out, and, depending on the recipe, the
+    adapter merge's report or the evaluation of the merged model."""
+
+    plan: Plan
+    out: str
+    adapter_result: Any = None
+    evaluation: Any = None
+
+
+def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = None, *,
         progress: Callable[[Plan], Callable[[int, bool], None]] | None = None,
-        evaluate: bool = True, eval_progress: bool = False) -> Plan:
+        **option_values: Any) -> RunResult:
     """Merge: validate and plan everything, then write ``out`` atomically.
+
+    Options are an :class:`~mergesmith.options.Options` or its fields as keywords
+    (``seed=``, ``threads=``, ``memory_limit="2G"``, ``resume=True``, ...).
 
     The model is built in ``OUT.partial/`` with a manifest of finished work: if the merge
     is interrupted (killed, Ctrl-C, disk full) the folder stays, and ``resume=True``
@@ -278,17 +268,16 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
 
     A recipe's ``evaluate:`` block runs on the finished folder (unless ``evaluate=False``;
     ``eval_progress`` shows its progress bars); the results go into the model card and
-    ``plan.evaluation``.
+    ``RunResult.evaluation``.
     """
     out = os.fspath(out)
-    resolve_devices(device)
-    limit = None if memory_limit is None else parse_size(memory_limit, "--memory-limit")
-    p = plan(recipe, out_shard_size=out_shard_size, compute_dtype=compute_dtype, seed=seed,
-             allow_crimes=allow_crimes, unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+    options = _options(options, option_values)
+    resolve_devices(options.device)
+    p = plan(recipe, options)
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
-    check_output(out, overwrite)
-    evaluate = evaluate and p.recipe.evaluate is not None
+    check_output(out, options.overwrite)
+    evaluate = options.evaluate and p.recipe.evaluate is not None
     if evaluate:  # before the merge: a missing file should not wait for the end
         from .evaluate.after_merge import check_evaluation
 
@@ -297,18 +286,31 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
         if evaluate:
             warnings.warn(f"{p.recipe.evaluate.where}: not run, the output is a LoRA "
                           "adapter", stacklevel=2)
-        return _run_adapter_merge(p, out)
-    data_budget(limit)  # a limit too small for this process is an error before any writing
+        return RunResult(p, out, adapter_result=_run_adapter_merge(p, out))
+    memory.data_budget(options.memory_limit)  # too small for this process: before writing
+    _merge(p, out, progress(p) if progress else None)
+    evaluation = None
+    if evaluate:
+        from .evaluate.after_merge import evaluate_merge
+
+        eval_device = str(resolve_devices(options.device)[0])
+        evaluation = evaluate_merge(p, out, device=eval_device, progress=options.eval_progress)
+    return RunResult(p, out, evaluation=evaluation)
+
+
+def _merge(p: Plan, out: str, progress: Callable[[int, bool], None] | None) -> None:
+    """Write the model into ``OUT.partial`` (resuming it if asked), verify, publish."""
+    resume = p.options.resume
     partial = partial_path(out)
-    chunk = chunk_elements_for(limit)
+    chunk = chunk_elements_for(p.options.memory_limit)
     fp = resume_module.fingerprint(p, chunk)
     finished = resume_module.load_finished(p, partial, fp) if resume else None
     if resume and finished is None:
         warnings.warn(f"nothing to resume in {partial}: starting from the beginning",
-                      stacklevel=2)
+                      stacklevel=3)
     elif not resume and os.path.exists(os.path.join(partial, resume_module.MANIFEST)):
         warnings.warn(f"replacing the interrupted merge in {partial} (pass --resume to "
-                      "continue it instead)", stacklevel=2)
+                      "continue it instead)", stacklevel=3)
     partial = prepare_partial(out, keep=finished is not None)
     if finished is None:
         try:
@@ -319,14 +321,12 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     log = resume_module.ProgressLog(partial, fp, append=finished is not None)
     digests: dict[str, str] = {}
     try:
-        found = execute(p, partial, threads=threads, device=device, chunk_elements=chunk,
-                        strict_finite=strict_finite, finished=finished, memory_limit=limit,
-                        digests=digests,
+        found = execute(p, partial, chunk_elements=chunk, finished=finished, digests=digests,
                         record=lambda item, crc: log.record(item.tensor.name, item.rows, crc),
-                        progress=progress(p) if progress else None)
+                        progress=progress)
         log.close()
         for w in found:
-            warnings.warn(w, stacklevel=2)
+            warnings.warn(w, stacklevel=3)
         write_side_files(p, partial)
         verify_plan(p, partial)
         resume_module.remove_records(partial)
@@ -342,26 +342,20 @@ def run(recipe: RecipeLike, out: str | os.PathLike, *, seed: int | None = None,
     except BaseException:
         log.close()
         raise
-    if evaluate:
-        from .evaluate.after_merge import evaluate_merge
-
-        eval_device = str(resolve_devices(device)[0])
-        p.evaluation = evaluate_merge(p, out, device=eval_device, progress=eval_progress)
-    return p
 
 
-def _run_adapter_merge(p: Plan, out: str) -> Plan:
+def _run_adapter_merge(p: Plan, out: str) -> Any:
     """``output: adapter``: LoRA inputs merged into one adapter (small: written at once)."""
     from .tools.merge_adapters import merge_adapters
 
     partial = prepare_partial(out, keep=False)
     try:
-        p.adapter_result = merge_adapters(p, partial)
+        result = merge_adapters(p, partial)
         publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return p
+    return result
 
 
 def verify(folder: str | os.PathLike) -> list[str]:
@@ -369,4 +363,4 @@ def verify(folder: str | os.PathLike) -> list[str]:
     return verify_folder(os.fspath(folder))
 
 
-__all__ = ["CheckReport", "ModelSource", "check", "plan", "run", "verify"]
+__all__ = ["CheckReport", "ModelSource", "Options", "RunResult", "check", "plan", "run", "verify"]

@@ -134,6 +134,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
       mergesmith run recipe.yml ./merged --threads 4
     """
     from .api import run as api_run
+    from .options import Options
 
     bar = None
 
@@ -160,25 +161,25 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
         return update
 
     try:
-        plan = api_run(recipe, out, seed=seed, threads=threads, device=devices or device,
-                       out_shard_size=out_shard_size, overwrite=overwrite,
-                       compute_dtype=compute_dtype, allow_crimes=allow_crimes,
-                       unsafe_truncate_embeddings=unsafe_truncate_embeddings,
-                       strict_finite=strict_finite, resume=resume, progress=progress,
-                       memory_limit=memory_limit, evaluate=not no_evaluate,
-                       eval_progress=not quiet)
+        result = api_run(recipe, out, Options.parse(
+            seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
+            overwrite=overwrite, compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+            unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
+            resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
+            eval_progress=not quiet), progress=progress)
     finally:
         if bar is not None:
             bar.close()
-    if plan.adapter_result is not None:
-        click.echo(plan.adapter_result.summary())
+    plan = result.plan
+    if result.adapter_result is not None:
+        click.echo(result.adapter_result.summary())
     elif not quiet:
         from .units import format_bytes
 
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
-    if plan.evaluation is not None:
-        click.echo(plan.evaluation.table())
+    if result.evaluation is not None:
+        click.echo(result.evaluation.table())
         click.echo(f"(in the model card {os.path.join(out, 'README.md')})")
 
 
@@ -195,11 +196,12 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
     tensor count, bytes to read and write, and the estimated peak memory.
     """
     from .api import check as api_check
+    from .options import Options
 
-    report = api_check(recipe, threads=threads, memory_limit=memory_limit,
-                       out_shard_size=out_shard_size,
-                       compute_dtype=compute_dtype, allow_crimes=allow_crimes,
-                       unsafe_truncate_embeddings=unsafe_truncate_embeddings)
+    report = api_check(recipe, Options.parse(
+        threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
+        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings))
     click.echo(report.summary())
     click.echo("ok: the recipe is valid")
 
@@ -238,7 +240,7 @@ def extract_lora(model: str, base: str, out: str, rank: int | None, energy: floa
     Example:
       mergesmith extract-lora --model ./ft --base ./base --out ./ft-lora --rank 32
     """
-    from .execute import resolve_device
+    from .devices import resolve_device
     from .tools.extract_lora import extract_lora as run_extract
 
     resolve_device(device)
@@ -288,7 +290,7 @@ def inspect_command(base: str, models: tuple[str, ...], out: str | None, as_json
       mergesmith inspect ./base ./ft_math ./ft_code --out report/
       mergesmith inspect ./base ./ft_math ./ft_code --json > numbers.json
     """
-    from .execute import resolve_device
+    from .devices import resolve_device
     from .tools.inspect_models import inspect_models
 
     device = str(resolve_device(device))
@@ -380,9 +382,9 @@ def methods(name: str | None, markdown: bool) -> None:
         click.echo(render_markdown(specs), nl=False)
         return
     for spec in specs:
-        click.echo(f"{spec.name}  (base: {spec.base.value})")
-        if spec.summary:
-            click.echo(f"  {spec.summary}")
+        click.echo(f"{spec.name}  (base: {spec.contract.base.value})")
+        if spec.docs.summary:
+            click.echo(f"  {spec.docs.summary}")
         for p in spec.params:
             click.echo(f"    {p.describe()}{': ' + p.doc if p.doc else ''}")
         click.echo("")

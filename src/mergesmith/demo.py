@@ -148,7 +148,7 @@ def run_demo(directory: str, overwrite: bool = False, echo: Callable[[str], None
     echo("   " + open(recipe).read().replace("\n", "\n   "))
     merged = os.path.join(directory, "merged")
     echo(f"3. Merging: mergesmith run {recipe} {merged}")
-    plan = api.run(recipe, merged)
+    plan = api.run(recipe, merged).plan
     echo(f"   wrote {len(plan.tensors)} tensors to {merged}: "
          f"{', '.join(sorted(os.listdir(merged)))}")
     count, values, exact, worst = verify_formula(paths, merged)

@@ -8,32 +8,24 @@ bytes written never depend on the number of threads.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
-import functools
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from math import prod
 
 import torch
 
 from .checkpoint import CheckpointIndex, TensorReader
+from .devices import resolve_devices
 from .errors import MergeError
-from .methods import MergeInputs, get_method
-from .methods.apply import tensor_generator
-from .plan import COPY, InputTensor, OutputTensor, Plan
-from .writer import ShardWriter
-
-MEMORY_BUDGET = 1_000_000_000
-"""Tensor data in flight at once (bytes) without ``--memory-limit``; work items wait for
-their share."""
-
-MIN_DATA_BUDGET = 32 * 1024 * 1024
-"""The least tensor data a memory limit must leave room for."""
+from .executors import Executor, ThreadExecutor
+from .memory import data_budget, keep_freed_memory
+from .options import Options
+from .plan import InputTensor, OutputTensor, Plan
+from .writer import OutputSink, ShardWriter
 
 CHUNK_ELEMENTS = 2 * 1024 * 1024
 """Rows of element-wise tensors are processed in chunks of about this many elements
@@ -91,130 +83,18 @@ def item_memory(plan: Plan, item: WorkItem) -> int:
     t = item.tensor
     numel = prod(t.shape) if item.rows is None else (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
     raw = [plan.input_info(i).dtype.itemsize * numel for i in t.inputs]
-    if t.method == COPY:
+    if t.copied:
         return sum(raw) + t.dtype.itemsize * numel
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
-    spec = get_method(t.method)
-    if spec.lazy_inputs:  # the base, one expert and the method's working buffers
-        return int(max(raw) + (2 + spec.temp_buffers) * width * numel + t.dtype.itemsize * numel)
-    if spec.raw_inputs and not (t.elementwise and item.rows is not None):
+    how = plan.bound(t).spec.scheduling
+    if how.lazy_inputs:  # the base, one expert and the method's working buffers
+        return int(max(raw) + (2 + how.temp_buffers) * width * numel + t.dtype.itemsize * numel)
+    if how.raw_inputs and not (t.elementwise and item.rows is not None):
         # inputs held as stored, one float32 task vector at a time, the result
-        return int(sum(raw) + (1 + spec.temp_buffers) * width * numel
+        return int(sum(raw) + (1 + how.temp_buffers) * width * numel
                    + t.dtype.itemsize * numel)
-    return int(max(raw) + (len(t.inputs) + spec.temp_buffers) * width * numel
+    return int(max(raw) + (len(t.inputs) + how.temp_buffers) * width * numel
                + t.dtype.itemsize * numel)
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc reuse freed chunk buffers instead of returning them to the OS.
-
-    Work items allocate and free same-sized buffers thousands of times; by default glibc
-    gives large freed blocks back and every new buffer then costs page faults and zeroing
-    by the kernel (measured: half the run time of a task-arithmetic merge). Buffers up to
-    32 MB now come from the heap and stay there; resident memory is still bounded by the
-    data budget. No-op off glibc."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is not None:
-        mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: the most glibc allows
-        mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
-
-
-def _release_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it per thread otherwise), so a
-    big item that runs alone starts from a small resident set. No-op off glibc."""
-    trim = _libc_function("malloc_trim")
-    if trim is not None:
-        trim(0)
-
-
-@functools.lru_cache(maxsize=None)
-def _libc_function(name: str):
-    try:
-        return getattr(ctypes.CDLL("libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux); 0 where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def data_budget(memory_limit: int | None, resident: int | None = None) -> int:
-    """Bytes of tensor data allowed in flight: without a limit ``MEMORY_BUDGET``; with one,
-    what the limit leaves after the memory already in use (Python, torch, the plan) and a
-    tenth for the allocator's slack."""
-    if memory_limit is None:
-        return MEMORY_BUDGET
-    resident = resident_bytes() if resident is None else resident
-    budget = int(memory_limit * 0.9) - resident
-    if budget < MIN_DATA_BUDGET:
-        from .units import format_bytes
-
-        raise MergeError(f"--memory-limit {format_bytes(memory_limit)} leaves no room for "
-                         f"tensor data: this process already uses {format_bytes(resident)} "
-                         f"(Python, torch and the plan); use at least "
-                         f"{format_bytes(int((resident + MIN_DATA_BUDGET) / 0.9) + 1)}")
-    return budget
-
-
-class _Budget:
-    """Bytes of tensor data in flight, granted in submission order (no starvation).
-
-    An item larger than the whole budget runs alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used, self.turn = limit, 0, 0
-        self.cv = threading.Condition()
-
-    def acquire(self, ticket: int, nbytes: int) -> int:
-        nbytes = min(nbytes, self.limit)
-        with self.cv:
-            self.cv.wait_for(lambda: self.turn == ticket and self.used + nbytes <= self.limit)
-            self.used += nbytes
-            self.turn += 1
-            self.cv.notify_all()
-        return nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self.cv:
-            self.used -= nbytes
-            self.cv.notify_all()
-
-
-def resolve_devices(spec: str) -> list[torch.device]:
-    """A comma list of devices (``cuda:0,cuda:1``; a bare number means that GPU): work
-    items are spread over them, one device per worker thread."""
-    names = [n.strip() for n in str(spec).split(",") if n.strip()] or ["cpu"]
-    return [resolve_device(f"cuda:{n}" if n.isdigit() else n) for n in names]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (a GPU when there is one)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MergeError(f"--device: unknown device '{name}' (use cpu, cuda, cuda:N, mps or "
-                         "auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda: no CUDA GPU is available to this torch build; use "
-                         "--device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise MergeError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                     and torch.backends.mps.is_available()):
-        raise MergeError("--device mps: Apple GPU support is not available here")
-    return device
 
 
 class _LazyInputs(Sequence):
@@ -236,21 +116,19 @@ class _LazyInputs(Sequence):
 
 
 class _Job:
-    """Computes one work item. Shared state is read-only except the reader and writer."""
+    """Computes one work item and writes it to the sink. Shared state is read-only except
+    the reader and the sink."""
 
     def __init__(self, plan: Plan, indexes: list[CheckpointIndex], reader: TensorReader,
-                 writer: ShardWriter, devices: list[torch.device],
+                 sink: OutputSink, devices: list[torch.device],
                  strict_finite: bool = False) -> None:
-        self.plan, self.indexes, self.reader, self.writer = plan, indexes, reader, writer
+        self.plan, self.indexes, self.reader, self.sink = plan, indexes, reader, sink
         self.devices = devices
+        self.compute_dtype = plan.options.compute_dtype
         self._local = threading.local()
         self._next_device = iter(range(1 << 62))
         self._device_lock = threading.Lock()
-        self.fn = {t.method: get_method(t.method).fn for t in plan.tensors if t.method != COPY}
-        self.raw = {t.method for t in plan.tensors
-                    if t.method != COPY and get_method(t.method).raw_inputs}
-        self.lazy = {t.method for t in plan.tensors
-                     if t.method != COPY and get_method(t.method).lazy_inputs}
+        self.bound = {t.name: plan.bound(t) for t in plan.tensors if not t.copied}
         self.strict_finite = strict_finite
         self.warnings: list[str] = []
 
@@ -273,9 +151,14 @@ class _Job:
                 return self._compute(item)
         return self._compute(item)
 
+    def _call(self, t: OutputTensor, xs: Sequence[torch.Tensor],
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.bound[t.name](xs, t.params, t.model_params, tensor_name=t.name,
+                                  compute_dtype=self.compute_dtype, generator=generator)
+
     def _compute(self, item: WorkItem) -> int:
         t = item.tensor
-        if t.method == COPY:
+        if t.copied:
             raw = [self._read(i, item) for i in t.inputs]
             for other, inp in zip(raw[1:], t.inputs[1:]):
                 if not torch.equal(raw[0], other):
@@ -285,66 +168,64 @@ class _Job:
                                      "averaged, so they must be equal")
             result = raw[0]
         else:
+            bound = self.bound[t.name]
+            how = bound.spec.scheduling
             if t.reindex:
                 return self._reindexed(t, item)
             if (t.elementwise and BLOCKED_ON_CPU and self.device.type == "cpu"
-                    and not self.plan.method.random
-                    and len(t.shape) > 0 and t.shape[0] > 1
-                    and prod(t.shape) // max(1, prod(t.shape[1:])) > 0):
+                    and not how.random and len(t.shape) > 0 and t.shape[0] > 1):
                 return self._blocked(t, item)
-            if t.method in self.lazy:  # read when the method asks, one at a time
+            if how.lazy_inputs:  # read when the method asks, one at a time
                 rows = t.shape if item.rows is None else (item.rows[1] - item.rows[0],
                                                           *t.shape[1:])
-                xs = _LazyInputs(lambda k: self._prepare(self._read(t.inputs[k], item)),
-                                 len(t.inputs), tuple(rows))
-            elif t.method in self.raw:  # stored dtype; the method upcasts piece by piece
+                xs: Sequence[torch.Tensor] = _LazyInputs(
+                    lambda k: self._prepare(self._read(t.inputs[k], item)), len(t.inputs),
+                    tuple(rows))
+            elif how.raw_inputs:  # stored dtype; the method upcasts piece by piece
                 xs = [self._round(self._read(i, item)) for i in t.inputs]
             else:
                 xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one at a time
-            generator = None
-            if self.plan.method.random:
-                generator = tensor_generator(self.plan.seed, t.name, self.device, item.rows)
-            inputs = MergeInputs(xs, t.base_index, t.params, list(t.model_params), t.name,
-                                 generator, self.plan.options.compute_dtype)
-            result = self.fn[t.method](inputs)
+            generator = bound.generator(self.plan.seed, t.name, self.device, item.rows)
+            result = self._call(t, xs, generator)
             if result.device.type != "cpu":
                 result = result.to("cpu")
         self._check_finite(t, item, result)
-        return self.writer.write(t, item.rows, result)
+        return self.sink.write(t, item.rows, result)
 
     def _blocked(self, t: OutputTensor, item: WorkItem) -> int:
         """An element-wise item: inputs read in their own dtype, then upcast, merged and
         rounded to the output dtype one cache-sized row block at a time."""
         raws = [self._read(i, item) for i in t.inputs]
+        raw_inputs = self.bound[t.name].spec.scheduling.raw_inputs
         rows = raws[0].shape[0]
         step = max(1, BLOCK_ELEMENTS // max(1, prod(t.shape[1:])))
         out = torch.empty(raws[0].shape, dtype=t.dtype)
         finite = True
         for start in range(0, rows, step):
             end = min(start + step, rows)
-            if t.method in self.raw:
+            if raw_inputs:
                 xs = [self._round(r[start:end]) for r in raws]  # the method upcasts
             else:
                 xs = [self._prepare(r[start:end]) for r in raws]
-            result = self.fn[t.method](MergeInputs(xs, t.base_index, t.params,
-                                                   list(t.model_params), t.name, None))
             block = out[start:end]
-            block.copy_(result)  # the one rounding
+            block.copy_(self._call(t, xs))  # the one rounding
             if finite and block.is_floating_point():  # NaN/Inf, also from the rounding
                 finite = bool(torch.isfinite(block.sum()))
         if not finite:
             self._check_finite(t, item, out)
-        return self.writer.write(t, item.rows, out)
+        return self.sink.write(t, item.rows, out)
 
     def _reindexed(self, t: OutputTensor, item: WorkItem) -> int:
         """A vocabulary tensor: raw inputs stay whole, output rows are gathered (one gather
         per model and chunk), merged and written chunk by chunk for element-wise methods."""
         vocab = self.plan.vocab
         assert vocab is not None and item.rows is None
+        bound = self.bound[t.name]
         raws = [(i.model, self._read(i, item)) for i in t.inputs]
         defaults = vocab.defaults(raws, self._prepare)
         width = max(1, prod(t.shape[1:]))
-        step = max(1, CHUNK_ELEMENTS // width) if get_method(t.method).elementwise else t.shape[0]
+        step = (max(1, CHUNK_ELEMENTS // width) if bound.spec.scheduling.elementwise
+                else t.shape[0])
         pads = {m: vocab.padding_row(m, x, defaults, self._prepare, step)
                 for m, x in raws} if vocab.size > vocab.vocab and not vocab.truncate else {}
         crc = 0
@@ -352,13 +233,10 @@ class _Job:
             end = min(start + step, t.shape[0])
             xs = [vocab.rows(m, x, defaults, start, end, self._prepare, pads.get(m))
                   for m, x in raws]
-            generator = (tensor_generator(self.plan.seed, t.name, self.device)
-                         if self.plan.method.random else None)
-            result = self.fn[t.method](MergeInputs(xs, t.base_index, t.params,
-                                                   list(t.model_params), t.name, generator))
+            result = self._call(t, xs, bound.generator(self.plan.seed, t.name, self.device))
             self._check_finite(t, item, result)
-            crc = self.writer.write(t, (start, end) if step < t.shape[0] else None,
-                                    result.cpu(), crc)
+            crc = self.sink.write(t, (start, end) if step < t.shape[0] else None,
+                                  result.cpu(), crc)
         return crc
 
     def _check_finite(self, t: OutputTensor, item: WorkItem, result: torch.Tensor) -> None:
@@ -395,33 +273,31 @@ class _Job:
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Rounded as by ``_round``, then upcast to the compute dtype."""
         x = self._round(x)
-        compute = torch.promote_types(self.plan.options.compute_dtype, x.dtype)
-        return x.to(dtype=compute)
+        return x.to(dtype=torch.promote_types(self.compute_dtype, x.dtype))
 
 
-def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str = "cpu",
-            progress: Callable[[int, bool], None] | None = None,
-            chunk_elements: int | None = None, strict_finite: bool = False,
-            memory_limit: int | None = None,
+def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] | None = None,
+            chunk_elements: int | None = None,
             finished: dict[tuple, int] | None = None,
             record: Callable[[WorkItem, int], None] | None = None,
-            digests: dict[str, str] | None = None) -> list[str]:
+            digests: dict[str, str] | None = None,
+            executor: Executor | None = None) -> list[str]:
     """Write every planned tensor into ``out_dir`` (which must exist); return warnings.
 
+    Threads, devices, the memory limit and ``--strict-finite`` come from ``plan.options``.
     ``digests``, if given, receives the sha256 of every shard (computed during the merge).
-
     ``progress(nbytes, tensor_finished)`` is called in the calling thread after each work
-    item, ``record(item, crc)`` once its bytes are written. ``memory_limit`` (bytes) bounds
-    the whole process: tensor data in flight is kept under what it leaves (an item larger
-    than that runs alone). Items in ``finished`` (keys
+    item, ``record(item, crc)`` once its bytes are written. Items in ``finished`` (keys
     ``(name, rows)``, from an interrupted run) are skipped; their files are reopened.
+    ``executor`` runs the items (default: worker threads under the memory budget).
     """
-    devices = resolve_devices(device)
-    threads = max(1, threads or max(os.cpu_count() or 1, len(devices)))
-    budget = data_budget(memory_limit)
-    _keep_freed_memory()
+    options: Options = plan.options
+    devices = resolve_devices(options.device)
+    threads = max(1, options.threads or max(os.cpu_count() or 1, len(devices)))
+    budget = data_budget(options.memory_limit)
+    keep_freed_memory()
     indexes = [m.ensure_local() for m in plan.models]
-    writer = ShardWriter(out_dir, plan.shards, resume=finished is not None)
+    sink = ShardWriter(out_dir, list(plan.shards), resume=finished is not None)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gc_was_enabled = gc.isenabled()
@@ -429,14 +305,14 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
     ok = False
     try:
         with TensorReader(pin_memory=any(d.type == "cuda" for d in devices)) as reader:
-            job = _Job(plan, indexes, reader, writer, devices, strict_finite)
+            job = _Job(plan, indexes, reader, sink, devices, options.strict_finite)
             items = list(work_items(plan, chunk_elements))
             chunks_left = Counter(item.tensor.name for item in items)
 
             def done(item: WorkItem, crc: int | None) -> None:
                 if crc is not None and record:
                     record(item, crc)
-                writer.finished(item.tensor, item.rows)
+                sink.finished(item.tensor, item.rows)
                 chunks_left[item.tensor.name] -= 1
                 if progress:
                     progress(item.nbytes, chunks_left[item.tensor.name] == 0)
@@ -447,70 +323,18 @@ def execute(plan: Plan, out_dir: str, *, threads: int | None = None, device: str
                     done(item, None)
                 else:
                     todo.append(item)
-            _run_pool(job, todo, threads, done, budget)
+            runner = executor or ThreadExecutor(threads, lambda i: item_memory(plan, i), budget)
+            runner.run(job, todo, done)
         ok = True
     finally:
         torch.set_num_threads(old_threads)
         if gc_was_enabled:
             gc.enable()
         try:
-            writer.close(sync=ok)
+            sink.close(sync=ok)
         except Exception:
             if ok:
                 raise
     if digests is not None:
-        digests.update(writer.digests)
+        digests.update(sink.digests)
     return job.warnings
-
-
-def _run_pool(job: _Job, items: list[WorkItem], threads: int,
-              done: Callable[[WorkItem, int], None], data_bytes: int = MEMORY_BUDGET) -> None:
-    """Run items with at most ``threads`` and ``data_bytes`` of tensor data in flight;
-    stop at the first error."""
-    if threads == 1:
-        for item in items:
-            if item_memory(job.plan, item) >= data_bytes:
-                _release_free_memory()
-            done(item, job(item))
-        return
-    stop = threading.Event()
-    budget = _Budget(data_bytes)
-
-    def init() -> None:
-        torch.set_num_threads(1)
-
-    def guarded(ticket: int, item: WorkItem) -> tuple[WorkItem, int | None]:
-        need = item_memory(job.plan, item)
-        granted = budget.acquire(ticket, need)
-        if need >= data_bytes:  # runs alone: start it from a trimmed heap
-            _release_free_memory()
-        try:
-            return item, (None if stop.is_set() else job(item))
-        finally:
-            budget.release(granted)
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="mergesmith", initializer=init) as pool:
-        pending: deque[Future[tuple[WorkItem, int | None]]] = deque()
-        try:
-            for ticket, item in enumerate(items):
-                pending.append(pool.submit(guarded, ticket, item))
-                if len(pending) >= 2 * threads:
-                    _drain(pending, done)
-            while pending:
-                _drain(pending, done)
-        except BaseException:
-            stop.set()
-            for f in pending:
-                f.cancel()
-            raise
-
-
-def _drain(pending: deque[Future[tuple[WorkItem, int | None]]],
-           done: Callable[[WorkItem, int], None]) -> None:
-    """Wait for at least one item; report finished ones in submission order."""
-    finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-    for f in [f for f in pending if f in finished]:
-        pending.remove(f)
-        item, crc = f.result()  # re-raises a worker's exception
-        if crc is not None:
-            done(item, crc)

@@ -169,7 +169,7 @@ def model_card(plan: Plan, folder_name: str, evaluation: str | None = None) -> s
     front += [f"- {r}" for r in dict.fromkeys(hub_models)]
     front += ["library_name: transformers", "tags:", "- merge", "- mergesmith", "---", ""]
     spec = plan.method
-    method = f"[{spec.name}]({spec.reference})" if spec.reference else f"`{spec.name}`"
+    method = f"[{spec.name}]({spec.docs.reference})" if spec.docs.reference else f"`{spec.name}`"
     base = plan.recipe.base_model
     using = f" with `{base}` as the base" if base is not None else ""
     inputs = "\n".join(f"* `{m.ref}`" for m in plan.models)
@@ -184,7 +184,7 @@ This model is a merge of pre-trained language models made with
 
 ## Method
 
-Merged with {method}{using}. {spec.summary}
+Merged with {method}{using}. {spec.docs.summary}
 
 ## Inputs
 

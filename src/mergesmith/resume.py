@@ -31,8 +31,9 @@ ItemKey = tuple[str, "tuple[int, int] | None"]
 
 
 def fingerprint(plan: Plan, chunk_elements: int) -> str:
-    """Hash of everything that decides the bytes of the output."""
-    o = plan.options
+    """Hash of everything that decides the bytes of the output: the recipe, every option
+    that can change them (:meth:`Options.fingerprint`), the row-chunk size, the planned
+    tensors and the input files."""
     inputs = []
     for m in plan.models:
         files = []
@@ -49,18 +50,14 @@ def fingerprint(plan: Plan, chunk_elements: int) -> str:
     data = {
         "version": __version__,
         "recipe": plan.recipe.text,
-        "options": [str(o.compute_dtype), o.seed, o.out_shard_size, o.unsafe_truncate_embeddings,
-                    o.allow_crimes, chunk_elements],
+        "options": plan.options.fingerprint(),
+        "chunk_elements": chunk_elements,
         "tensors": [[t.name, str(t.dtype), list(t.shape), t.file, t.offset, t.method,
                      [[i.model, i.name] for i in t.inputs], t.params, list(t.model_params)]
                     for t in plan.tensors],
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def item_key(name: str, rows: tuple[int, int] | None) -> ItemKey:
-    return (name, rows)
 
 
 def item_range(t: Any, rows: tuple[int, int] | None) -> tuple[str, int, int]:

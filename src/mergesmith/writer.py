@@ -13,6 +13,7 @@ import os
 import shutil
 import zlib
 from math import prod
+from typing import Protocol
 
 import torch
 
@@ -65,6 +66,26 @@ class _ShardDigest:
         if self.done_to < self.size:  # ranges that never joined the prefix (not expected)
             self._hash(self.done_to, self.size)
         return self.hash.hexdigest()
+
+
+class OutputSink(Protocol):
+    """Where the engine puts merged tensors: each work item's result is written at its
+    planned place from any worker thread (``write`` returns the CRC-32 of the bytes, for
+    resume); ``finished`` is called, in one thread, once an item is written; ``close``
+    makes everything durable and fills ``digests`` (sha256 per file).
+
+    Today: :class:`ShardWriter` (safetensors shards). A new output format (quantized
+    safetensors, GGUF) is a new sink: the plan's layout gives it every tensor's name, shape,
+    dtype and place before any data exists."""
+
+    digests: dict[str, str]
+
+    def write(self, t: OutputTensor, rows: tuple[int, int] | None, data: torch.Tensor,
+              crc: int = 0) -> int: ...
+
+    def finished(self, t: OutputTensor, rows: tuple[int, int] | None) -> None: ...
+
+    def close(self, sync: bool = True) -> None: ...
 
 
 class ShardWriter:

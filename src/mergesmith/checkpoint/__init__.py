@@ -1,8 +1,8 @@
 """Reading input checkpoints without holding them: indexes from headers, reads by byte range."""
 
 from .index import CheckpointIndex, TensorInfo, index_folder, read_config
-from .reader import TensorReader
+from .reader import TensorReader, TensorSource
 from .resolve import ModelSource, resolve
 
-__all__ = ["CheckpointIndex", "ModelSource", "TensorInfo", "TensorReader", "index_folder",
+__all__ = ["CheckpointIndex", "ModelSource", "TensorInfo", "TensorReader", "TensorSource", "index_folder",
            "read_config", "resolve"]

@@ -34,6 +34,11 @@ class TensorInfo:
     def numel(self) -> int:
         return prod(self.shape)
 
+    @property
+    def format(self) -> str:
+        """Which :class:`~mergesmith.checkpoint.reader.TensorSource` reads it."""
+        return "bin" if self.offset is None else "safetensors"
+
 
 @dataclass
 class CheckpointIndex:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from math import prod
+from typing import Protocol
 
 import torch
 
@@ -19,14 +20,26 @@ from .buffers import tensor_bytes
 from .index import TensorInfo, load_bin
 
 
-class TensorReader:
-    """Thread-safe reader shared by all workers of a merge; keeps files open until closed."""
+class TensorSource(Protocol):
+    """Reads the tensors of one checkpoint format: rows ``[start, end)`` along dim 0 of a
+    tensor (all of it when ``rows`` is None), as stored. Safe to call from many threads.
+
+    A new input format (quantized safetensors, GGUF) is a new source: it indexes its files
+    into :class:`TensorInfo` entries with its ``format`` and reads them here; the engine
+    only sees tensors."""
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class SafetensorsSource:
+    """Reads exactly the bytes of the rows asked for, with ``os.preadv`` into a new tensor."""
 
     def __init__(self, pin_memory: bool = False) -> None:
         """``pin_memory``: read into page-locked memory (fast, asynchronous GPU copies)."""
         self.pin_memory = pin_memory
         self._fds: dict[str, int] = {}
-        self._bins: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def _fd(self, path: str) -> int:
@@ -43,13 +56,10 @@ class TensorReader:
             return fd
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rows ``[start, end)`` along dim 0 of a tensor (all of it when ``rows`` is None)."""
+        assert info.offset is not None
         shape = info.shape
         if rows is not None:
-            start, end = rows
-            shape = (end - start, *info.shape[1:])
-        if info.offset is None:
-            return self._read_bin(info, rows)
+            shape = (rows[1] - rows[0], *info.shape[1:])
         row_bytes = prod(info.shape[1:]) * info.dtype.itemsize if info.shape else info.nbytes
         begin = info.offset + (rows[0] * row_bytes if rows is not None else 0)
         nbytes = prod(shape) * info.dtype.itemsize
@@ -71,7 +81,21 @@ class TensorReader:
                                    "changed during the merge)")
             done += n
 
-    def _read_bin(self, info: TensorInfo, rows: tuple[int, int] | None) -> torch.Tensor:
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class TorchBinSource:
+    """``.bin`` checkpoints: loaded with ``weights_only=True`` (memory-mapped by torch)."""
+
+    def __init__(self) -> None:
+        self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         with self._lock:
             state = self._bins.get(info.file)
             if state is None:
@@ -83,10 +107,24 @@ class TensorReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
             self._bins.clear()
+
+
+class TensorReader:
+    """The reader shared by all workers of a merge: each read goes to the source of the
+    tensor's format; files stay open until closed."""
+
+    def __init__(self, pin_memory: bool = False) -> None:
+        self.sources: dict[str, TensorSource] = {
+            "safetensors": SafetensorsSource(pin_memory), "bin": TorchBinSource()}
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows ``[start, end)`` along dim 0 of a tensor (all of it when ``rows`` is None)."""
+        return self.sources[info.format].read(info, rows)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
 
     def __enter__(self) -> TensorReader:
         return self

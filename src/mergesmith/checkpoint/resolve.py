@@ -9,6 +9,8 @@ without the weights); the weights are downloaded after the whole recipe has been
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,6 +47,33 @@ class ModelSource:
     @property
     def config(self) -> dict | None:
         return self.index.config
+
+    # Side files, read here so that planning stays a pure function of what it is given.
+
+    @functools.cached_property
+    def generation_config(self) -> dict | None:
+        """``generation_config.json``, or None when the model has none."""
+        path = os.path.join(self.folder, "generation_config.json")
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise MergeError(f"{path}: cannot read ({e})") from None
+
+    @functools.cached_property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (tokenizer files), if any."""
+        from ..tokenizer import model_chat_template
+
+        return model_chat_template(self.folder)
+
+    def vocabulary(self, rows: int):
+        """The model's tokens (``tokenizer.json``) for an embedding of ``rows`` rows."""
+        from ..tokenizer import load_vocab
+
+        return load_vocab(self.folder, rows, str(self.ref))
 
     def ensure_local(self) -> CheckpointIndex:
         """Download the weights of a Hub model if needed; return an index with file offsets."""

@@ -454,7 +454,7 @@ def evaluate(model: str, *, text: str | None = None, jsonl: str | None = None,
              skip_bad_parents: bool = False, model_name: str | None = None) -> EvalReport:
     """Perplexity of ``model`` on the text; KL and top-1 agreement of each parent against
     it, on the same tokens; lm-eval task scores of all of them. Results are cached."""
-    from ..execute import resolve_device
+    from ..devices import resolve_device
 
     require_transformers()
     if batch_size < 1:

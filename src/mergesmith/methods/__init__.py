@@ -12,10 +12,12 @@ from . import (  # noqa: F401  (importing a module registers its methods)
     spherical,
     task_arithmetic,
 )
-from .apply import merge_state_dicts, merge_tensors, tensor_generator
-from .registry import (REQUIRED, BasePolicy, MergeInputs, MethodSpec, Param, Scope,
-                       all_methods, get_method, merge_method, register)
+from .contract import BoundMethod
+from .in_memory import merge_state_dicts, merge_tensors
+from .registry import (LINES, REQUIRED, SVC, BasePolicy, Extension, MergeInputs, MethodSpec,
+                       Param, Scope, all_methods, get_method, merge_method, register)
+from .seeding import tensor_generator
 
-__all__ = ["REQUIRED", "BasePolicy", "MergeInputs", "MethodSpec", "Param", "Scope",
-           "all_methods", "get_method", "merge_method", "merge_state_dicts", "merge_tensors",
-           "register", "tensor_generator"]
+__all__ = ["LINES", "REQUIRED", "SVC", "BasePolicy", "BoundMethod", "Extension", "MergeInputs",
+           "MethodSpec", "Param", "Scope", "all_methods", "get_method", "merge_method",
+           "merge_state_dicts", "merge_tensors", "register", "tensor_generator"]

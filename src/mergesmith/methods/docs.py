@@ -59,22 +59,22 @@ def _inputs(spec: MethodSpec) -> str:
     def span(lo: int, hi: int | None) -> str:
         return f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo}–{hi}"
 
-    text = f"{span(spec.min_inputs, spec.max_inputs)} (the base included)"
-    if spec.min_non_base or spec.max_non_base is not None:
-        text += f", {span(spec.min_non_base, spec.max_non_base)} besides the base"
+    text = f"{span(spec.contract.min_inputs, spec.contract.max_inputs)} (the base included)"
+    if spec.contract.min_non_base or spec.contract.max_non_base is not None:
+        text += f", {span(spec.contract.min_non_base, spec.contract.max_non_base)} besides the base"
     return text
 
 
 def render_method(spec: MethodSpec) -> str:
-    lines = [f"## `{spec.name}`", "", spec.summary, ""]
-    if spec.description:
-        lines += [spec.description, ""]
-    lines += [f"* Base model: {_BASE[spec.base]}", f"* Inputs: {_inputs(spec)}"]
-    shape = ("element-wise (large tensors are processed in row chunks)" if spec.elementwise
+    lines = [f"## `{spec.name}`", "", spec.docs.summary, ""]
+    if spec.docs.description:
+        lines += [spec.docs.description, ""]
+    lines += [f"* Base model: {_BASE[spec.contract.base]}", f"* Inputs: {_inputs(spec)}"]
+    shape = ("element-wise (large tensors are processed in row chunks)" if spec.scheduling.elementwise
              else "needs whole tensors")
-    lines.append(f"* Computation: {shape}{'; random' if spec.random else ''}")
-    if spec.reference:
-        lines.append(f"* Reference: <{spec.reference}>")
+    lines.append(f"* Computation: {shape}{'; random' if spec.scheduling.random else ''}")
+    if spec.docs.reference:
+        lines.append(f"* Reference: <{spec.docs.reference}>")
     lines.append("")
     if spec.params:
         lines += ["| parameter | type | scope | default | meaning |", "|---|---|---|---|---|"]
@@ -82,8 +82,8 @@ def render_method(spec: MethodSpec) -> str:
             lines.append(f"| `{p.name}` | {_KIND.get(p.type, p.type.__name__)} | "
                          f"{_SCOPE[p.scope]} | {_default(p)} | {p.doc} |")
         lines.append("")
-    if spec.differences:
-        lines += [f"**Differences from mergekit 0.1.5:** {spec.differences}", ""]
+    if spec.docs.differences:
+        lines += [f"**Differences from mergekit 0.1.5:** {spec.docs.differences}", ""]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .apply import tensor_generator
+from .seeding import tensor_generator
 
 
 def full_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

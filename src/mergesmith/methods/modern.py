@@ -31,7 +31,7 @@ from .linalg import (
     top_svd,
     top_svd_work,
 )
-from .registry import LINES_PARAMS, BasePolicy, MergeInputs, Param, Scope, merge_method
+from .registry import LINES, BasePolicy, MergeInputs, Param, Scope, merge_method
 from .task_arithmetic import _magnitude, generalized_task_arithmetic
 
 _WEIGHT = Param("weight", float, 1.0, Scope.NON_BASE, "weight of the model's task vector")
@@ -145,7 +145,8 @@ def _sum_tasks(m: MergeInputs, base: torch.Tensor) -> torch.Tensor:
 @merge_method(
     "magmax",
     base=BasePolicy.REQUIRED,
-    params=[_WEIGHT, _LAMBDA, *LINES_PARAMS],
+    params=[_WEIGHT, _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     elementwise=True,
     lazy_inputs=True,
@@ -184,7 +185,8 @@ def _consensus_mask(tasks: Iterable, mtl: torch.Tensor, k: int) -> torch.Tensor:
 @merge_method(
     "consensus_ta",
     base=BasePolicy.REQUIRED,
-    params=[_WEIGHT, _TALL, _K, _LAMBDA, *LINES_PARAMS],
+    params=[_WEIGHT, _TALL, _K, _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     elementwise=True,
     lazy_inputs=True,
@@ -209,7 +211,8 @@ def consensus_ta(m: MergeInputs) -> torch.Tensor:
     params=[_WEIGHT, Param("density", float, 1.0, Scope.NON_BASE,
                            "fraction of task-vector entries TIES keeps"),
             _TALL, _K, Param("normalize", bool, True, doc="TIES' division by the agreeing weights"),
-            _LAMBDA, *LINES_PARAMS],
+            _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     raw_inputs=True,
     temp_buffers=1.0,
@@ -248,7 +251,8 @@ _ALPHA = Param("lambda", float, 1.0, doc="scale α of the merged task matrix")
     "iso_c",
     compute=_iso_c_work,
     base=BasePolicy.REQUIRED,
-    params=[_WEIGHT, _ALPHA, *LINES_PARAMS],
+    params=[_WEIGHT, _ALPHA],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
@@ -273,7 +277,8 @@ def iso_c(m: MergeInputs) -> torch.Tensor:
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, Param("common_fraction", float, 0.8,
                            doc="share of the directions taken from the common subspace"),
-            _ALPHA, *LINES_PARAMS],
+            _ALPHA],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
@@ -327,7 +332,8 @@ def _rank_of(shape: tuple[int, ...], fraction: float, tasks: int = 1) -> int:
     params=[_WEIGHT, Param("rank_fraction", float, 1.0,
                            doc="share of the full rank split among the tasks: each keeps "
                                "⌊rank_fraction·r/T⌋ singular directions"),
-            _ALPHA, _RANDOMIZED, *LINES_PARAMS],
+            _ALPHA, _RANDOMIZED],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
@@ -407,7 +413,8 @@ def cart(m: MergeInputs) -> torch.Tensor:
                            doc="share of each task matrix's nuclear norm its kept directions "
                                "must reach"),
             Param("normalize", bool, True, doc="divide by the sum of the weights (an average)"),
-            _LAMBDA, *LINES_PARAMS],
+            _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=3.0,
@@ -447,7 +454,8 @@ def star(m: MergeInputs) -> torch.Tensor:
     "wudi",
     compute=_wudi_work,
     base=BasePolicy.REQUIRED,
-    params=[_WEIGHT, _LAMBDA, *LINES_PARAMS],
+    params=[_WEIGHT, _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,
@@ -505,7 +513,8 @@ def _pinv_psd(g: torch.Tensor) -> torch.Tensor:
     base=BasePolicy.REQUIRED,
     params=[Param("ratio", float, 0.1, doc="share of each task vector's entries kept, by "
                                           "balance score"),
-            _LAMBDA, *LINES_PARAMS],
+            _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=7.0,
@@ -596,7 +605,8 @@ def singular_value_calibration(merged_tv: torch.Tensor, taus: Iterable[torch.Ten
     compute=_svc_work,
     base=BasePolicy.REQUIRED,
     params=[_WEIGHT, Param("svc_alpha", float, 1.0, doc="floor α of the per-task ratios"),
-            _LAMBDA, *LINES_PARAMS],
+            _LAMBDA],
+    extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
     temp_buffers=4.0,

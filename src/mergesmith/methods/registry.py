@@ -72,22 +72,6 @@ class Param:
         return f"{self.name} ({kind}, {who}, {default})"
 
 
-LINES_PARAMS = (
-    Param("lines_alpha", float, 1.0, doc="LiNeS (arXiv 2410.17146): the task vector's scale at "
-          "the first layer (and the embeddings); multiplies lambda"),
-    Param("lines_beta", float, 0.0, doc="LiNeS: added to the scale linearly with depth, "
-          "reaching lines_alpha + lines_beta at the last layer (and the head)"),
-)
-"""Parameters of task-vector methods: layer-increasing scaling, applied by the planner."""
-
-SVC_PARAMS = (
-    Param("svc", bool, False, doc="Singular-Value Calibration (arXiv 2602.05536) of every "
-          "merged weight matrix: directions the tasks share are scaled back from their sum"),
-    Param("svc_alpha", float, 1.0, doc="SVC: floor α of the per-task ratios"),
-)
-"""Post-hoc calibration for task-vector methods (whole matrices: turns off row chunks)."""
-
-
 @dataclass
 class MergeInputs:
     """What a method function receives for one output tensor (or one chunk of its rows).
@@ -104,7 +88,8 @@ class MergeInputs:
     generator: torch.Generator | None = None
     compute_dtype: torch.dtype = torch.float32
     """Methods declared with ``raw_inputs`` get ``tensors`` in their stored dtype and
-    upcast (piece by piece) to this."""
+    upcast (piece by piece) to this. Built only by
+    :meth:`mergesmith.methods.contract.BoundMethod.__call__`."""
 
     @property
     def base(self) -> torch.Tensor:
@@ -140,32 +125,109 @@ class MergeInputs:
 MethodFn = Callable[[MergeInputs], torch.Tensor]
 CheckFn = Callable[[str, Mapping[str, Any], Sequence[Mapping[str, Any]], "int | None"], None]
 ComputeFn = Callable[[str, tuple[int, ...], int, Mapping[str, Any]], "DenseWork"]
+AdjustFn = Callable[[dict[str, Any], float], None]
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered merge method: its math and its declaration."""
+@dataclass(frozen=True, kw_only=True)
+class Contract:
+    """What a method accepts: the base policy and how many inputs (the base counts)."""
 
-    name: str
-    fn: MethodFn
-    params: tuple[Param, ...]
-    base: BasePolicy
+    base: BasePolicy = BasePolicy.IGNORED
     min_inputs: int = 1
     max_inputs: int | None = None
     min_non_base: int = 0
     max_non_base: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheduling:
+    """How the engine feeds the method (see :func:`merge_method` for each field)."""
+
     elementwise: bool = False
+    raw_inputs: bool = False
+    lazy_inputs: bool = False
     random: bool = False
     temp_buffers: float = 2.0
-    raw_inputs: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cost:
+    """What ``check`` needs to estimate the method's time."""
+
     seconds_per_gb: float = 1.0
-    lazy_inputs: bool = False
+    compute: ComputeFn | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Docs:
+    """Text for ``mergesmith methods``, docs/methods.md and model cards."""
+
     summary: str = ""
     description: str = ""
     reference: str = ""
     differences: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Extension:
+    """A group of parameters several methods opt into, with what it does to the plan of a
+    tensor: ``adjust(params, depth)`` rewrites the shared parameters of one output tensor
+    (``depth`` 0 at the embeddings, 1 at the head); ``whole_tensor(params)`` says when the
+    method then needs whole tensors instead of row chunks."""
+
+    name: str
+    params: tuple[Param, ...]
+    adjust: AdjustFn | None = None
+    whole_tensor: Callable[[Mapping[str, Any]], bool] | None = None
+
+
+def _lines_adjust(params: dict[str, Any], depth: float) -> None:
+    params["lambda"] = params.get("lambda", 1.0) * (
+        params["lines_alpha"] + params["lines_beta"] * depth)
+
+
+LINES = Extension(
+    name="LiNeS",
+    params=(
+        Param("lines_alpha", float, 1.0, doc="LiNeS (arXiv 2410.17146): the task vector's "
+              "scale at the first layer (and the embeddings); multiplies lambda"),
+        Param("lines_beta", float, 0.0, doc="LiNeS: added to the scale linearly with depth, "
+              "reaching lines_alpha + lines_beta at the last layer (and the head)"),
+    ),
+    adjust=_lines_adjust,
+)
+"""Layer-increasing scaling of task vectors: ``lambda`` times ``alpha + beta·depth``."""
+
+SVC = Extension(
+    name="SVC",
+    params=(
+        Param("svc", bool, False, doc="Singular-Value Calibration (arXiv 2602.05536) of every "
+              "merged weight matrix: directions the tasks share are scaled back from their "
+              "sum"),
+        Param("svc_alpha", float, 1.0, doc="SVC: floor α of the per-task ratios"),
+    ),
+    whole_tensor=lambda params: bool(params.get("svc")),
+)
+"""Post-hoc calibration of merged matrices (whole matrices: turns off row chunks)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodSpec:
+    """A registered merge method: its math and its declaration, in named parts so that a
+    new field cannot shift the others."""
+
+    name: str
+    fn: MethodFn
+    params: tuple[Param, ...] = ()
+    """Every parameter, the extensions' included (``merge_method`` appends them)."""
+    extensions: tuple[Extension, ...] = ()
+    contract: Contract = Contract()
+    scheduling: Scheduling = Scheduling()
+    cost: Cost = Cost()
+    docs: Docs = Docs()
     check: CheckFn | None = None
-    compute: ComputeFn | None = None
+    """``check(tensor_name, params, model_params, base_index)``: validates resolved
+    parameters at plan time; raises MergeError."""
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -189,7 +251,8 @@ def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     return spec
 
 
-def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = BasePolicy.IGNORED,
+def merge_method(name: str, *, params: Sequence[Param] = (),
+                 extensions: Sequence[Extension] = (), base: BasePolicy = BasePolicy.IGNORED,
                  min_inputs: int = 1, max_inputs: int | None = None, min_non_base: int = 0,
                  max_non_base: int | None = None, elementwise: bool = False,
                  random: bool = False, temp_buffers: float = 2.0, reference: str = "",
@@ -201,6 +264,8 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
 
     * ``base``, ``min_inputs``/``max_inputs`` (the base included) and
       ``min_non_base``/``max_non_base``: the input contract, checked at plan time.
+    * ``extensions``: parameter groups the method takes (:data:`LINES`, :data:`SVC`); the
+      engine applies their effect on the parameters, the method sees the result.
     * ``elementwise``: the method may be applied to row chunks of a tensor (bounded memory);
       otherwise it receives whole tensors.
     * ``random``: ``inputs.generator`` is a per-tensor generator seeded from (seed, name).
@@ -230,11 +295,19 @@ def merge_method(name: str, *, params: Sequence[Param] = (), base: BasePolicy = 
     def wrap(fn: MethodFn) -> MethodFn:
         doc = inspect.cleandoc(fn.__doc__ or "")
         summary, _, description = doc.partition("\n\n")
-        register(MethodSpec(name, fn, tuple(params), base, min_inputs, max_inputs, min_non_base,
-                            max_non_base, elementwise, random, temp_buffers, raw_inputs,
-                            seconds_per_gb, lazy_inputs,
-                            summary.replace("\n", " "), description.strip(), reference,
-                            inspect.cleandoc(differences), check, compute), replace=replace)
+        register(MethodSpec(
+            name=name, fn=fn,
+            params=(*params, *(p for e in extensions for p in e.params)),
+            extensions=tuple(extensions),
+            contract=Contract(base=base, min_inputs=min_inputs, max_inputs=max_inputs,
+                              min_non_base=min_non_base, max_non_base=max_non_base),
+            scheduling=Scheduling(elementwise=elementwise, raw_inputs=raw_inputs,
+                                  lazy_inputs=lazy_inputs, random=random,
+                                  temp_buffers=temp_buffers),
+            cost=Cost(seconds_per_gb=seconds_per_gb, compute=compute),
+            docs=Docs(summary=summary.replace("\n", " "), description=description.strip(),
+                      reference=reference, differences=inspect.cleandoc(differences)),
+            check=check), replace=replace)
         return fn
 
     return wrap

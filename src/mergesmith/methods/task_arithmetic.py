@@ -23,7 +23,7 @@ import torch
 
 from ..errors import MergeError
 from . import sparsify
-from .registry import (LINES_PARAMS, SVC_PARAMS, BasePolicy, MergeInputs, Param, Scope,
+from .registry import (LINES, SVC, BasePolicy, MergeInputs, Param, Scope,
                        merge_method)
 
 MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
@@ -243,8 +243,6 @@ def _register(v: _Variant) -> None:
         Param("rescale", bool, v.rescale,
               doc="rescale each pruned task vector to its L1 norm before pruning"),
         Param("lambda", float, 1.0, doc="scale of the combined task vector"),
-        *LINES_PARAMS,
-        *SVC_PARAMS,
         Param("int8_mask", bool, False, doc="accepted for mergekit compatibility (no effect)"),
     ]
 
@@ -260,7 +258,7 @@ def _register(v: _Variant) -> None:
                    "Float32 arithmetic (mergekit: the input dtype)."
                    + (" Ties at the magnitude cut are broken by position, so exactly the "
                       "documented number of entries is kept." if v.sparsifier else ""))
-    merge_method(v.name, base=BasePolicy.REQUIRED, params=params,
+    merge_method(v.name, base=BasePolicy.REQUIRED, params=params, extensions=(LINES, SVC),
                  elementwise=v.sparsifier is None and not v.consensus, random=v.random,
                  temp_buffers=1.0, raw_inputs=True, reference=v.reference,
                  seconds_per_gb=_SECONDS_PER_GB.get(v.sparsifier, 0.9),

@@ -81,10 +81,11 @@ def model_chat_template(folder: str) -> str | None:
     return None
 
 
-def resolve_chat_template(value: str, folders: list[str], where: str) -> str | None:
-    """The template text for the recipe's ``chat_template`` (None: keep the donor's)."""
+def resolve_chat_template(value: str, templates: list[str | None], where: str) -> str | None:
+    """The template text for the recipe's ``chat_template`` (None: keep the donor's);
+    ``templates`` are the input models' own, in recipe order."""
     if value == "auto":
-        found = [t.strip() for f in folders if (t := model_chat_template(f))]
+        found = [t.strip() for t in templates if t]
         if not found:
             return None
         counts = Counter(found)

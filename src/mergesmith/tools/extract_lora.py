@@ -27,7 +27,7 @@ import torch
 from ..arch import input_embedding_name
 from ..checkpoint import TensorReader, index_folder
 from ..errors import MergeError
-from ..methods.apply import tensor_generator
+from ..methods.seeding import tensor_generator
 from ..methods.linalg import randomized_svd
 
 _PREFIX = "base_model.model."

@@ -27,8 +27,6 @@ import torch
 from ..checkpoint import TensorReader
 from ..checkpoint.lora import LoraAdapter, LoraModule
 from ..errors import MergeError
-from ..methods import MergeInputs, get_method
-from ..methods.apply import tensor_generator
 from ..plan import Plan
 from .extract_lora import factor
 
@@ -59,8 +57,7 @@ def _adapters(plan: Plan) -> tuple[list[LoraAdapter | None], int]:
     if recipe.models is None:
         raise MergeError(f"{recipe.source}: 'output: adapter' needs 'models' (not slices or "
                          "modules)")
-    spec = get_method(recipe.merge_method)
-    if recipe.merge_method not in EXACT and not spec.raw_inputs:
+    if recipe.merge_method not in EXACT and not plan.method.scheduling.raw_inputs:
         raise MergeError(f"{recipe.at('merge_method')}: 'output: adapter' works with linear, "
                          "task_arithmetic and the task-vector methods (ties, dare_ties, ...), "
                          f"not {recipe.merge_method}")
@@ -109,7 +106,7 @@ def merge_adapters(plan: Plan, out_dir: str) -> AdapterMergeResult:
                     x = reader.read(index.tensors[i.name])
                     a = adapters[i.model]
                     xs.append(a.apply(i.name, x, None) if a is not None else x)
-                merged = _apply(t, xs, plan.seed).to(index.tensors[t.name].dtype)
+                merged = _apply(plan, t, xs).to(index.tensors[t.name].dtype)
                 tensors[_PREFIX + t.name] = merged.contiguous()
                 saved.append(module)
                 result.full_tensors += 1
@@ -142,13 +139,13 @@ def _replaces(adapter: LoraAdapter | None, name: str, reader: TensorReader, inde
     return not torch.equal(adapter.replacements[name], reader.read(index.tensors[name]))
 
 
-def _apply(t, xs: list[torch.Tensor], seed: int) -> torch.Tensor:
-    """The planned method on whole float32 tensors, as the merge engine calls it."""
-    spec = get_method(t.method)
-    xs = [x.to(torch.float32).clone() for x in xs]
-    generator = tensor_generator(seed, t.name, xs[0].device) if spec.random else None
-    return spec.fn(MergeInputs(xs, t.base_index, t.params, list(t.model_params), t.name,
-                               generator))
+def _apply(plan: Plan, t, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The planned method on whole tensors in the compute dtype, as the engine calls it."""
+    compute = plan.options.compute_dtype
+    xs = [x.to(torch.promote_types(compute, x.dtype)).clone() for x in xs]
+    bound = plan.bound(t)
+    return bound(xs, t.params, t.model_params, tensor_name=t.name, compute_dtype=compute,
+                 generator=bound.generator(plan.seed, t.name, xs[0].device))
 
 
 def _concatenate(t, los: list[LoraModule | None], method: str):
@@ -183,7 +180,7 @@ def _reduce(t, los: list[LoraModule | None], plan: Plan, rank_out: int | None,
     if t.base_index is None:
         raise MergeError(f"tensor '{t.name}': {t.method} needs a base_model")
     deltas[t.base_index] = torch.zeros(ref.shape)
-    merged = _apply(t, deltas, plan.seed)  # in the weight's own orientation (DELLA: rows)
+    merged = _apply(plan, t, deltas)  # in the weight's own orientation (DELLA: rows)
     if ref.transpose:
         merged = merged.T
     rank = rank_out or max(m.a.shape[0] for m in los if m is not None)

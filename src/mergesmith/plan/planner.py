@@ -1,0 +1,39 @@
+"""``make_plan``: the planning steps in order, then the frozen plan."""
+
+from __future__ import annotations
+
+from ..checkpoint import ModelSource
+from ..options import Options
+from ..recipe import ModelReference, Recipe
+from .config import check_architectures, output_config
+from .draft import Draft
+from .layers import plan_recipe
+from .layout import check_unique, layout, processing_order
+from .parameters import check_parameter_names
+from .recipe_view import donor_ref
+from .types import Plan
+from .vocabulary import plan_chat_template, plan_vocabulary
+
+
+def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
+              options: Options | None = None) -> Plan:
+    """Plan a merge. ``models`` maps every reference of the recipe to its resolved source
+    (which also reads the side files planning needs: config, tokenizer, generation config);
+    nothing else is read."""
+    options = options or Options()
+    d = Draft(recipe, models, options)
+    check_parameter_names(recipe, d.spec)
+    check_architectures(d)
+    donor = d.model_of(donor_ref(recipe))
+    plan_vocabulary(d, donor)
+    plan_chat_template(d)
+    plan_recipe(d, recipe, donor)
+    config = output_config(d, donor)
+    ordered = processing_order(d.outputs, d.sources, donor)
+    check_unique(ordered)
+    tensors, shards = layout(ordered, options.out_shard_size)
+    return Plan(recipe=recipe, method=d.spec, models=d.sources, donor=donor,
+                tensors=tuple(tensors), shards=tuple(shards), config=config, options=options,
+                read_dtype=recipe.dtype, notes=tuple(d.notes), warnings=tuple(d.warnings),
+                layer_maps=d.layer_maps, vocab=d.vocab, generation_config=d.generation_config,
+                chat_template=d.chat_template)

@@ -1,0 +1,118 @@
+"""What a plan is made of: output tensors with their inputs and resolved parameters, the
+output files, the layer maps. Frozen once planned; what a run produces is a ``RunResult``
+(``mergesmith.api``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import torch
+
+from ..checkpoint import ModelSource, TensorInfo
+from ..methods import MethodSpec
+from ..methods.contract import BoundMethod
+from ..options import Options
+from ..recipe import Recipe
+from ..tokenizer import VocabPlan
+
+COPY = "copy"
+"""Pseudo-method of non-floating tensors (buffers): equal in every input, copied as is."""
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One input of an output tensor: tensor ``name`` of ``Plan.models[model]``."""
+
+    model: int
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class OutputTensor:
+    """A planned output tensor. ``file``/``offset`` place its bytes in the output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    method: str
+    inputs: tuple[InputTensor, ...]
+    base_index: int | None
+    params: dict[str, Any]
+    model_params: tuple[dict[str, Any], ...]
+    elementwise: bool
+    file: str = ""
+    offset: int = 0
+    reindex: bool = False  # rows re-indexed to the output vocabulary (Plan.vocab)
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def copied(self) -> bool:
+        """A non-floating buffer copied as is (no method runs)."""
+        return self.method == COPY
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """One output file: its header bytes and the tensors it holds, in storage order."""
+
+    filename: str
+    header: bytes
+    size: int
+    tensors: tuple[OutputTensor, ...]
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """One output layer of a slices recipe: which layer of which models it merges."""
+
+    output: int
+    inputs: tuple[tuple[str, int], ...]  # (model reference, input layer)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything ``execute`` needs, decided before reading any tensor data."""
+
+    recipe: Recipe
+    method: MethodSpec
+    models: list[ModelSource]
+    donor: int
+    tensors: tuple[OutputTensor, ...]
+    shards: tuple[Shard, ...]
+    config: dict[str, Any]
+    options: Options
+    read_dtype: torch.dtype | None
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    layer_maps: dict[str, list[LayerSource]] = field(default_factory=dict)
+    vocab: VocabPlan | None = None
+    generation_config: dict[str, Any] | None = None  # patched; None: copied as is
+    chat_template: str | None = None
+
+    @property
+    def seed(self) -> int | None:
+        """The run's seed: the option, else the recipe's ``seed:``."""
+        return self.options.seed if self.options.seed is not None else self.recipe.seed
+
+    def input_info(self, inp: InputTensor) -> TensorInfo:
+        return self.models[inp.model].index.tensors[inp.name]
+
+    def bound(self, t: OutputTensor) -> BoundMethod:
+        """The method of an output tensor, bound to its inputs (contract checked when
+        planned)."""
+        from ..methods import get_method
+
+        return BoundMethod(get_method(t.method), t.base_index)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(self.input_info(i).nbytes for t in self.tensors for i in t.inputs)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
