@@ -9,7 +9,7 @@ import torch
 
 from mergesmith import merge_tensors
 from mergesmith.methods.linalg import randomized_svd
-from mergesmith.methods.modern import singular_value_calibration
+from mergesmith.methods.svc import singular_value_calibration
 
 D = torch.float64
 

@@ -2,14 +2,16 @@
 
 from . import (  # noqa: F401  (importing a module registers its methods)
     arcee_fusion,
+    consensus,
     linear,
-    modern,
     model_stock,
     nearswap,
     passthrough,
     ram,
     sce,
+    spectral,
     spherical,
+    svc,
     task_arithmetic,
 )
 from .contract import BoundMethod

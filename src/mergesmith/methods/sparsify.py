@@ -229,14 +229,6 @@ def l1(v: torch.Tensor) -> float:
     return sum(float(c.abs().sum()) for c in chunks(v))
 
 
-def rescale_l1_(v: torch.Tensor, before: float) -> None:
-    """Scale the pruned ``v`` back to the L1 norm it had before pruning (mergekit's rule:
-    skipped when either norm is below 1e-7)."""
-    after = l1(v)
-    if before >= 1e-7 and after >= 1e-7:
-        v.mul_(before / after)
-
-
 def magnitude_mask(delta: torch.Tensor, density: float,
                    generator: torch.Generator | None = None) -> Mask:
     """TIES: keep the ``max(1, int(density·numel))`` largest ``|δ|`` of the whole tensor."""
@@ -287,10 +279,6 @@ def magnitude_(delta: torch.Tensor, density: float) -> None:
 
 def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float) -> None:
     apply_mask_(delta, magnitude_outliers_mask(delta, density, gamma))
-
-
-def bernoulli_(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> None:
-    apply_mask_(delta, bernoulli_mask(delta, density, generator), generator)
 
 
 def della_magprune_(delta: torch.Tensor, density: float, epsilon: float,

@@ -23,8 +23,10 @@ import torch
 
 from ..errors import MergeError
 from . import sparsify
+from .linalg import NO_WORK
 from .registry import (LINES, SVC, BasePolicy, MergeInputs, Param, Scope,
                        merge_method)
+from .svc import singular_value_calibration, svc_work
 
 MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
 
@@ -85,7 +87,6 @@ def _calibrate(m: MergeInputs, merged: torch.Tensor, compute: torch.dtype) -> to
     """With ``svc``: Singular-Value Calibration of the merged task matrix against the
     weighted task vectors (2-D weights other than token embeddings and heads)."""
     from ..arch import is_vocab_tensor
-    from .modern import singular_value_calibration
 
     if (not m.params.get("svc") or merged.dim() != 2 or min(merged.shape) < 2
             or is_vocab_tensor(m.tensor_name)):
@@ -129,7 +130,9 @@ def _combine(ws: Sequence[torch.Tensor], weights: Sequence[float], consensus: bo
 # ------------------------------------------------------------------ the eight methods
 
 
-def _magnitude(delta, p, generator):
+def magnitude_sparsifier(delta, p, generator):
+    """TIES' trim as a pipeline sparsifier: keep each task vector's ``density`` share of
+    largest-magnitude entries (``sparsify.magnitude_mask``)."""
     return sparsify.magnitude_mask(delta, p["density"])
 
 
@@ -186,7 +189,7 @@ VARIANTS = [
              Adds the weighted task vectors (fine-tune minus base) of the fine-tuned models
              to the base. The simplest way to combine skills of fine-tunes of one base;
              `density` is accepted and ignored, as in mergekit."""),
-    _Variant("ties", _magnitude, True, True, False,
+    _Variant("ties", magnitude_sparsifier, True, True, False,
              reference="https://arxiv.org/abs/2306.01708",
              doc=f"""TIES: trim each task vector to its largest entries, elect signs, merge.
 
@@ -269,16 +272,11 @@ def _register(v: _Variant) -> None:
 
 def _calibration_work(name: str, shape: tuple[int, ...], tasks: int, params):
     """With ``svc``: one SVD of the merged task matrix and a product per task."""
-    from .linalg import NO_WORK
-    from .modern import _svc_work
-
-    return _svc_work(name, shape, tasks, params) if params.get("svc") else NO_WORK
+    return svc_work(name, shape, tasks, params) if params.get("svc") else NO_WORK
 
 
-_SECONDS_PER_GB = {_magnitude: 7.5, _outliers: 7.5, _bernoulli: 5.5, _della: 12.0}
+_SECONDS_PER_GB = {magnitude_sparsifier: 7.5, _outliers: 7.5, _bernoulli: 5.5, _della: 12.0}
 """Measured on the reference machine (bench/README.md); check's time estimate."""
 
 for _v in VARIANTS:
     _register(_v)
-
-task_arithmetic = generalized_task_arithmetic
