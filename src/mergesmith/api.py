@@ -14,7 +14,7 @@ from . import memory
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve
 from .devices import resolve_devices
-from .errors import MergeIOError, MergeError
+from .errors import MergeError, MergeIOError
 from .execute import chunk_elements_for, execute, item_memory, work_items
 from .methods.linalg import NO_WORK, DenseWork
 from .options import Options

@@ -81,7 +81,8 @@ def item_memory(plan: Plan, item: WorkItem) -> int:
     """Bytes of tensor data a work item holds at its peak: its largest raw input, the
     inputs in the compute dtype, the method's temporaries and the output buffer."""
     t = item.tensor
-    numel = prod(t.shape) if item.rows is None else (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
+    numel = prod(t.shape) if item.rows is None else \
+        (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
     raw = [plan.input_info(i).dtype.itemsize * numel for i in t.inputs]
     if t.copied:
         return sum(raw) + t.dtype.itemsize * numel

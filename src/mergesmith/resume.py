@@ -39,7 +39,8 @@ def fingerprint(plan: Plan, chunk_elements: int) -> str:
         files = []
         adapter_files = []
         if m.lora is not None:
-            adapter_files = [os.path.join(m.lora.folder, n) for n in sorted(os.listdir(m.lora.folder))]
+            adapter_files = [os.path.join(m.lora.folder, n)
+                             for n in sorted(os.listdir(m.lora.folder))]
         for f in [*m.index.files, *adapter_files]:
             try:
                 st = os.stat(f)

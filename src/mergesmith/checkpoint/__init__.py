@@ -4,5 +4,5 @@ from .index import CheckpointIndex, TensorInfo, index_folder, read_config
 from .reader import TensorReader, TensorSource
 from .resolve import ModelSource, resolve
 
-__all__ = ["CheckpointIndex", "ModelSource", "TensorInfo", "TensorReader", "TensorSource", "index_folder",
-           "read_config", "resolve"]
+__all__ = ["CheckpointIndex", "ModelSource", "TensorInfo", "TensorReader", "TensorSource",
+           "index_folder", "read_config", "resolve"]

@@ -16,8 +16,21 @@ from . import (  # noqa: F401  (importing a module registers its methods)
 )
 from .contract import BoundMethod
 from .in_memory import merge_state_dicts, merge_tensors
-from .registry import (LINES, REQUIRED, SVC, BasePolicy, Extension, MergeInputs, MethodSpec,
-                       Param, Scope, all_methods, get_method, merge_method, register)
+from .registry import (
+    LINES,
+    REQUIRED,
+    SVC,
+    BasePolicy,
+    Extension,
+    MergeInputs,
+    MethodSpec,
+    Param,
+    Scope,
+    all_methods,
+    get_method,
+    merge_method,
+    register,
+)
 from .seeding import tensor_generator
 
 __all__ = ["LINES", "REQUIRED", "SVC", "BasePolicy", "BoundMethod", "Extension", "MergeInputs",

@@ -70,7 +70,8 @@ def render_method(spec: MethodSpec) -> str:
     if spec.docs.description:
         lines += [spec.docs.description, ""]
     lines += [f"* Base model: {_BASE[spec.contract.base]}", f"* Inputs: {_inputs(spec)}"]
-    shape = ("element-wise (large tensors are processed in row chunks)" if spec.scheduling.elementwise
+    shape = ("element-wise (large tensors are processed in row chunks)"
+             if spec.scheduling.elementwise
              else "needs whole tensors")
     lines.append(f"* Computation: {shape}{'; random' if spec.scheduling.random else ''}")
     if spec.docs.reference:

@@ -34,8 +34,15 @@ from .linalg import (
     top_svd_work,
 )
 from .registry import LINES, BasePolicy, MergeInputs, Param, merge_method
-from .task_vectors import (LAMBDA, WEIGHT, is_2d, is_spectral_input, is_spectral_matrix,
-                           streaming_task_arithmetic, sum_task_vectors)
+from .task_vectors import (
+    LAMBDA,
+    WEIGHT,
+    is_2d,
+    is_spectral_input,
+    is_spectral_matrix,
+    streaming_task_arithmetic,
+    sum_task_vectors,
+)
 
 _ALPHA = Param("lambda", float, 1.0, doc="scale α of the merged task matrix")
 _RANDOMIZED = Param("randomized_svd", bool, False,

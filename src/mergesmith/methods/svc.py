@@ -19,8 +19,14 @@ import torch
 
 from .linalg import NO_WORK, DenseWork, full_svd, product_work, svd_work
 from .registry import LINES, BasePolicy, MergeInputs, Param, merge_method
-from .task_vectors import (LAMBDA, WEIGHT, is_spectral_input, is_spectral_matrix,
-                           streaming_task_arithmetic, sum_task_vectors)
+from .task_vectors import (
+    LAMBDA,
+    WEIGHT,
+    is_spectral_input,
+    is_spectral_matrix,
+    streaming_task_arithmetic,
+    sum_task_vectors,
+)
 
 
 def svc_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:

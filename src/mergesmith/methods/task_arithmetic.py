@@ -24,8 +24,7 @@ import torch
 from ..errors import MergeError
 from . import sparsify
 from .linalg import NO_WORK
-from .registry import (LINES, SVC, BasePolicy, MergeInputs, Param, Scope,
-                       merge_method)
+from .registry import LINES, SVC, BasePolicy, MergeInputs, Param, Scope, merge_method
 from .svc import singular_value_calibration, svc_work
 
 MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
