@@ -582,7 +582,7 @@ class _Planner:
             for k in keys:
                 config[k] = dtype_name(out_dtype)
         if self.untie:
-            for path, value in list(arch._walk(config)):
+            for path, value in list(arch.walk_config(config)):
                 if path[-1] == "tie_word_embeddings" and value:
                     arch.set_path(config, path, False)
             config.setdefault("tie_word_embeddings", False)
@@ -597,7 +597,7 @@ class _Planner:
         """vocab_size (also nested) = rows written; special token ids follow the tokens."""
         assert self.vocab is not None
         old = config.get("vocab_size", self.rows.get(donor))
-        for path, value in list(arch._walk(config)):
+        for path, value in list(arch.walk_config(config)):
             if path[-1] == "vocab_size" and value in (old, self.rows.get(donor)):
                 arch.set_path(config, path, self.vocab.size)
         if old != self.vocab.size:
