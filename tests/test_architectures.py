@@ -169,7 +169,7 @@ def test_frankenmerge_changes_depth(family):
     assert not any(n_.startswith(f"{target.stack}.{depth}.") for n_ in out)
     assert _donor_names(f["ft1"]) <= set(out)  # no donor tensor is missing
     config = json.loads((f["root"] / "franken" / "config.json").read_text())
-    counts = [v for p, v in arch._walk(config) if p[-1] in (
+    counts = [v for p, v in arch.walk_config(config) if p[-1] in (
         "num_hidden_layers", "n_layer", "num_decoder_layers") and v == depth]
     assert counts, config
     module_tensors = set(target.tensors)

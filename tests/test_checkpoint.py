@@ -191,3 +191,21 @@ def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_pa
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     base = random_tensors(LLAMA, 0)
     assert all(torch.equal(out[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize("version", [(3, 10), (3, 11)])  # the block loop, hashlib.file_digest
+def test_file_sha256_matches_hashlib(tmp_path, monkeypatch, version):
+    import hashlib
+    import sys
+
+    from mergesmith.hashing import file_sha256
+
+    if version >= (3, 11) and not hasattr(hashlib, "file_digest"):
+        pytest.skip("hashlib.file_digest needs Python 3.11")
+    monkeypatch.setattr(sys, "version_info", version)
+    for size in (0, 3, (1 << 20) + 7):
+        data = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().tobytes()
+        (tmp_path / "f").write_bytes(data)
+        assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    with pytest.raises(OSError):
+        file_sha256(tmp_path / "missing")

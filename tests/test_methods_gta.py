@@ -184,7 +184,7 @@ def test_keep_rank_range_matches_stable_sort(n, lo, width, distinct, seed):
     v = (torch.randint(-distinct, distinct, (n,), generator=g) / 7).float()  # many ties
     want = v * ((stable_positions(v) >= lo) & (stable_positions(v) < lo + width))
     got = v.clone()
-    sparsify.keep_rank_range_(got, lo, lo + width)
+    sparsify.apply_mask_(got, sparsify.rank_range_mask(got, lo, lo + width))
     assert torch.equal(got, want)
 
 
@@ -196,7 +196,7 @@ def test_selection_on_tensors_larger_than_the_sampling_threshold(ties, monkeypat
     v = torch.randint(-50, 50, (n,), generator=g).float() if ties else torch.randn(n, generator=g)
     for lo, hi in ((n - 4000, n), (31_000, 77_000), (0, 5), (n - 1, n)):
         got = v.clone()
-        sparsify.keep_rank_range_(got, lo, hi)
+        sparsify.apply_mask_(got, sparsify.rank_range_mask(got, lo, hi))
         pos = stable_positions(v)
         assert torch.equal(got, v * ((pos >= lo) & (pos < hi))), (lo, hi)
         assert int((got != 0).sum()) <= hi - lo
@@ -206,7 +206,7 @@ def test_selection_on_tensors_larger_than_the_sampling_threshold(ties, monkeypat
 def test_magnitude_keeps_exactly_the_documented_count(density):
     d = rand(40, 25, seed=9)
     out = d.clone()
-    sparsify.magnitude_(out, density)
+    sparsify.apply_mask_(out, sparsify.magnitude_mask(out, density))
     n = d.numel()
     expected = n if density >= 1 else 0 if density <= 0 else max(1, int(density * n))
     assert int((out != 0).sum()) == expected
@@ -218,7 +218,7 @@ def test_magnitude_keeps_exactly_the_documented_count(density):
 def test_breadcrumbs_keeps_exactly_target(density, gamma):
     d = rand(30, 11, seed=3)
     out = d.clone()
-    sparsify.magnitude_outliers_(out, density, gamma)
+    sparsify.apply_mask_(out, sparsify.magnitude_outliers_mask(out, density, gamma))
     assert int((out != 0).sum()) == int(density * d.numel())
 
 
@@ -248,7 +248,7 @@ def test_della_keep_probability_rises_with_magnitude_rank():
     delta = torch.arange(1, width + 1).float().repeat(rows, 1)  # rank = column
     g = torch.Generator().manual_seed(0)
     out = delta.clone()
-    sparsify.della_magprune_(out, 0.5, 0.2, g)
+    sparsify.apply_mask_(out, sparsify.della_mask(out, 0.5, 0.2, g), g)
     kept = (out != 0).float().mean(0)
     expected = 0.5 - 0.2 + 0.4 * torch.arange(width) / (width - 1)
     assert torch.allclose(kept, expected, atol=0.03)
@@ -257,7 +257,7 @@ def test_della_keep_probability_rises_with_magnitude_rank():
 def test_della_one_element_rows_use_rank_one_half():
     g = torch.Generator().manual_seed(0)
     out = torch.ones(20000, 1)
-    sparsify.della_magprune_(out, 0.4, 0.3, g)
+    sparsify.apply_mask_(out, sparsify.della_mask(out, 0.4, 0.3, g), g)
     assert abs(float((out != 0).float().mean()) - 0.4) < 0.02
 
 

@@ -48,9 +48,6 @@ class LayerName:
     index: int
     rest: str
 
-    def with_index(self, index: int) -> str:
-        return f"{self.prefix}.{index}.{self.rest}"
-
 
 def split_layer(name: str) -> LayerName | None:
     """``model.layers.3.mlp.up_proj.weight`` → (``model.layers``, 3, ``mlp.up_proj.weight``)."""
@@ -206,11 +203,14 @@ def find_module(modules: dict[str, Module], name: str) -> Module | None:
 # ------------------------------------------------------------------ config keys
 
 
-def _walk(config: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+def walk_config(config: dict[str, Any],
+                path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every ``(path, value)`` of a config, nested dicts included (depth first):
+    ``(("text_config",), {...})`` then ``(("text_config", "num_hidden_layers"), 32)``."""
     for key, value in config.items():
         yield (*path, key), value
         if isinstance(value, dict):
-            yield from _walk(value, (*path, key))
+            yield from walk_config(value, (*path, key))
 
 
 def layer_count_keys(config: dict[str, Any], count: int,
@@ -221,7 +221,7 @@ def layer_count_keys(config: dict[str, Any], count: int,
     With several modules, keys whose path names the module (``vision_config...`` for the
     vision tower, ``num_decoder_layers`` for the decoder) win over the others.
     """
-    found = [p for p, v in _walk(config) if _LAYER_COUNT_KEY.match(p[-1]) and v == count
+    found = [p for p, v in walk_config(config) if _LAYER_COUNT_KEY.match(p[-1]) and v == count
              and not isinstance(v, bool)]
     if not found:
         return []

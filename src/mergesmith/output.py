@@ -7,7 +7,6 @@ and the shard headers have been read back and checked against the plan, so a fol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Any
 from . import __version__
 from .checkpoint.safetensors_format import read_header
 from .errors import MergeError, MergeIOError
+from .hashing import file_sha256
 from .plan import Plan
 from .units import dtype_name
 
@@ -92,11 +92,11 @@ def write_side_files(plan: Plan, folder: str) -> None:
     if plan.generation_config is not None:
         _write_json(os.path.join(folder, "generation_config.json"), plan.generation_config)
     if plan.chat_template is not None:
-        _write_text(os.path.join(folder, "chat_template.jinja"), plan.chat_template)
+        write_text(os.path.join(folder, "chat_template.jinja"), plan.chat_template)
         _drop_key(os.path.join(folder, "tokenizer_config.json"), "chat_template")
     _write_json(os.path.join(folder, "config.json"), plan.config)
-    _write_text(os.path.join(folder, "mergesmith_config.yml"), plan.recipe.text)
-    _write_text(os.path.join(folder, "README.md"), model_card(plan, os.path.basename(folder)))
+    write_text(os.path.join(folder, "mergesmith_config.yml"), plan.recipe.text)
+    write_text(os.path.join(folder, "README.md"), model_card(plan, os.path.basename(folder)))
 
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -148,10 +148,11 @@ def _drop_key(path: str, key: str) -> None:
 
 
 def _write_json(path: str, data: Any) -> None:
-    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` as UTF-8; a failure is a :class:`MergeIOError` naming the file."""
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
@@ -214,13 +215,8 @@ def write_checksums(plan: Plan, folder: str, known: dict[str, str] | None = None
 
     def digest(name: str) -> tuple[str, dict[str, Any]]:
         path = os.path.join(folder, name)
-        if known and name in known:
-            return name, {"size": os.path.getsize(path), "sha256": known[name]}
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(16 << 20):
-                h.update(block)
-        return name, {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+        sha256 = known[name] if known and name in known else file_sha256(path)
+        return name, {"size": os.path.getsize(path), "sha256": sha256}
 
     names = [s.filename for s in plan.shards]
     with ThreadPoolExecutor(min(4, len(names))) as pool:  # hashlib releases the GIL
@@ -281,11 +277,7 @@ def verify_folder(folder: str) -> list[str]:
         if os.path.getsize(path) != info.get("size"):
             problems.append(f"{name}: size {os.path.getsize(path)}, recorded {info.get('size')}")
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(16 << 20):
-                h.update(block)
-        if h.hexdigest() != info.get("sha256"):
+        if file_sha256(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from the recorded one (the file changed)")
     return problems
 

@@ -103,10 +103,6 @@ class LoraAdapter:
                                  f"is {got}")
 
 
-def is_adapter_folder(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))
-
-
 def load_adapter(folder: str, who: str) -> LoraAdapter:
     """Read and validate a PEFT LoRA adapter folder."""
     config_path = os.path.join(folder, ADAPTER_CONFIG)

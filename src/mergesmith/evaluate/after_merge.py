@@ -71,7 +71,7 @@ def evaluate_merge(plan: Any, out: str, *, device: str = "cpu",
                    progress: bool = False) -> EvalReport:
     """Run the recipe's ``evaluate:`` block on the merged folder ``out`` and put the results
     in its model card."""
-    from ..output import _write_text, model_card
+    from ..output import model_card, write_text
 
     e = plan.recipe.evaluate
     assert e is not None
@@ -90,7 +90,7 @@ def evaluate_merge(plan: Any, out: str, *, device: str = "cpu",
     report.parents += skipped
     card = model_card(plan, os.path.basename(os.path.normpath(out)),
                       evaluation=card_markdown(report))
-    _write_text(os.path.join(out, "README.md"), card)
+    write_text(os.path.join(out, "README.md"), card)
     return report
 
 

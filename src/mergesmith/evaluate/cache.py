@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.index import WEIGHT_SUFFIXES
+from ..hashing import file_sha256
 
 CACHE_ENV = "MERGESMITH_EVAL_CACHE"
 FORMAT = 1  # bump when the meaning of stored results changes
@@ -43,14 +44,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "mergesmith" / "eval"
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_fingerprint(folder: str | os.PathLike) -> str:
     """A hash of what decides a model folder's outputs (see the module docstring)."""
     folder = os.fspath(folder)
@@ -65,12 +58,12 @@ def model_fingerprint(folder: str | os.PathLike) -> str:
             if name in recorded:
                 parts[name] = recorded[name]
             elif name.endswith(".index.json"):
-                parts[name] = _sha256_file(path)
+                parts[name] = file_sha256(path)
             else:
                 st = os.stat(path)
                 parts[name] = [st.st_size, st.st_mtime_ns]
         elif name in _CONTENT_FILES:
-            parts[name] = _sha256_file(path)
+            parts[name] = file_sha256(path)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -97,7 +90,6 @@ class EvalCache:
     def __init__(self, folder: str | os.PathLike | None = None, enabled: bool = True) -> None:
         self.folder = Path(folder) if folder is not None else default_cache_dir()
         self.enabled = enabled
-        self.hits = 0
 
     def _path(self, key: dict[str, Any]) -> tuple[Path, str]:
         text = json.dumps({"format": FORMAT, **key}, sort_keys=True)
@@ -115,7 +107,6 @@ class EvalCache:
             return None
         if not isinstance(entry, dict) or json.dumps(entry.get("key"), sort_keys=True) != text:
             return None
-        self.hits += 1
         return entry.get("value")
 
     def put(self, key: dict[str, Any], value: Any) -> None:

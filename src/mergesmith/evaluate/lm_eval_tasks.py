@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from ..errors import MergeError, did_you_mean
+from ..hashing import file_sha256
 from .cache import EvalCache, model_fingerprint
 
 INSTALL_HINT = ("task evaluation needs lm-evaluation-harness: pip install 'mergesmith[eval]' "
@@ -129,14 +130,6 @@ def _quiet(fn: Any) -> Any:
         log.setLevel(level)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _data_files(config: dict[str, Any]) -> list[str]:
     kwargs = config.get("dataset_kwargs")
     files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
@@ -161,7 +154,7 @@ def config_hash(include_path: str | None) -> str:
                 paths.append(data_file)
     for path in paths:
         try:
-            digest = _sha256_file(path)
+            digest = file_sha256(path)
         except OSError:
             digest = "unreadable"
         h.update(f"{os.path.relpath(path, include_path)}\0{digest}\n".encode())

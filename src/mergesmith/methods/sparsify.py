@@ -218,12 +218,6 @@ def apply_mask_(delta: torch.Tensor, mask: Mask,
         apply(c)
 
 
-def keep_rank_range_(v: torch.Tensor, lo: int, hi: int) -> None:
-    """Zero every element of flat ``v`` outside positions ``[lo, hi)`` of the stable
-    ascending order of ``|v|``."""
-    apply_mask_(v, rank_range_mask(v, lo, hi))
-
-
 def l1(v: torch.Tensor) -> float:
     """Σ|v|: per-chunk sums accumulated in float64 (independent of threads)."""
     return sum(float(c.abs().sum()) for c in chunks(v))
@@ -271,16 +265,3 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float,
     if density <= 0:
         return _DropAll()
     return _Della(density, epsilon, width, generator)
-
-
-def magnitude_(delta: torch.Tensor, density: float) -> None:
-    apply_mask_(delta, magnitude_mask(delta, density))
-
-
-def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float) -> None:
-    apply_mask_(delta, magnitude_outliers_mask(delta, density, gamma))
-
-
-def della_magprune_(delta: torch.Tensor, density: float, epsilon: float,
-                    generator: torch.Generator | None) -> None:
-    apply_mask_(delta, della_mask(delta, density, epsilon, generator), generator)

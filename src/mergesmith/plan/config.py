@@ -42,7 +42,7 @@ def output_config(d: Draft, donor: int) -> dict[str, Any]:
         for k in keys:
             config[k] = dtype_name(out_dtype)
     if d.untie:
-        for path, value in list(arch._walk(config)):
+        for path, value in list(arch.walk_config(config)):
             if path[-1] == "tie_word_embeddings" and value:
                 arch.set_path(config, path, False)
         config.setdefault("tie_word_embeddings", False)
@@ -58,7 +58,7 @@ def _patch_vocab(d: Draft, config: dict[str, Any], donor: int) -> None:
     """vocab_size (also nested) = rows written; special token ids follow the tokens."""
     assert d.vocab is not None
     old = config.get("vocab_size", d.rows.get(donor))
-    for path, value in list(arch._walk(config)):
+    for path, value in list(arch.walk_config(config)):
         if path[-1] == "vocab_size" and value in (old, d.rows.get(donor)):
             arch.set_path(config, path, d.vocab.size)
     if old != d.vocab.size:

@@ -4,7 +4,7 @@ A :class:`VocabPlan` is decided at plan time from ``tokenizer.json`` files only:
 tokens, and for every input model a permutation ``new id → old row`` (−1 where the model
 lacks the token) plus the default rows for tokens a model lacks (or that are forced).
 Applying it to an embedding-like tensor is one vectorised gather per model
-(:meth:`VocabPlan.align`), never a loop over tokens.
+(:meth:`VocabPlan.rows`), never a loop over tokens.
 
 Union keeps ordinary text tokenizing as the base does: tokens of other models that the
 base lacks join the base model's vocabulary without merges (BPE) or with a negligible
@@ -172,18 +172,6 @@ class VocabPlan:
             total = s if total is None else total + s
         assert total is not None
         return (total / self.vocab).to(defaults.dtype)
-
-    def align(self, inputs: list[tuple[int, torch.Tensor]],
-              prepare: Callable[[torch.Tensor], torch.Tensor],
-              chunk: int = 1 << 16) -> list[torch.Tensor]:
-        """All output rows of every input at once (for methods that need whole tensors)."""
-        defaults = self.defaults(inputs, prepare)
-        out = []
-        for model, x in inputs:
-            pad = (self.padding_row(model, x, defaults, prepare, chunk)
-                   if self.size > self.vocab and not self.truncate else None)
-            out.append(self.rows(model, x, defaults, 0, self.size, prepare, pad))
-        return out
 
 
 def build_vocab_plan(recipe_tokenizer, vocabs: dict[int, ModelVocab], base: int | None,

@@ -48,12 +48,6 @@ DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-8
 
 
-def near_zero(delta: torch.Tensor, base: torch.Tensor, rtol: float = DEFAULT_RTOL,
-              atol: float = DEFAULT_ATOL) -> torch.Tensor:
-    """Boolean mask of task-vector entries with ``|delta| ≤ atol + rtol·|base|``."""
-    return delta.abs() <= atol + rtol * base.abs()
-
-
 @dataclass
 class Sums:
     """Additive sums over a set of entries (a chunk, tensor, layer or the whole model).
