@@ -341,8 +341,10 @@ def all_methods() -> dict[str, MethodSpec]:
 
 def get_method(name: str, where: str = "merge_method") -> MethodSpec:
     """Look a method up by name; unknown names raise with the closest names."""
-    methods = all_methods()
-    if name not in methods:
+    _load_entry_points()
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        methods = all_methods()
         raise MergeError(f"{where}: unknown merge method '{name}'.{did_you_mean(name, methods)} "
                          f"Available: {', '.join(methods)}.")
-    return methods[name]
+    return spec
