@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import resource
 import signal
 import subprocess
@@ -53,44 +52,95 @@ def cli_process(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+def _complete_lines(log: Path) -> list[str]:
+    """The complete lines of a progress log (a kill can leave a torn last line)."""
+    try:
+        text = log.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return text.splitlines(keepends=True)[:text.count("\n")]
+
+
+def _wait_for_lines(log: Path, proc: subprocess.Popen, n: int,
+                    timeout: float = 300) -> list[str]:
+    """Poll ``log`` until it holds at least ``n`` complete lines; return them.
+
+    Progress, not time, decides when this returns: the timeout is only a safety net.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _complete_lines(log)
+        if len(lines) >= n:
+            return lines
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"the merge exited (code {proc.returncode}) with {len(lines)} of the "
+                        f"{n} progress lines waited for: the kill point is wrong\n{err}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"no progress within {timeout} s: {len(lines)} of {n} lines in {log}")
+        time.sleep(0.005)  # poll interval
 
 
 def test_killed_merges_resume_to_identical_bytes(big, tmp_path):
-    """SIGKILL at random points of the merge, resume, compare bytes with a clean run."""
+    """SIGKILL on observed progress (early, middle, late), resume each time: same bytes.
+
+    A chain: the first run is killed after an early line of its progress log, the run
+    resuming it after a middle line, the next one after a late line; the last resume
+    finishes. The kill points are counts of finished work items, never times.
+    """
     root, recipe = big
     args = ["--quiet", "--out-shard-size", "20MB", "--threads", "1"]
     reference = tmp_path / "reference" / "merged"  # same folder names: same model cards
-    proc = cli_process("run", str(recipe), str(reference), *args)
-    assert _wait_for(Path(str(reference) + ".partial") / "mergesmith_manifest.json", proc)
-    start = time.time()
-    assert _wait_for(reference, proc)
-    merge_time = time.time() - start  # from the start of writing to the rename of OUT
-    assert proc.wait() == 0
+    items = 0
+
+    def count(plan):
+        def update(nbytes: int, finished: bool) -> None:
+            nonlocal items
+            items += 1  # called once per work item, each logged once by an uninterrupted run
+
+        return update
+
+    mergesmith.run(recipe, reference, out_shard_size="20MB", threads=1, progress=count)
     expected = files(reference)
-    rng = random.Random(1234)
-    resumed = 0
-    for attempt in range(5):
-        out = tmp_path / f"run{attempt}" / "merged"
-        proc = cli_process("run", str(recipe), str(out), *args)
-        assert _wait_for(Path(str(out) + ".partial") / "mergesmith_manifest.json", proc)
-        time.sleep(rng.uniform(0.05, 0.9) * merge_time)
+    kill_points = [max(1, items // 10), items // 2, items * 4 // 5]
+    assert 1 <= kill_points[0] < kill_points[1] < kill_points[2] < items - 5, (kill_points, items)
+
+    out = tmp_path / "run" / "merged"
+    partial = Path(str(out) + ".partial")
+    log = partial / "mergesmith_progress.log"
+    manifest = partial / "mergesmith_manifest.json"
+    before: list[str] = []  # complete lines left by the previous killed run
+    for n in kill_points:
+        resuming = bool(before)
+        if resuming:  # a resumed run keeps the manifest (a fresh start writes a new one)
+            st = manifest.stat()
+            kept = (st.st_ino, st.st_mtime_ns, manifest.read_bytes())
+        proc = cli_process("run", str(recipe), str(out), *args,
+                           *(["--resume"] if resuming else []))
+        lines = _wait_for_lines(log, proc, max(n, len(before) + 1))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if not out.exists():  # killed before the rename (else OUT must be complete, below)
-            done = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(recipe),
-                                   str(out), *args, "--resume"], capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr
-            resumed += "nothing to resume" not in done.stderr
-        assert files(out) == expected, attempt
-        assert not Path(str(out) + ".partial").exists()
-    assert resumed >= 3  # the kills landed mid-merge and were resumed
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, err
+        if resuming:
+            assert "nothing to resume" not in err, err
+            st = manifest.stat()
+            assert (st.st_ino, st.st_mtime_ns, manifest.read_bytes()) == kept, \
+                "the resumed run did not reuse the partial merge"
+            assert lines[:len(before)] == before, "the resumed run did not append to the log"
+        lines = _complete_lines(log)  # the kill may land a few items after line n
+        assert not out.exists() and partial.is_dir(), "the kill did not interrupt the merge"
+        assert manifest.exists()
+        assert n <= len(lines) < items, f"killed after {len(lines)} of {items} items " \
+                                        f"(kill point {n})"
+        before = lines
+    done = subprocess.run([sys.executable, "-m", "mergesmith", "run", str(recipe), str(out),
+                           *args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "nothing to resume" not in done.stderr, done.stderr
+    assert files(out) == expected
+    assert not partial.exists()
 
 
 def test_sigint_stops_cleanly_and_resumes(big, tmp_path):
@@ -98,9 +148,7 @@ def test_sigint_stops_cleanly_and_resumes(big, tmp_path):
     out = tmp_path / "out"
     proc = cli_process("run", str(recipe), str(out), "--out-shard-size", "20MB", "--threads", "1")
     log = Path(str(out) + ".partial") / "mergesmith_progress.log"
-    deadline = time.time() + 60
-    while not (log.exists() and log.stat().st_size > 0) and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_for_lines(log, proc, 1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
