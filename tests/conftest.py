@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -139,3 +140,17 @@ def items_in_flight(monkeypatch):
 
     monkeypatch.setattr(ex._Job, "__call__", counting)
     return peak
+
+
+def failing_pwrite(after: int):
+    """A stand-in for ``os.pwrite`` that reports a full disk after ``after`` writes."""
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    return pwrite

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import LLAMA, random_tensors, recipe_file, write_model
+from conftest import LLAMA, failing_pwrite, random_tensors, recipe_file, write_model
 
 import mergesmith
 from mergesmith import MergeError, MergeIOError
@@ -47,9 +47,16 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _default_sigint() -> None:
+    """A shell that starts the tests in the background makes them ignore SIGINT, and
+    children inherit that; the merge must see Ctrl-C as a user's terminal sends it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mergesmith", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _complete_lines(log: Path) -> list[str]:
@@ -204,7 +211,7 @@ def test_resume_refuses_a_partial_of_another_recipe(big, tmp_path, monkeypatch):
     root, recipe = big
     out = tmp_path / "out"
     partial = Path(str(out) + ".partial")
-    monkeypatch.setattr("mergesmith.writer.os.pwrite", _fail_after(5))
+    monkeypatch.setattr("mergesmith.writer.os.pwrite", failing_pwrite(5))
     with pytest.raises(MergeIOError):
         mergesmith.run(recipe, out, out_shard_size="20MB", threads=1)
     monkeypatch.undo()
@@ -221,7 +228,7 @@ def test_resume_redoes_items_whose_bytes_were_corrupted(big, tmp_path, monkeypat
     reference = tmp_path / "reference" / "out"
     mergesmith.run(recipe, reference, out_shard_size="20MB")
     out = tmp_path / "out"
-    monkeypatch.setattr("mergesmith.writer.os.pwrite", _fail_after(30))
+    monkeypatch.setattr("mergesmith.writer.os.pwrite", failing_pwrite(30))
     with pytest.raises(MergeIOError):
         mergesmith.run(recipe, out, out_shard_size="20MB", threads=1)
     monkeypatch.undo()
@@ -232,19 +239,6 @@ def test_resume_redoes_items_whose_bytes_were_corrupted(big, tmp_path, monkeypat
     shard.write_bytes(bytes(data))
     mergesmith.run(recipe, out, out_shard_size="20MB", resume=True)
     assert files(out) == files(reference)
-
-
-def _fail_after(n: int):
-    real = os.pwrite
-    calls = {"n": 0}
-
-    def pwrite(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    return pwrite
 
 
 def test_verify_command_detects_changes(tmp_path):

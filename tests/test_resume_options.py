@@ -4,12 +4,11 @@ fingerprint, so resuming with a different value is refused; the others may chang
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 import shutil
 
 import pytest
-from conftest import LLAMA, load_model, random_tensors, recipe_file, write_model
+from conftest import (LLAMA, failing_pwrite, load_model, random_tensors, recipe_file,
+                      write_model)
 
 import mergesmith
 from mergesmith import MergeError, MergeIOError, Options
@@ -34,19 +33,6 @@ def test_every_fingerprinted_option_is_tested():
         {f.name for f in dataclasses.fields(Options)} - set(FINGERPRINTED)
 
 
-def _fail_writes_after(n: int):
-    real = os.pwrite
-    calls = {"n": 0}
-
-    def pwrite(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    return pwrite
-
-
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     """A recipe, the output of an uninterrupted run, and the partial folder of a run
@@ -64,7 +50,7 @@ models:
 """)
     mergesmith.run(recipe, root / "reference", threads=1)
     mp = pytest.MonkeyPatch()
-    mp.setattr("mergesmith.writer.os.pwrite", _fail_writes_after(8))
+    mp.setattr("mergesmith.writer.os.pwrite", failing_pwrite(8))
     with pytest.raises(MergeIOError):
         mergesmith.run(recipe, root / "out", threads=1)
     mp.undo()

@@ -57,7 +57,7 @@ class Options:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TypeError(f"unknown merge option(s): {', '.join(unknown)}")
-        values = {k: v for k, v in values.items() if v is not None or k in ("seed", "threads")}
+        values = {k: v for k, v in values.items() if v is not None}  # None: the default
         if "compute_dtype" in values:
             values["compute_dtype"] = _compute_dtype(values["compute_dtype"])
         if "out_shard_size" in values:
