@@ -49,7 +49,7 @@ models:
 def test_unknown_key_names_line_and_suggestion(tmp_path, two):
     recipe = ta_recipe(tmp_path, two, "tokenizer_souce: union\n")
     out = tmp_path / "out"
-    text = assert_user_error(invoke("run", str(recipe), str(out)), "tokenizer_souce",
+    text = assert_user_error(invoke("run", str(recipe), str(out), "--strict"), "tokenizer_souce",
                              "Did you mean 'tokenizer_source'", ":7:", out=out)
     assert "recipe.yml" in text
 
@@ -78,13 +78,15 @@ models:
 def test_unknown_parameter(tmp_path, two):
     recipe = ta_recipe(tmp_path, two, model_params="wieght: 0.5")
     out = tmp_path / "out"
-    assert_user_error(invoke("run", str(recipe), str(out)), "unknown parameter 'wieght'",
+    assert_user_error(invoke("run", str(recipe), str(out), "--strict"),
+                      "unknown parameter 'wieght'",
                       "Did you mean 'weight'", "models[0].parameters.wieght", out=out)
 
 
 def test_global_parameter_given_per_model(tmp_path, two):
     recipe = ta_recipe(tmp_path, two, model_params="weight: 0.5\n      lambda: 2")
-    assert_user_error(invoke("check", str(recipe)), "'lambda' applies to the whole merge")
+    assert_user_error(invoke("check", str(recipe), "--strict"),
+                      "'lambda' applies to the whole merge")
 
 
 def test_wrong_parameter_type(tmp_path, two):

@@ -90,6 +90,9 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keep the whole process under SIZE (e.g. 512M, 8GiB): tensors are "
                           "processed in smaller pieces and fewer at a time. Methods that need "
                           "whole tensors can exceed it; 'check' says which."),
+        click.option("--strict", is_flag=True,
+                     help="Treat warnings as errors (exit 2): recipe keys and parameters "
+                          "that have no effect, tensors that are not merged, ..."),
         click.option("--debug", is_flag=True, help="Show tracebacks and warnings in full."),
     ]
     for option in reversed(options):
@@ -122,7 +125,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
         strict_finite: bool, no_evaluate: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, allow_crimes: bool,
         unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
-        debug: bool) -> None:
+        strict: bool, debug: bool) -> None:
     """Merge the models of RECIPE into the folder OUT.
 
     The whole recipe is validated and planned before any weights are read. The model is
@@ -166,7 +169,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
             overwrite=overwrite, compute_dtype=compute_dtype, allow_crimes=allow_crimes,
             unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
             resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
-            eval_progress=not quiet), progress=progress)
+            eval_progress=not quiet, strict=strict), progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -189,7 +192,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bool,
           unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
-          debug: bool) -> None:
+          strict: bool, debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 
     Checks every key, parameter, model folder, tensor name and shape; prints the output
@@ -201,7 +204,7 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
     report = api_check(recipe, Options.parse(
         threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
         compute_dtype=compute_dtype, allow_crimes=allow_crimes,
-        unsafe_truncate_embeddings=unsafe_truncate_embeddings))
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict))
     click.echo(report.summary())
     click.echo("ok: the recipe is valid")
 

@@ -44,6 +44,8 @@ class Options:
     fingerprint covers separately (a resume under another limit works when the chunks are
     the same)."""
     strict_finite: bool = field(default=False, metadata=_SAME_BYTES)
+    strict: bool = field(default=False, metadata=_SAME_BYTES)
+    """Warnings (e.g. recipe keys or parameters that have no effect) are errors."""
     overwrite: bool = field(default=False, metadata=_SAME_BYTES)
     resume: bool = field(default=False, metadata=_SAME_BYTES)
     evaluate: bool = field(default=True, metadata=_SAME_BYTES)

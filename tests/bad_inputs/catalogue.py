@@ -161,9 +161,10 @@ CASES: list[Case] = [
     Case("empty_recipe", run(""), USER, ["the recipe is empty"]),
     Case("recipe_is_list", run("- merge_method: linear\n"), USER, ["YAML mapping"]),
     # --- keys and types
-    Case("unknown_top_key", run(TA + "tokenizer_souce: union\n"), USER,
+    Case("unknown_top_key", run(TA + "tokenizer_souce: union\n", "--strict"), USER,
          ["unknown key 'tokenizer_souce'", "Did you mean 'tokenizer_source'", ":7:"]),
-    Case("unknown_model_key", run(TA.replace("    parameters:", "    paramters:")), USER,
+    Case("unknown_model_key", run(TA.replace("    parameters:", "    paramters:"), "--strict"),
+         USER,
          ["unknown key 'paramters'", "models[0]", "Did you mean 'parameters'"]),
     Case("unknown_slice_key", run("merge_method: passthrough\nslices:\n  - sources:\n"
                                   "      - model: {ft}\n        layer_rang: [0, 2]\n"), USER,
@@ -182,9 +183,9 @@ CASES: list[Case] = [
     # --- methods and parameters
     Case("unknown_method", run(TA.replace("task_arithmetic", "task_arithmatic")), USER,
          ["unknown merge method 'task_arithmatic'", "Did you mean 'task_arithmetic'"]),
-    Case("unknown_parameter", run(TA.replace("weight:", "wieght:")), USER,
+    Case("unknown_parameter", run(TA.replace("weight:", "wieght:"), "--strict"), USER,
          ["unknown parameter 'wieght'", "Did you mean 'weight'", "models[0].parameters"]),
-    Case("global_param_on_model", run(TA + "      lambda: 2\n"), USER,
+    Case("global_param_on_model", run(TA + "      lambda: 2\n", "--strict"), USER,
          ["'lambda' applies to the whole merge", "top-level"]),
     Case("weight_not_number", run(TA.replace("weight: 0.5", "weight: heavy")), USER,
          ["weight", "expects a number", "heavy"]),

@@ -13,8 +13,18 @@ from ..recipe.params import UNSET, leaf_values
 from .recipe_view import Slice, recipe_levels
 
 
-def check_parameter_names(recipe: Recipe, spec: MethodSpec) -> None:
-    """Every parameter name and literal value in the recipe must fit the method."""
+_NO_EFFECT_HINTS = {
+    ("slerp", "weight"): "slerp interpolates with 't'; use 't'.",
+    ("nuslerp", "geodesic"): "nuslerp has no 'geodesic' switch; 'nuslerp_flatten' and "
+                             "'nuslerp_row_wise' choose how it interpolates.",
+}
+
+
+def check_parameter_names(recipe: Recipe, spec: MethodSpec) -> list[str]:
+    """Every parameter in the recipe must fit the method. Literal values of its parameters
+    must have their types (an error, as in mergekit). Names the method does not take, and
+    per-tensor parameters given to one model, have no effect (mergekit ignores them too):
+    one warning each, returned."""
     levels: list[tuple[tuple, dict[str, Setting], bool]] = []
     for path, models, slices, params in recipe_levels(recipe):
         levels.append(((*path, "parameters"), params, False))
@@ -26,23 +36,30 @@ def check_parameter_names(recipe: Recipe, spec: MethodSpec) -> None:
                 levels.append(((*path, "slices", i, "sources", j, "parameters"),
                                src.parameters, True))
     known = [p.name for p in spec.params]
+    ignored = []
     for path, settings, model_level in levels:
         for name, setting in settings.items():
             param = spec.param(name)
             if param is None:
-                takes = spec.describe_params()
-                raise MergeError(f"{recipe.at(*path, name)}: unknown parameter '{name}' for "
-                                 f"merge method '{spec.name}'.{did_you_mean(name, known)} "
-                                 f"'{spec.name}' takes: {takes}.")
+                hint = _NO_EFFECT_HINTS.get((spec.name, name)) or \
+                    did_you_mean(name, known).strip() or f"'{spec.name}' takes: " \
+                    f"{', '.join(known) or 'no parameters'}."
+                ignored.append(f"{recipe.at(*path, name)}: unknown parameter '{name}' for "
+                               f"merge method '{spec.name}' has no effect (mergekit ignores "
+                               f"it too). {hint}")
+                continue
             if model_level and not param.per_model:
-                raise MergeError(f"{recipe.at(*path, name)}: '{name}' applies to the whole "
-                                 f"merge, not to one model (mergekit ignores it here); move "
-                                 "it to the top-level or slice 'parameters'")
+                ignored.append(f"{recipe.at(*path, name)}: '{name}' applies to the whole "
+                               "merge, not to one model, so it has no effect here (mergekit "
+                               "ignores it too); move it to the top-level or slice "
+                               "'parameters'")
+                continue
             for value in leaf_values(setting):
                 try:
                     coerce(value, param.type, name)
                 except MergeError as e:
                     raise MergeError(f"{recipe.at(*path, name)}: {e}") from None
+    return ignored
 
 
 class RecipeLookup:

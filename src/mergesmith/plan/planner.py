@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..checkpoint import ModelSource
+from ..errors import MergeError
 from ..options import Options
 from ..recipe import ModelReference, Recipe
 from .config import check_architectures, output_config
@@ -22,16 +23,29 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
     nothing else is read."""
     options = options or Options()
     d = Draft(recipe, models, options)
-    check_parameter_names(recipe, d.spec)
+    d.warnings += recipe.ignored
+    d.warnings += check_parameter_names(recipe, d.spec)
     check_architectures(d)
     donor = d.model_of(donor_ref(recipe))
-    plan_vocabulary(d, donor)
-    plan_chat_template(d)
-    plan_recipe(d, recipe, donor)
+    ignored = list(d.warnings)
+    try:
+        plan_vocabulary(d, donor)
+        plan_chat_template(d)
+        plan_recipe(d, recipe, donor)
+    except MergeError as e:  # e.g. a required parameter missing because it is misspelled
+        if not ignored:
+            raise
+        more = f" (and {len(ignored) - 1} more ignored)" if len(ignored) > 1 else ""
+        raise MergeError(f"{e}. Perhaps because of: {ignored[0]}{more}") from None
     config = output_config(d, donor)
     ordered = processing_order(d.outputs, d.sources, donor)
     check_unique(ordered)
     tensors, shards = layout(ordered, options.out_shard_size)
+    if d.warnings and (options.strict or recipe.strict):
+        more = f" (and {len(d.warnings) - 1} more)" if len(d.warnings) > 1 else ""
+        why = "--strict" if options.strict else recipe.at("strict")
+        raise MergeError(f"{d.warnings[0]}{more}. {why}: warnings are errors; fix the recipe "
+                         "or drop strict mode")
     return Plan(recipe=recipe, method=d.spec, models=d.sources, donor=donor,
                 tensors=tuple(tensors), shards=tuple(shards), config=config, options=options,
                 read_dtype=recipe.dtype, notes=tuple(d.notes), warnings=tuple(d.warnings),

@@ -96,6 +96,11 @@ class _Recipe(_Strict):
     output: Optional[Literal["model", "adapter"]] = None
     output_rank: Optional[StrictInt] = None
     evaluate: Optional[_Evaluate] = None
+    strict: Optional[StrictBool] = None
+
+
+_OWN_BLOCKS = {_Evaluate}
+"""Blocks only mergesmith reads: unknown keys in them are errors, not ignored keys."""
 
 
 # ------------------------------------------------------------------ the parsed recipe
@@ -210,9 +215,13 @@ class Recipe:
     output: str = "model"  # or "adapter": LoRA inputs merged into a LoRA adapter
     output_rank: int | None = None
     evaluate: EvaluateRecipe | None = None
+    strict: bool = False
     text: str = ""
     source: str = "<recipe>"
     positions: dict[tuple, tuple[int, int]] = field(default_factory=dict, repr=False)
+    ignored: list[str] = field(default_factory=list)
+    """Warnings for what the recipe says that has no effect (mergekit ignores it too): keys
+    that are not recipe keys, parameters the method does not take."""
 
     def at(self, *path: Any) -> str:
         """``models[1].parameters`` plus ``(recipe.yml:12)`` when the line is known."""
@@ -269,14 +278,20 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
     if not isinstance(data, dict):
         raise MergeError(f"{source}: a recipe is a YAML mapping starting with "
                          f"'merge_method: ...', got {type(data).__name__}")
+    ignored: list[str] = []
     try:
-        raw = _Recipe.model_validate(data)
-    except ValidationError as e:
-        raise MergeError(_explain(e, source, positions)) from None
+        raw = _Recipe.model_validate(_drop_ignored_keys(data, _Recipe, (), ignored, source,
+                                                        positions))
+    except ValidationError:
+        try:  # explain with the ignored keys in place: "modle" is why "model" is missing
+            _Recipe.model_validate(data)
+        except ValidationError as e:
+            raise MergeError(_explain(e, source, positions)) from None
+        raise
 
     r = Recipe(merge_method=raw.merge_method, base_model=None, models=None, slices=None,
                parameters={}, dtype=None, out_dtype=None, text=text, source=source,
-               positions=positions)
+               positions=positions, ignored=ignored, strict=bool(raw.strict))
 
     given = [k for k in ("models", "slices", "modules") if getattr(raw, k)]
     if len(given) != 1:
@@ -353,6 +368,8 @@ def _evaluate(e: _Evaluate, r: Recipe) -> EvaluateRecipe:
 def _vocab_source(value: Any, where: str) -> str | ModelReference:
     if value in ("union", "base"):
         return value
+    if isinstance(value, str) and value.startswith("model:"):  # older mergekit's syntax
+        value = value.removeprefix("model:")
     return parse_model_reference(value, where)
 
 
@@ -406,8 +423,8 @@ def _models(models: list[_InputModel], r: Recipe, path: tuple) -> list[InputMode
 def _module(name: str, m: _Module, r: Recipe) -> ModuleRecipe:
     path = ("modules", name)
     if bool(m.models) == bool(m.slices):
-        raise MergeError(f"{r.at(*path)}: module '{name}' needs exactly one of 'models' or "
-                         "'slices'")
+        raise MergeError(f"{r.at(*path)}: module {_quote(name)} needs exactly one of 'models' "
+                         "or 'slices'")
     return ModuleRecipe(
         name,
         _models(m.models, r, (*path, "models")) if m.models else None,
@@ -449,6 +466,66 @@ def _slice(s: _OutputSlice, r: Recipe, path: tuple) -> OutputSlice:
 
 def _settings(raw: dict[str, Any] | None, r: Recipe, path: tuple) -> dict[str, Setting]:
     return {name: parse_setting(value, r.at(*path, name)) for name, value in (raw or {}).items()}
+
+
+# ------------------------------------------------------------------ keys mergekit ignores
+
+_MOVE_TO_PARAMETERS = "Move it under 'parameters:' to apply it."
+_KEY_HINTS = {
+    "merge_method": "A slice cannot choose its own method; the top-level 'merge_method' "
+                    "applies to every slice.",
+    "revision": "Write the revision into the model reference: 'org/name@REVISION'.",
+}
+
+
+def _drop_ignored_keys(data: Any, model: Any, path: tuple, ignored: list[str], source: str,
+                       positions: dict) -> Any:
+    """``data`` without the keys the recipe's schema does not know (mergekit ignores them
+    as well), each reported in ``ignored`` with where it is and the likely fix."""
+    if not isinstance(data, dict) or model in _OWN_BLOCKS:
+        return data
+    out = {}
+    for key, value in data.items():
+        info = model.model_fields.get(key) if isinstance(key, str) else None
+        if info is None:
+            ignored.append(_ignored_key_message(key, model, path, source, positions))
+            continue
+        inner = _inner_model(info.annotation)
+        if inner is not None and isinstance(value, list):
+            value = [_drop_ignored_keys(v, inner, (*path, key, i), ignored, source, positions)
+                     for i, v in enumerate(value)]
+        elif inner is not None and isinstance(value, dict) and _is_mapping_of(info.annotation):
+            value = {k: _drop_ignored_keys(v, inner, (*path, key, k), ignored, source,
+                                           positions) for k, v in value.items()}
+        elif inner is not None:
+            value = _drop_ignored_keys(value, inner, (*path, key), ignored, source, positions)
+        out[key] = value
+    return out
+
+
+def _is_mapping_of(annotation: Any) -> bool:
+    """``dict[str, Model]`` (modules, tokens), as opposed to a model itself."""
+    if typing.get_origin(annotation) is dict:
+        return True
+    return any(_is_mapping_of(a) for a in typing.get_args(annotation))
+
+
+def _ignored_key_message(key: Any, model: Any, path: tuple, source: str,
+                         positions: dict) -> str:
+    from ..methods import all_methods
+
+    pos = positions.get((*path, key)) or positions.get(path)
+    where = (f"{_format_path((*path, key))} ({source}:{pos[0]}:{pos[1]})" if pos
+             else _format_path((*path, key)))
+    allowed = sorted(model.model_fields)
+    hint = _KEY_HINTS.get(key, "")
+    parameters = {p.name for spec in all_methods().values() for p in spec.params}
+    if not hint and key in parameters and "parameters" in model.model_fields:
+        hint = _MOVE_TO_PARAMETERS
+    if not hint:
+        hint = did_you_mean(str(key), allowed).strip()
+    return (f"{where}: unknown key {_quote(key)} has no effect (mergekit ignores it too)."
+            + (f" {hint}" if hint else ""))
 
 
 # ------------------------------------------------------------------ pydantic errors → one line
