@@ -75,7 +75,8 @@ def test_changing_a_fingerprinted_option_refuses_resume(interrupted, tmp_path, n
 
 
 @pytest.mark.parametrize("change", [{"threads": 3}, {"memory_limit": "8G"},
-                                    {"strict_finite": True}])
+                                    {"strict_finite": True}, {"copy_tokenizer": False},
+                                    {"write_model_card": False}])
 def test_other_options_may_change_on_resume(interrupted, tmp_path, change, recwarn):
     root, recipe = interrupted
     out = _copy(root, tmp_path)

@@ -66,14 +66,17 @@ def cli() -> None:
       mergesmith methods              list merge methods and their parameters
       mergesmith verify OUT           re-check a merged folder against its checksums
       mergesmith inspect BASE A B     compare task vectors, suggest merge methods
+      mergesmith mergekit-yaml CONFIG OUT [mergekit flags]
+                                      a mergekit-yaml command line, unchanged
     """
 
 
 def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--out-shard-size", default="5GB", show_default=True, metavar="SIZE",
-                     help="Largest output file: bytes with an optional decimal suffix "
-                          "(500M, 2GB) or binary (4GiB)."),
+                     help="Largest output file in bytes: a plain number, or with a decimal "
+                          "suffix (500M, 2GB, 1.5G) or a binary one (4GiB). mergekit's '1B' "
+                          "(a billion) is refused: write 1GB."),
         click.option("--compute-dtype", type=click.Choice(["float32", "float64"]),
                      default="float32", show_default=True,
                      help="Precision of the arithmetic; results are rounded once to the "
@@ -136,13 +139,28 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
     Example:
       mergesmith run recipe.yml ./merged --threads 4
     """
-    from .api import run as api_run
     from .options import Options
+
+    merge_and_report(recipe, out, Options.parse(
+        seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
+        overwrite=overwrite, compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
+        resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
+        eval_progress=not quiet, strict=strict), quiet=quiet)
+
+
+def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
+                     before: Callable[[Any], None] | None = None) -> None:
+    """Run the merge with a progress bar (unless ``quiet``) and print what was written:
+    the engine of ``run`` and ``mergekit-yaml``. ``before`` sees the plan first."""
+    from .api import run as api_run
 
     bar = None
 
     def progress(plan: Any) -> Callable[[int, bool], None]:
         nonlocal bar
+        if before is not None:
+            before(plan)
         if quiet:
             return lambda nbytes, finished: None
         from tqdm import tqdm
@@ -164,12 +182,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
         return update
 
     try:
-        result = api_run(recipe, out, Options.parse(
-            seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
-            overwrite=overwrite, compute_dtype=compute_dtype, allow_crimes=allow_crimes,
-            unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
-            resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
-            eval_progress=not quiet, strict=strict), progress=progress)
+        result = api_run(recipe, out, options, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -183,7 +196,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
     if result.evaluation is not None:
         click.echo(result.evaluation.table())
-        click.echo(f"(in the model card {os.path.join(out, 'README.md')})")
+        if options.write_model_card:
+            click.echo(f"(in the model card {os.path.join(out, 'README.md')})")
 
 
 @cli.command(epilog=EPILOG)
@@ -493,6 +507,10 @@ def evaluate_command(model: str, text: str | None, jsonl: str | None, field_name
         click.echo(json_module.dumps(report.to_dict(), indent=2))
     else:
         click.echo(report.table())
+
+
+# the mergekit-yaml subcommand: its module uses the helpers above and registers itself
+from . import mergekit_cli  # noqa: E402,F401
 
 
 def main() -> None:

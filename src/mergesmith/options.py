@@ -51,6 +51,13 @@ class Options:
     evaluate: bool = field(default=True, metadata=_SAME_BYTES)
     eval_progress: bool = field(default=False, metadata=_SAME_BYTES)
 
+    # -- which side files are written (the weights are the same) ------------------
+    copy_tokenizer: bool = field(default=True, metadata=_SAME_BYTES)
+    """Copy the donor's tokenizer files (False: mergekit's ``--no-copy-tokenizer``; a
+    recipe's ``tokenizer:`` block still writes the tokenizer it builds)."""
+    write_model_card: bool = field(default=True, metadata=_SAME_BYTES)
+    """Write ``README.md`` (False: mergekit's ``--no-write-model-card``)."""
+
     @classmethod
     def parse(cls, **values: Any) -> Options:
         """Options from user-facing values: sizes as ``"500M"``, dtypes as names; unknown

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from typing import Any
 
 from . import __version__
@@ -72,10 +73,15 @@ def write_side_files(plan: Plan, folder: str) -> None:
     donor = plan.models[plan.donor].folder
     new_tokenizer = plan.vocab is not None and plan.vocab.tokenizer is not None
     skip = set(_NOT_COPIED)
-    if new_tokenizer:
+    if new_tokenizer or not plan.options.copy_tokenizer:
         skip |= TOKENIZER_FILES
-    if plan.chat_template is not None:
-        skip |= {"chat_template.jinja", "chat_template.json"}
+    chat_template = plan.chat_template
+    if chat_template is not None and not new_tokenizer and not plan.options.copy_tokenizer:
+        warnings.warn("the recipe's chat_template is not written: --no-copy-tokenizer leaves "
+                      "out the tokenizer it belongs to", stacklevel=2)
+        chat_template = None
+    if chat_template is not None or not plan.options.copy_tokenizer:
+        skip |= CHAT_TEMPLATE_FILES
     if plan.generation_config is not None:
         skip.add("generation_config.json")
     for name in sorted(os.listdir(donor)):
@@ -91,17 +97,19 @@ def write_side_files(plan: Plan, folder: str) -> None:
         write_tokenizer(plan, folder)
     if plan.generation_config is not None:
         _write_json(os.path.join(folder, "generation_config.json"), plan.generation_config)
-    if plan.chat_template is not None:
-        write_text(os.path.join(folder, "chat_template.jinja"), plan.chat_template)
+    if chat_template is not None:
+        write_text(os.path.join(folder, "chat_template.jinja"), chat_template)
         _drop_key(os.path.join(folder, "tokenizer_config.json"), "chat_template")
     _write_json(os.path.join(folder, "config.json"), plan.config)
     write_text(os.path.join(folder, "mergesmith_config.yml"), plan.recipe.text)
-    write_text(os.path.join(folder, "README.md"), model_card(plan, os.path.basename(folder)))
+    if plan.options.write_model_card:
+        write_text(os.path.join(folder, "README.md"), model_card(plan, os.path.basename(folder)))
 
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt",
                    "spiece.model", "sentencepiece.bpe.model"}
+CHAT_TEMPLATE_FILES = {"chat_template.jinja", "chat_template.json"}
 
 
 def write_tokenizer(plan: Plan, folder: str) -> None:

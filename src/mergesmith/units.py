@@ -15,7 +15,9 @@ _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 def parse_size(text: str | int, what: str = "size") -> int:
     """Parse ``500M``, ``2GB``, ``1.5G``, ``300K``, ``4GiB`` or a plain byte count.
 
-    Suffixes are decimal (``2GB`` = 2·10⁹ bytes) as in mergekit; ``KiB``/``MiB``/``GiB`` are binary.
+    Suffixes are decimal (``2GB`` = 2·10⁹ bytes); ``KiB``/``MiB``/``GiB`` are binary. A ``B``
+    straight after the number (``1B``, ``5b``) is refused: mergekit-yaml writes billions
+    that way, so it would silently mean bytes here (see :func:`parse_mergekit_size`).
     """
     if isinstance(text, int):
         return text
@@ -23,9 +25,51 @@ def parse_size(text: str | int, what: str = "size") -> int:
     if not m:
         raise MergeError(f"invalid {what} '{text}': write a number of bytes with an optional "
                          "suffix, e.g. 500M, 2GB, 1.5G, 4GiB")
-    number, unit, binary, _ = m.groups()
+    number, unit, binary, b = m.groups()
+    if b and not unit and not binary:
+        raise MergeError(_billions_message(str(text).strip(), number, what))
     base = 1024 if binary else 1000
     return int(float(number) * base ** _POWERS[unit.lower()])
+
+
+def _billions_message(text: str, number: str, what: str) -> str:
+    gb = f"{number}GB"
+    if what != "--out-shard-size":
+        return (f"{what} '{text}' is ambiguous (bytes, or billions as in mergekit?): write "
+                f"{what} {gb} for {format_bytes(float(number) * 1e9)}, or a plain number of "
+                "bytes")
+    return (f"{what} '{text}' is mergekit's spelling of {format_bytes(float(number) * 1e9)} "
+            "(B = billion; its help says parameters, but it counts bytes); mergesmith run "
+            f"reads B as bytes: write {what} {gb}, or use 'mergesmith mergekit-yaml', which "
+            "takes mergekit's spelling")
+
+
+_MERGEKIT_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmb]?)\s*$", re.IGNORECASE)
+_MERGEKIT_POWERS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_mergekit_size(text: str | int, what: str = "--out-shard-size") -> int:
+    """mergekit-yaml's ``--out-shard-size``: a whole number with an optional ``K``, ``M`` or
+    ``B`` suffix (thousand, million, billion), as mergekit 0.1.5's ``parse_kmb`` reads it.
+
+    mergekit's help calls it a number of parameters, but its writer compares the value with
+    each shard's size in *bytes* (``numel · element_size``), so ``1B`` gives files of at most
+    10⁹ bytes; the value is returned as bytes to give the same files. Other byte sizes
+    (``2GB``, ``4GiB``, ``1.5G``) are accepted as :func:`parse_size` reads them.
+    """
+    if isinstance(text, int):
+        return text
+    m = _MERGEKIT_SIZE_RE.match(str(text))
+    if m:
+        return int(m.group(1)) * _MERGEKIT_POWERS[m.group(2).lower()]
+    m = _SIZE_RE.match(str(text))
+    if m and m.group(4) and not m.group(2) and not m.group(3):  # 1.5B: billions
+        return int(float(m.group(1)) * 10**9)
+    if not m:
+        raise MergeError(f"invalid {what} '{text}': write a number with an optional K, M or "
+                         "B suffix (thousand, million, billion bytes), e.g. 1B, 500M, or a "
+                         "byte size such as 2GB")
+    return parse_size(text, what)
 
 
 def format_bytes(n: float) -> str:

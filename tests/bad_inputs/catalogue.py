@@ -286,6 +286,8 @@ CASES: list[Case] = [
          ["already exists", "--overwrite"]),
     Case("bad_shard_size", run(TA, "--out-shard-size", "lots"), USER,
          ["invalid --out-shard-size 'lots'", "2GB"]),
+    Case("mergekit_shard_count", run(TA, "--out-shard-size", "1B"), USER,
+         ["mergekit's spelling", "--out-shard-size 1GB", "mergesmith mergekit-yaml"]),
     Case("no_cuda", run(TA, "--device", "cuda"), USER, ["no CUDA GPU"]),
     Case("no_write_permission", lambda r: ["run", str(recipe(r, TA)), str(r / "ro" / "out")],
          USER, ["no permission to write"], needs="readonly"),

@@ -88,9 +88,10 @@ def evaluate_merge(plan: Any, out: str, *, device: str = "cpu",
         raise MergeError(f"the merge is complete in {out}, but its evaluation failed: {err} "
                          "(fix it and run 'mergesmith eval', or pass --no-evaluate)") from None
     report.parents += skipped
-    card = model_card(plan, os.path.basename(os.path.normpath(out)),
-                      evaluation=card_markdown(report))
-    write_text(os.path.join(out, "README.md"), card)
+    if plan.options.write_model_card:
+        card = model_card(plan, os.path.basename(os.path.normpath(out)),
+                          evaluation=card_markdown(report))
+        write_text(os.path.join(out, "README.md"), card)
     return report
 
 
