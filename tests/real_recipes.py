@@ -89,13 +89,35 @@ def hash_seed(text: str) -> int:
 # ------------------------------------------------------------------ recipes
 
 
+def write_standin_lora(folder: Path, layers: int, variant: int) -> Path:
+    """A PEFT LoRA adapter (rank 2 on q_proj and v_proj) for the stand-ins."""
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    h, kv = SHAPE["hidden_size"], SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
+    tensors = {}
+    for n in range(layers):
+        for proj, out in (("q_proj", h), ("v_proj", kv)):
+            key = f"base_model.model.model.layers.{n}.self_attn.{proj}"
+            g = torch.Generator().manual_seed(hash_seed(f"lora{variant}:{key}"))
+            tensors[f"{key}.lora_A.weight"] = 0.1 * torch.randn(2, h, generator=g)
+            tensors[f"{key}.lora_B.weight"] = 0.1 * torch.randn(out, 2, generator=g)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "base_model_name_or_path": "stand-in"}, indent=1))
+    return folder
+
+
 def _refs(node: Any, key: str | None, out: list[str]) -> None:
     """Model references of a parsed recipe, in document order."""
     if isinstance(node, dict):
         for k, v in node.items():
-            if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str):
+            if k in ("model", "base_model") and isinstance(v, str):
                 out.append(v)
-            elif k == "source" and key == "tokenizer" and isinstance(v, str):
+            elif (k == "tokenizer_source" or (k == "source" and key == "tokenizer")) \
+                    and isinstance(v, str) and v not in ("union", "base"):
                 out.append(v)
             elif k == "model" and isinstance(v, dict):
                 path = v.get("path") if isinstance(v.get("path"), str) else None
@@ -107,22 +129,25 @@ def _refs(node: Any, key: str | None, out: list[str]) -> None:
             _refs(v, key, out)
 
 
-def model_paths(text: str) -> list[str]:
-    """Distinct model paths a recipe names (without ``@revision`` and ``+lora``), the base
-    model first."""
+def model_paths(text: str) -> tuple[list[str], list[str]]:
+    """Distinct model paths a recipe names (without ``@revision``), the base model first,
+    and the LoRA adapters it applies (``model+lora``)."""
     data = yaml.safe_load(text)
     refs: list[str] = []
     if isinstance(data, dict) and isinstance(data.get("base_model"), str):
         refs.append(data["base_model"])
     _refs(data, None, refs)
     paths: list[str] = []
+    loras: list[str] = []
     for ref in refs:
-        if ref in ("union", "base"):
-            continue
-        path = ref.removeprefix("model:").split("+")[0].split("@")[0].strip()
+        model, _, lora = ref.removeprefix("model:").partition("+")
+        path = model.split("@")[0].strip()
         if path and path not in paths:
             paths.append(path)
-    return paths
+        lora = lora.split("@")[0].strip()
+        if lora and lora not in loras:
+            loras.append(lora)
+    return paths, loras
 
 
 def layers_needed(text: str) -> int:
@@ -133,11 +158,14 @@ def layers_needed(text: str) -> int:
 def on_standins(text: str, root: Path) -> str:
     """The recipe with every model path replaced by a stand-in folder under ``root``."""
     layers = layers_needed(text)
-    paths = model_paths(text)
-    for variant, path in sorted(enumerate(paths), key=lambda vp: -len(vp[1])):
-        folder = write_standin(root / f"L{layers}" / f"m{variant}", layers, variant)
+    paths, loras = model_paths(text)
+    folders = {path: write_standin(root / f"L{layers}" / f"m{variant}", layers, variant)
+               for variant, path in enumerate(paths)}
+    folders.update({lora: write_standin_lora(root / f"L{layers}" / f"lora{variant}", layers,
+                                             variant) for variant, lora in enumerate(loras)})
+    for path in sorted(folders, key=len, reverse=True):
         pattern = re.compile(r"(?<![\w./-])" + re.escape(path) + r"(?![\w.-])")
-        text = pattern.sub(lambda _: str(folder), text)
+        text = pattern.sub(lambda _, f=str(folders[path]): f, text)
     return text
 
 

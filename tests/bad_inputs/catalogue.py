@@ -199,7 +199,7 @@ CASES: list[Case] = [
     Case("missing_t", run("merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n"
                           "  - model: {ft}\n"), USER, ["needs the parameter 't'"]),
     Case("filter_unknown_key", run(TA.replace("weight: 0.5", "weight:\n        - filtr: mlp\n"
-                                              "          value: 1")), USER,
+                                              "          value: 1"), "--strict"), USER,
          ["unknown key 'filtr'", "Did you mean 'filter'"]),
     Case("bad_regex_filter", run(TA.replace("weight: 0.5", "weight:\n        - filter: 're:(('\n"
                                             "          value: 1")), USER,

@@ -88,16 +88,18 @@ def _value(value: Any, where: str) -> Scalar | Gradient:
     return _scalar(value, where)
 
 
-def parse_setting(value: Any, where: str) -> Setting:
-    """Turn the YAML value of one parameter into a :data:`Setting` (structure only; types later)."""
+def parse_setting(value: Any, where: str, ignored: list[str] | None = None) -> Setting:
+    """Turn the YAML value of one parameter into a :data:`Setting` (structure only; types
+    later). Keys of filtered entries other than ``filter``/``value`` are errors, or, with
+    ``ignored``, warnings appended to it (mergekit ignores them)."""
     if isinstance(value, dict):
-        return (_conditional(value, where),)
+        return (_conditional(value, where, ignored),)
     if isinstance(value, list) and value and any(isinstance(v, dict) for v in value):
-        return tuple(_conditional(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_conditional(v, f"{where}[{i}]", ignored) for i, v in enumerate(value))
     return _value(value, where)
 
 
-def _conditional(entry: Any, where: str) -> Conditional:
+def _conditional(entry: Any, where: str, ignored: list[str] | None = None) -> Conditional:
     if not isinstance(entry, dict):
         raise MergeError(f"{where}: a filtered list must contain only {{filter, value}} "
                          f"entries, got {entry!r}")
@@ -106,8 +108,13 @@ def _conditional(entry: Any, where: str) -> Conditional:
         from ..errors import did_you_mean
 
         key = sorted(map(str, unknown))[0]
-        raise MergeError(f"{where}: unknown key {str(key)!r} in a filtered entry (allowed: filter, "
-                         f"value).{did_you_mean(key, ['filter', 'value'])}")
+        hint = did_you_mean(key, ['filter', 'value'])
+        if ignored is None:
+            raise MergeError(f"{where}: unknown key {str(key)!r} in a filtered entry (allowed: "
+                             f"filter, value).{hint}")
+        effect = (", so the entry applies to every tensor" if "filter" not in entry else "")
+        ignored.append(f"{where}: unknown key {str(key)!r} in a filtered entry has no effect "
+                       f"(mergekit ignores it too){effect}.{hint}")
     if "value" not in entry:
         raise MergeError(f"{where}: filtered entry needs a 'value'")
     flt = entry.get("filter")

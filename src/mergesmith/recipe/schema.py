@@ -465,7 +465,8 @@ def _slice(s: _OutputSlice, r: Recipe, path: tuple) -> OutputSlice:
 
 
 def _settings(raw: dict[str, Any] | None, r: Recipe, path: tuple) -> dict[str, Setting]:
-    return {name: parse_setting(value, r.at(*path, name)) for name, value in (raw or {}).items()}
+    return {name: parse_setting(value, r.at(*path, name), r.ignored)
+            for name, value in (raw or {}).items()}
 
 
 # ------------------------------------------------------------------ keys mergekit ignores
