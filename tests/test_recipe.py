@@ -110,14 +110,19 @@ seed: 7
      "same number of layers"),
     ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n"
      "        layer_range: [2, 2]\n", "empty"),
-    ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight:\n"
-     "        - {filtr: mlp, value: 1}\n", "Did you mean 'filter'"),
     ("- just a list\n", "YAML mapping"),
 ])
 def test_recipe_errors(text, fragment):
     with pytest.raises(MergeError, match=None) as info:
         load_recipe(text)
     assert fragment in str(info.value)
+
+
+def test_misspelled_filter_is_ignored_and_applies_everywhere():
+    recipe = load_recipe("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n"
+                         "      weight:\n        - {filtr: mlp, value: 1}\n")
+    [message] = recipe.ignored
+    assert "applies to every tensor" in message and "Did you mean 'filter'" in message
 
 
 def test_ignored_key_points_at_line():
