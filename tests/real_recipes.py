@@ -169,14 +169,27 @@ def on_standins(text: str, root: Path) -> str:
     return text
 
 
+def in_float32(text: str) -> str:
+    """The recipe with its top-level ``dtype``/``out_dtype`` set to float32.
+
+    The sample is compared in float32 on both sides: with a bfloat16 ``dtype`` mergekit
+    also does its arithmetic in bfloat16 (mergesmith: float32, one rounding — a deliberate
+    difference), and its differences of an ulp or two, and the different picks among
+    magnitudes that bfloat16 makes equal (TIES, SCE), would hide what the comparison is
+    for: the same tensors merged with the same parameters. Precision is covered by the
+    conformance set."""
+    return re.sub(r"^((?:out_)?dtype):[^\n]*$", r"\1: float32", text, flags=re.MULTILINE)
+
+
 def corpus() -> list[Path]:
     return sorted(CONFIGS.glob("*.yml")) if CONFIGS.exists() else []
 
 
-def schema_accepted() -> set[str]:
-    """Files mergekit 0.1.5's own schema accepts (``schema.tsv``)."""
+def mergekit_accepts() -> set[str]:
+    """Files mergekit 0.1.5 accepts: its schema validates them and it merges them on the
+    stand-ins (``schema.tsv``, written by ``data/real_recipes/classify.py``)."""
     table = DATA / "schema.tsv"
     if not table.exists():
         return set()
     rows = [line.split("\t") for line in table.read_text().splitlines()[1:] if line.strip()]
-    return {r[0] for r in rows if len(r) > 1 and r[1].strip().lower() == "true"}
+    return {r[0] for r in rows if len(r) > 2 and r[1] == "true" and r[2] == "true"}

@@ -12,7 +12,6 @@ from ..recipe import Recipe, Setting, coerce, evaluate
 from ..recipe.params import UNSET, leaf_values
 from .recipe_view import Slice, recipe_levels
 
-
 _NO_EFFECT_HINTS = {
     ("slerp", "weight"): "slerp interpolates with 't'; use 't'.",
     ("nuslerp", "geodesic"): "nuslerp has no 'geodesic' switch; 'nuslerp_flatten' and "

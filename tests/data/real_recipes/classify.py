@@ -59,8 +59,8 @@ def classify(python: str, config: Path, root: Path) -> tuple[str, bool, bool, st
     recipe.write_text(text)
     mergekit_yaml = str(Path(python).with_name("mergekit-yaml"))
     done = subprocess.run([mergekit_yaml, str(recipe), str(root / "out" / config.stem),
-                           "--random-seed", "42", "--quiet"], env=env, capture_output=True,
-                          text=True)
+                           "--random-seed", "42", "--quiet", "--lora-merge-cache",
+                           str(root / "lora-cache")], env=env, capture_output=True, text=True)
     return config.name, True, done.returncode == 0, \
         "" if done.returncode == 0 else last_line(done.stderr)
 

@@ -8,7 +8,8 @@ tiny stand-ins of ``tests/real_recipes.py``.
 dependency of mergesmith). Each case runs as ``mergekit-yaml RECIPE OUT --random-seed 42``
 with ``HF_HUB_OFFLINE=1`` and ``PYTHONHASHSEED=0``; its tensors and config.json are kept
 (small: the stand-ins have 16 hidden units) with ``case.json`` saying how to compare
-(random methods by statistics). Run it with the project's test environment (torch,
+(random methods by statistics). Recipes run with ``dtype: float32`` (see
+``real_recipes.in_float32``). Run it with the project's test environment (torch,
 safetensors, PyYAML), from anywhere.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/
 
-from real_recipes import CONFIGS, EXPECTED, on_standins  # noqa: E402
+from real_recipes import CONFIGS, EXPECTED, in_float32, on_standins  # noqa: E402
 
 RANDOM = ("dare", "della")
 
@@ -38,10 +39,11 @@ def main() -> None:
         for case in cases:
             text = (CONFIGS / f"{case}.yml").read_text()
             recipe = root / f"{case}.yml"
-            recipe.write_text(on_standins(text, root / "models"))
+            recipe.write_text(in_float32(on_standins(text, root / "models")))
             out = root / "out" / case
             done = subprocess.run([mergekit, str(recipe), str(out), "--random-seed", "42",
-                                   "--quiet"], env=env, capture_output=True, text=True)
+                                   "--quiet", "--lora-merge-cache", str(root / "lora-cache")],
+                                  env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{case}: mergekit failed: {done.stderr.strip().splitlines()[-1:]}")
                 continue
