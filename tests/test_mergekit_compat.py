@@ -142,3 +142,13 @@ def test_old_tokenizer_source_syntax(m):
 
     recipe = load_recipe(TIES.format(**m) + f"tokenizer_source: model:{m['base']}\n")
     assert str(recipe.tokenizer.source) == str(m["base"])
+
+
+def test_windows_paths_are_kept_as_written():
+    from mergesmith.recipe import load_recipe
+
+    recipe = load_recipe("merge_method: slerp\nbase_model: D:\\models\\base\nmodels:\n"
+                         "  - model: D:\\models\\base\n  - model: C:\\ft\\chat\n"
+                         "parameters:\n  t: 0.5\n")
+    assert [str(m.ref) for m in recipe.models] == ["D:\\models\\base", "C:\\ft\\chat"]
+    assert recipe.base_model == recipe.models[0].ref
