@@ -350,3 +350,30 @@ tokenizer: {{source: union, pad_to_multiple_of: 16}}
     mergesmith.run(recipe, p["root"] / "chunked", threads=3)
     a, b = load_model(p["root"] / "whole"), load_model(p["root"] / "chunked")
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_source_model_that_is_not_merged_gives_the_vocabulary(chat_pair, tmp_path):
+    """mergekit takes the vocabulary of any model named as tokenizer source; only its
+    tokenizer is read (here a folder with tokenizer files and no weights)."""
+    c = chat_pair
+    only_tokenizer = tmp_path / "chat-tokenizer"
+    only_tokenizer.mkdir()
+    c["chat_tok"].save(str(only_tokenizer / "tokenizer.json"))
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - model: {c['base']}
+    parameters: {{weight: 1.0}}
+tokenizer_source: {only_tokenizer}
+""")
+    out = tmp_path / "out"
+    mergesmith.run(recipe, out)
+    vocab = c["chat_tok"].get_vocab(with_added_tokens=True)
+    got = load_model(out)["model.embed_tokens.weight"]
+    assert got.shape[0] == len(vocab)
+    base_vocab = c["base_tok"].get_vocab(with_added_tokens=True)
+    embed = c["base_t"]["model.embed_tokens.weight"]
+    for token, i in vocab.items():
+        expected = embed[base_vocab[token]] if token in base_vocab else torch.zeros_like(got[i])
+        assert torch.equal(got[i], expected), token
+    written = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert written.get_vocab(with_added_tokens=True) == vocab

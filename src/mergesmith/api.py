@@ -12,7 +12,7 @@ from typing import Any
 
 from . import memory
 from . import resume as resume_module
-from .checkpoint import ModelSource, resolve
+from .checkpoint import ModelSource, resolve, resolve_tokenizer
 from .devices import resolve_devices
 from .errors import MergeError, MergeIOError
 from .execute import chunk_elements_for, execute, item_memory, work_items
@@ -29,6 +29,7 @@ from .output import (
 )
 from .output import verify as verify_plan
 from .plan import LayerSource, Plan, make_plan, referenced_models
+from .plan.recipe_view import external_tokenizer
 from .recipe import load_recipe
 from .writer import check_disk_space
 
@@ -139,7 +140,9 @@ def plan(recipe: RecipeLike, options: Options | None = None, **option_values: An
     sources: dict = {}
     for ref, where in referenced_models(r):
         sources[ref] = resolve(ref, where)
-    return make_plan(r, sources, options)
+    external = external_tokenizer(r)
+    tokenizer = resolve_tokenizer(*external) if external is not None else None
+    return make_plan(r, sources, options, tokenizer)
 
 
 def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = None,

@@ -2,7 +2,7 @@
 
 from .index import CheckpointIndex, TensorInfo, index_folder, read_config
 from .reader import TensorReader, TensorSource
-from .resolve import ModelSource, resolve
+from .resolve import ModelSource, TokenizerSource, resolve, resolve_tokenizer
 
 __all__ = ["CheckpointIndex", "ModelSource", "TensorInfo", "TensorReader", "TensorSource",
-           "index_folder", "read_config", "resolve"]
+           "TokenizerSource", "index_folder", "read_config", "resolve", "resolve_tokenizer"]

@@ -92,6 +92,39 @@ class ModelSource:
         return local
 
 
+@dataclass
+class TokenizerSource:
+    """A model named only as the source of the output vocabulary: its tokenizer files are
+    read, its weights (if any) are not."""
+
+    ref: ModelReference
+    folder: str
+
+    def vocabulary(self):
+        from ..tokenizer import load_vocab
+
+        return load_vocab(self.folder, 1 << 62, str(self.ref))  # every token: no rows to cut
+
+
+def resolve_tokenizer(ref: ModelReference, where: str) -> TokenizerSource:
+    """A local folder with tokenizer files, or a Hub model (tokenizer files only)."""
+    path = os.path.expanduser(ref.model.path)
+    if os.path.isdir(path):
+        return TokenizerSource(ref, path)
+    if looks_like_path(ref.model.path) or not _HUB_ID.match(ref.model.path):
+        raise MergeError(f"{where}: tokenizer source folder '{ref.model.path}' does not exist")
+    patterns = ["tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
+                "added_tokens.json", "chat_template*"]
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(ref.model.path, revision=ref.model.revision,
+                                   allow_patterns=patterns, local_files_only=_offline())
+    except Exception as e:
+        raise MergeError(f"{where}: {_hub_message(ref.model.path, e)}") from None
+    return TokenizerSource(ref, folder)
+
+
 def looks_like_path(path: str) -> bool:
     """True for references that can only be meant as local paths."""
     return (path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or path in (".", "..")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..checkpoint import ModelSource
+from ..checkpoint import ModelSource, TokenizerSource
 from ..errors import MergeError
 from ..options import Options
 from ..recipe import ModelReference, Recipe
@@ -17,12 +17,15 @@ from .vocabulary import plan_chat_template, plan_vocabulary
 
 
 def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
-              options: Options | None = None) -> Plan:
+              options: Options | None = None,
+              tokenizer: TokenizerSource | None = None) -> Plan:
     """Plan a merge. ``models`` maps every reference of the recipe to its resolved source
     (which also reads the side files planning needs: config, tokenizer, generation config);
-    nothing else is read."""
+    ``tokenizer`` is the vocabulary's source when it is not a merged model
+    (``recipe_view.external_tokenizer``). Nothing else is read."""
     options = options or Options()
     d = Draft(recipe, models, options)
+    d.external_tokenizer = tokenizer
     d.warnings += recipe.ignored
     d.warnings += check_parameter_names(recipe, d.spec)
     check_architectures(d)

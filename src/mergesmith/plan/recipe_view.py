@@ -54,6 +54,17 @@ def referenced_models(recipe: Recipe) -> list[tuple[ModelReference, str]]:
     return list(refs.items())
 
 
+def external_tokenizer(recipe: Recipe) -> tuple[ModelReference, str] | None:
+    """The model the recipe takes its vocabulary from when it is not one of the merged
+    models (mergekit allows that: the tokenizer is read, the weights are not)."""
+    source = recipe.tokenizer.source if recipe.tokenizer is not None else None
+    if not isinstance(source, ModelReference):
+        return None
+    if any(ref == source for ref, _ in referenced_models(recipe)):
+        return None
+    return source, f"{recipe.tokenizer.where}.source"
+
+
 def donor_ref(recipe: Recipe) -> ModelReference:
     """The donor of config.json and the tokenizer: the base model, else the first model the
     recipe names (never a set's order)."""

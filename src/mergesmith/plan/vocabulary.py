@@ -25,8 +25,12 @@ def plan_vocabulary(d: Draft, donor: int) -> None:
             raise MergeError(f"{where}: '{ref}' is not one of the merged models")
         return d.model_index[ref]
 
+    external = d.external_tokenizer.vocabulary() if d.external_tokenizer is not None else None
     d.vocab = build_vocab_plan(r.tokenizer, d.vocabs, base, model_of,
-                               {i: str(ref) for i, ref in enumerate(d.refs)})
+                               {i: str(ref) for i, ref in enumerate(d.refs)}, external)
+    if external is not None:
+        d.notes.append(f"vocabulary of '{d.external_tokenizer.ref}' (not merged: its "
+                       "tokenizer only)")
     d.notes.extend(d.vocab.notes)
     d.notes.append(f"output vocabulary: {d.vocab.vocab} tokens"
                    + (f", padded to {d.vocab.size} rows" if d.vocab.size > d.vocab.vocab else ""))

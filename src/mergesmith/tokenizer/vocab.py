@@ -175,11 +175,14 @@ class VocabPlan:
 
 
 def build_vocab_plan(recipe_tokenizer, vocabs: dict[int, ModelVocab], base: int | None,
-                     model_of: Any, names: dict[int, str]) -> VocabPlan:
+                     model_of: Any, names: dict[int, str],
+                     external: ModelVocab | None = None) -> VocabPlan:
     """Decide the output vocabulary of a ``tokenizer:`` block.
 
     ``vocabs``: plan model index → its vocabulary (models with vocabulary tensors);
-    ``base``: plan index of the base model (or None); ``model_of(ref)`` → plan index.
+    ``base``: plan index of the base model (or None); ``model_of(ref)`` → plan index;
+    ``external``: the vocabulary of a source model that is not merged (its tokens become
+    the output's; the merged models give their rows for the tokens they have).
     """
     order = list(vocabs)
     source = recipe_tokenizer.source
@@ -190,14 +193,17 @@ def build_vocab_plan(recipe_tokenizer, vocabs: dict[int, ModelVocab], base: int 
         tokens, data = _union(vocabs, anchor, order, notes)
         folder = vocabs[anchor].folder
     else:
-        chosen = anchor if source == "base" else model_of(source, f"{where}.source")
-        if chosen not in vocabs:
-            raise MergeError(f"{where}: tokenizer source '{source}' is not one of the merged "
-                             "models")
-        v = vocabs[chosen]
+        if external is not None:
+            v, who = external, str(source)
+        else:
+            chosen = anchor if source == "base" else model_of(source, f"{where}.source")
+            if chosen not in vocabs:
+                raise MergeError(f"{where}: tokenizer source '{source}' is not one of the "
+                                 "merged models")
+            v, who = vocabs[chosen], names[chosen]
         tokens = [t for t, _ in sorted(v.ids.items(), key=lambda kv: kv[1])]
         if [v.ids[t] for t in tokens] != list(range(len(tokens))):
-            raise MergeError(f"{where}: the tokenizer of '{names[chosen]}' has gaps in its ids; "
+            raise MergeError(f"{where}: the tokenizer of '{who}' has gaps in its ids; "
                              "use 'source: union'")
         data = _strip(copy.deepcopy(v.data), v.rows)
         folder = v.folder
