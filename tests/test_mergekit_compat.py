@@ -76,6 +76,10 @@ IGNORED = [
      "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
      "  - model: {b}\n    parameters: {{weight: 0.5}}\nparameters:\n  int8_mask: true\n",
      ["parameters.int8_mask", "'linear' takes: weight"]),
+    ("pattern_instead_of_filter", SLERP.replace("t: 0.3", "t:\n    - value: 0.3"),
+     SLERP.replace("t: 0.3", "t:\n    - pattern: mlp\n      value: 0.3"),
+     ["parameters.t", "unknown key 'pattern'", "applies to every tensor",
+      "Write 'filter:'"]),
     ("shared_parameter_on_a_model", TIES,
      TIES.replace("{{weight: 0.6, density: 0.5}}", "{{weight: 0.6, density: 0.5, lambda: 3}}"),
      ["models[0].parameters.lambda", "applies to the whole merge", "move it to the top-level"]),

@@ -108,7 +108,8 @@ def _conditional(entry: Any, where: str, ignored: list[str] | None = None) -> Co
         from ..errors import did_you_mean
 
         key = sorted(map(str, unknown))[0]
-        hint = did_you_mean(key, ['filter', 'value'])
+        hint = (" Write 'filter:' to restrict it (older mergekit examples wrote 'pattern:')."
+                if key == "pattern" else did_you_mean(key, ['filter', 'value']))
         if ignored is None:
             raise MergeError(f"{where}: unknown key {str(key)!r} in a filtered entry (allowed: "
                              f"filter, value).{hint}")
