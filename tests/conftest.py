@@ -154,3 +154,15 @@ def failing_pwrite(after: int):
         return real(fd, data, offset)
 
     return pwrite
+
+
+@pytest.fixture(scope="session")
+def compare():
+    """``main(argv)`` of the conformance set's compare.py (mergekit outputs vs ours)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("conformance_compare",
+                                                  CONFORMANCE / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

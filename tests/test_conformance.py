@@ -7,7 +7,6 @@ differ are listed in KNOWN_DIFFERENCES; each has its own test of our intended be
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from contextlib import redirect_stdout
@@ -28,13 +27,6 @@ KNOWN_DIFFERENCES = {
     # output is tested in tests/test_methods_misc.py.
     "model_stock_conflict": "model_stock clamps t to [0, 1]",
 }
-@pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("conformance_compare",
-                                                  CONFORMANCE / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def run_case(case, compare, tmp_path, monkeypatch) -> tuple[int, str]:

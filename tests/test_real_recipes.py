@@ -9,14 +9,12 @@ statistics, their random streams differ by design).
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import warnings
 from contextlib import redirect_stdout
 
 import pytest
-from conftest import CONFORMANCE
 from real_recipes import (
     EXPECTED,
     TOKENIZER,
@@ -51,15 +49,6 @@ def test_every_recipe_mergekit_accepts_checks(path, standins):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mergesmith.check(on_standins(path.read_text(), standins), threads=1)
-
-
-@pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("conformance_compare",
-                                                  CONFORMANCE / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
