@@ -62,8 +62,11 @@ class CheckReport:
                 ["donor of config.json and tokenizer"] if i == p.donor else [])
             role = f" ({', '.join(roles)})" if roles else ""
             pending = ", weights to download" if m.pending_download else ""
+            formats = sorted({t.quant.format for t in m.index.tensors.values() if t.quant})
+            quantized = (f", {' and '.join(formats)} weights dequantized as they are read"
+                         if formats else "")
             lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "
-                         f"{fb(m.index.total_bytes)}{pending}{role}")
+                         f"{fb(m.index.total_bytes)}{pending}{quantized}{role}")
         lines += [
             f"output:        {len(p.tensors)} tensors in {len(p.shards)} file(s), "
             f"dtype {', '.join(sorted({str(t.dtype).removeprefix('torch.') for t in p.tensors}))}",

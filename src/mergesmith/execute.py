@@ -77,13 +77,19 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
             yield WorkItem(t, (start, min(start + step, t.shape[0])))
 
 
+def _read_bytes_per_element(info) -> int:
+    """Memory a read takes per element: the stored dtype, or for a quantized weight its
+    float32 dequantization and the expanded block scales."""
+    return 8 if info.quant is not None else info.dtype.itemsize
+
+
 def item_memory(plan: Plan, item: WorkItem) -> int:
     """Bytes of tensor data a work item holds at its peak: its largest raw input, the
     inputs in the compute dtype, the method's temporaries and the output buffer."""
     t = item.tensor
     numel = prod(t.shape) if item.rows is None else \
         (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
-    raw = [plan.input_info(i).dtype.itemsize * numel for i in t.inputs]
+    raw = [_read_bytes_per_element(plan.input_info(i)) * numel for i in t.inputs]
     if t.copied:
         return sum(raw) + t.dtype.itemsize * numel
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize

@@ -29,6 +29,9 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int | None
     nbytes: int
+    quant: Any = None
+    """For a quantized weight: how it is stored (e.g. ``quantized.BlockFP8``); ``dtype`` is
+    then the dtype it dequantizes to, ``nbytes`` what is stored."""
 
     @property
     def numel(self) -> int:
@@ -37,6 +40,8 @@ class TensorInfo:
     @property
     def format(self) -> str:
         """Which :class:`~mergesmith.checkpoint.reader.TensorSource` reads it."""
+        if self.quant is not None:
+            return self.quant.format
         return "bin" if self.offset is None else "safetensors"
 
 
@@ -86,7 +91,9 @@ def index_folder(folder: str) -> CheckpointIndex:
     config = read_config(folder)
     st_files = _safetensors_files(folder)
     if st_files:
-        tensors = _index_safetensors(st_files)
+        from .quantized import fold_quantized
+
+        tensors = fold_quantized(_index_safetensors(st_files), config, folder)
         return CheckpointIndex(folder, tensors, st_files, config, "safetensors")
     bin_files = _bin_files(folder)
     if bin_files:

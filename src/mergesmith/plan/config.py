@@ -33,6 +33,9 @@ def output_config(d: Draft, donor: int) -> dict[str, Any]:
     if config is None:
         raise MergeError(f"model '{d.refs[donor]}' (the donor of the output config) has "
                          "no config.json; the merged model could not be loaded without one")
+    if config.pop("quantization_config", None) is not None:
+        d.notes.append("config.json: quantization_config removed (the inputs are dequantized; "
+                       "the output is not quantized)")
     ref = d.refs[donor]
     if ref.override_architecture:
         config["architectures"] = [ref.override_architecture]

@@ -1,0 +1,114 @@
+"""Quantized checkpoints as inputs: each quantized weight is indexed as the tensor it
+dequantizes to, and read (rows at a time) through the source of its format; the engine
+and the methods only see floating-point tensors.
+
+Today: block-scaled FP8 (the DeepSeek-V3 / Qwen3-FP8 layout): ``W`` in ``float8_e4m3fn``
+with ``W_scale_inv`` (float32, one per ``weight_block_size`` block, from config.json's
+``quantization_config`` with ``quant_method: fp8``); the value is ``W · scale_inv`` of its
+block, computed in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MergeError
+from .index import TensorInfo
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2")
+                   if hasattr(torch, n))
+
+
+@dataclass(frozen=True)
+class BlockFP8:
+    """How one block-scaled FP8 weight is stored."""
+
+    weight: TensorInfo  # float8, [rows, cols]
+    scale: TensorInfo  # float32, [ceil(rows / block[0]), ceil(cols / block[1])]
+    block: tuple[int, int]
+    format = "fp8-block"
+
+
+def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None,
+                   folder: str) -> dict[str, TensorInfo]:
+    """The index of a quantized checkpoint as the tensors it stands for: each quantized
+    weight becomes one entry (its scales folded in); checks the layout against the
+    config before any data is read."""
+    q = (config or {}).get("quantization_config")
+    if not isinstance(q, dict):
+        if any(t.dtype in FP8_DTYPES for t in tensors.values()):
+            raise MergeError(f"{folder}: FP8 weights but config.json has no "
+                             "'quantization_config'; the scales cannot be applied")
+        return tensors
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise MergeError(f"{folder}: config.json quantization_config.quant_method '{method}' "
+                         "is not supported; mergesmith reads block-scaled FP8 ('fp8', the "
+                         "DeepSeek-V3 / Qwen3-FP8 layout) — dequantize other formats first")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and b > 0 for b in block)):
+        raise MergeError(f"{folder}: quantization_config.weight_block_size must be two "
+                         f"positive integers (got {block!r}); per-tensor FP8 is not supported")
+    target = _dequantized_dtype(config)
+    out: dict[str, TensorInfo] = {}
+    used = set()
+    for name, info in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if info.dtype not in FP8_DTYPES:
+            out[name] = info
+            continue
+        scale = tensors.get(f"{name}_scale_inv")
+        if scale is None:
+            raise MergeError(f"{info.file}: FP8 tensor '{name}' has no '{name}_scale_inv'; "
+                             "the checkpoint is incomplete")
+        if len(info.shape) != 2:
+            raise MergeError(f"{info.file}: FP8 tensor '{name}' has shape {list(info.shape)}; "
+                             "block scales apply to matrices")
+        want = tuple(-(-n // b) for n, b in zip(info.shape, block))
+        if scale.shape != want or scale.dtype != torch.float32:
+            raise MergeError(f"{scale.file}: '{scale.name}' is {str(scale.dtype)[6:]} "
+                             f"{list(scale.shape)}; blocks of {block} over {list(info.shape)} "
+                             f"need float32 {list(want)}")
+        used.add(scale.name)
+        out[name] = TensorInfo(name, info.file, target, info.shape, None,
+                               info.nbytes + scale.nbytes,
+                               BlockFP8(info, scale, (block[0], block[1])))
+    orphans = [n for n in tensors if n.endswith("_scale_inv") and n not in used]
+    if orphans:
+        raise MergeError(f"{folder}: scales without an FP8 weight: {', '.join(orphans[:3])}")
+    return out
+
+
+def _dequantized_dtype(config: dict[str, Any] | None) -> torch.dtype:
+    """The dtype the model is meant to run in (config.json's), else bfloat16."""
+    name = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "")
+    return {"float32": torch.float32, "float16": torch.float16}.get(name, torch.bfloat16)
+
+
+class BlockFP8Source:
+    """Reads rows of block-scaled FP8 weights, dequantized to float32: the FP8 rows of the
+    blocks they touch and those blocks' scales, nothing else."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw  # reads the stored tensors (a SafetensorsSource)
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        q: BlockFP8 = info.quant
+        n_rows, n_cols = info.shape
+        r0, r1 = rows if rows is not None else (0, n_rows)
+        b0, b1 = q.block
+        first, last = r0 // b0, -(-r1 // b0)
+        start = first * b0
+        w = self.raw.read(q.weight, (start, min(last * b0, n_rows)))
+        s = self.raw.read(q.scale, (first, last))
+        scale = s.repeat_interleave(b0, 0)[: w.shape[0]].repeat_interleave(b1, 1)[:, :n_cols]
+        out = w.to(torch.float32).mul_(scale)
+        return out[r0 - start:r1 - start]
+
+    def close(self) -> None:
+        pass  # the raw source is closed by its owner

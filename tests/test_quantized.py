@@ -1,0 +1,130 @@
+"""Block-scaled FP8 checkpoints (DeepSeek-V3 / Qwen3-FP8 layout) as merge inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import LLAMA, load_model, random_tensors, recipe_file
+from safetensors.torch import save_file
+
+import mergesmith
+from mergesmith import MergeError
+from mergesmith.checkpoint import TensorReader, index_folder
+
+FP8 = torch.float8_e4m3fn
+
+
+def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block: scale = amax / 448, q = w / scale in float8 (what FP8 checkpoints store)."""
+    rows, cols = w.shape
+    grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+    scale = torch.empty(grid, dtype=torch.float32)
+    q = torch.empty(w.shape, dtype=FP8)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            part = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]].float()
+            s = max(float(part.abs().max()), 1e-12) / 448.0
+            scale[i, j] = s
+            q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = \
+                (part / s).to(FP8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The written-out formula, element by element block: q · scale of its block."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rs = slice(i * block[0], (i + 1) * block[0])
+            cs = slice(j * block[1], (j + 1) * block[1])
+            out[rs, cs] = q[rs, cs].float() * scale[i, j]
+    return out
+
+
+def write_fp8_model(folder, tensors, block=(16, 16)):
+    """Linear weights of the layers as FP8 + scales, the rest in bfloat16."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stored, dequantized = {}, {}
+    for name, t in tensors.items():
+        if ".layers." in name and t.dim() == 2:
+            q, s = quantize(t, block)
+            stored[name], stored[f"{name}_scale_inv"] = q, s
+            dequantized[name] = dequantize(q, s, block)
+        else:
+            stored[name] = t.to(torch.bfloat16)
+            dequantized[name] = stored[name].float()
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(LLAMA, torch_dtype="bfloat16", quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": list(block)})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, dequantized
+
+
+@pytest.mark.parametrize("block", [(16, 16), (20, 12)], ids=["dividing", "edge-blocks"])
+def test_rows_dequantize_to_the_formula(tmp_path, block):
+    folder, want = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0), block)
+    index = index_folder(str(folder))
+    assert not any(n.endswith("_scale_inv") for n in index.tensors)
+    name = "model.layers.1.mlp.up_proj.weight"  # 48 × 32
+    info = index.tensors[name]
+    assert info.format == "fp8-block" and info.dtype == torch.bfloat16
+    with TensorReader() as reader:
+        assert torch.equal(reader.read(info), want[name])
+        for rows in [(0, 1), (5, 23), (15, 17), (40, 48), (19, 20)]:
+            assert torch.equal(reader.read(info, rows), want[name][rows[0]:rows[1]]), rows
+
+
+def test_merge_of_fp8_inputs_is_the_formula_on_dequantized_tensors(tmp_path):
+    base_t = random_tensors(LLAMA, 0)
+    base, base_dq = write_fp8_model(tmp_path / "base", base_t)
+    ft, ft_dq = write_fp8_model(tmp_path / "ft", random_tensors(LLAMA, 1, base_t))
+    recipe = recipe_file(tmp_path, f"""merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {ft}
+    parameters: {{weight: 0.5}}
+out_dtype: float32
+""")
+    summary = mergesmith.check(recipe).summary()
+    assert "fp8-block weights dequantized as they are read" in summary
+    assert "quantization_config removed" in summary
+    mergesmith.run(recipe, tmp_path / "out")
+    got = load_model(tmp_path / "out")
+    for name, b in base_dq.items():
+        expected = b + 0.5 * (ft_dq[name] - b)
+        torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-7)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def _break(folder, mutate):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    mutate(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.weight_scale_inv"), "has no"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(2, 2)}),
+     r"need float32 \[3, 2\]"),
+])
+def test_bad_fp8_layouts_are_named(tmp_path, mutate, message):
+    folder, _ = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0))
+    _break(folder, mutate)
+    with pytest.raises(MergeError, match=message):
+        index_folder(str(folder))
+
+
+def test_unknown_quant_method_is_refused(tmp_path):
+    folder, _ = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "awq"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match="quant_method 'awq' is not supported"):
+        index_folder(str(folder))
