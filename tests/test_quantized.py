@@ -128,3 +128,23 @@ def test_unknown_quant_method_is_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError, match="quant_method 'awq' is not supported"):
         index_folder(str(folder))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (8, 16)])
+def test_dequantization_equals_transformers(tmp_path, block):
+    """(transformers' own dequantization needs blocks that divide the shapes; the edge
+    blocks are checked against the formula above.)"""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "FineGrainedFP8Config"):
+        pytest.skip("this transformers has no FineGrainedFP8Config")
+    folder, _ = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0), block)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), quantization_config=transformers.FineGrainedFP8Config(dequantize=True),
+        dtype=torch.float32)
+    theirs = model.state_dict()
+    index = index_folder(str(folder))
+    with TensorReader() as reader:
+        for name, info in index.tensors.items():
+            if info.quant is not None:
+                torch.testing.assert_close(reader.read(info), theirs[name].float(),
+                                           rtol=0, atol=1e-6)
