@@ -148,3 +148,92 @@ def test_dequantization_equals_transformers(tmp_path, block):
             if info.quant is not None:
                 torch.testing.assert_close(reader.read(info), theirs[name].float(),
                                            rtol=0, atol=1e-6)
+
+
+def write_compressed_tensors_model(folder, tensors, strategy):
+    """compressed-tensors 'float-quantized' FP8: per-channel or per-tensor weight scales,
+    an activation scale per layer (not a weight: left out of the merge)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stored, dequantized = {}, {}
+    for name, t in tensors.items():
+        if ".layers." in name and t.dim() == 2:
+            amax = t.abs().amax(dim=1, keepdim=True) if strategy == "channel" else t.abs().amax()
+            scale = (amax / 448.0).float().reshape(-1, 1) if strategy == "channel" \
+                else (amax / 448.0).float().reshape(1)
+            q = (t / scale).to(FP8)
+            stored[name], stored[f"{name}_scale"] = q, scale
+            stored[name.replace(".weight", ".input_scale")] = torch.ones(1)
+            dequantized[name] = q.float() * scale
+        else:
+            stored[name] = t.to(torch.bfloat16)
+            dequantized[name] = stored[name].float()
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(LLAMA, torch_dtype="bfloat16", quantization_config={
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True,
+            "dynamic": False}}}, "ignore": ["lm_head"]})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, dequantized
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_compressed_tensors_fp8_dequantizes_like_the_library(tmp_path, strategy):
+    folder, want = write_compressed_tensors_model(tmp_path / "m", random_tensors(LLAMA, 0),
+                                                  strategy)
+    index = index_folder(str(folder))
+    assert not any(n.endswith(("_scale", "input_scale")) for n in index.tensors)
+    try:
+        from compressed_tensors.quantization import QuantizationArgs
+        from compressed_tensors.quantization.lifecycle.forward import dequantize
+    except ImportError:
+        dequantize = None
+    from safetensors.torch import load_file
+
+    stored = load_file(str(folder / "model.safetensors"))
+    with TensorReader() as reader:
+        for name, info in index.tensors.items():
+            if info.quant is None:
+                continue
+            assert info.format == "fp8-scaled"
+            got = reader.read(info)
+            assert torch.equal(got, want[name])
+            rows = (3, min(17, info.shape[0]))
+            assert torch.equal(reader.read(info, rows), want[name][rows[0]:rows[1]])
+            if dequantize is not None:
+                args = QuantizationArgs(num_bits=8, type="float", strategy=strategy,
+                                        symmetric=True)
+                scale = stored[f"{name}_scale"]
+                theirs = dequantize(stored[name], scale, torch.zeros_like(scale), args,
+                                    dtype=torch.float32)
+                torch.testing.assert_close(got, theirs, rtol=0, atol=1e-6)
+
+
+def test_fp8_and_bf16_inputs_merge_together(tmp_path):
+    base_t = random_tensors(LLAMA, 0)
+    base, base_dq = write_compressed_tensors_model(tmp_path / "base", base_t, "channel")
+    ft, ft_dq = write_fp8_model(tmp_path / "ft", random_tensors(LLAMA, 1, base_t))
+    recipe = recipe_file(tmp_path, f"""merge_method: linear
+models:
+  - {{model: {base}, parameters: {{weight: 0.25}}}}
+  - {{model: {ft}, parameters: {{weight: 0.75}}}}
+out_dtype: float32
+""")
+    mergesmith.run(recipe, tmp_path / "out")
+    got = load_model(tmp_path / "out")
+    for name in base_dq:
+        torch.testing.assert_close(got[name], 0.25 * base_dq[name] + 0.75 * ft_dq[name],
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_compressed_tensors_layouts_we_cannot_read_are_named(tmp_path):
+    folder, _ = write_compressed_tensors_model(tmp_path / "m", random_tensors(LLAMA, 0),
+                                               "channel")
+    _break(folder, lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale":
+                                       torch.ones(48, 2)}))
+    with pytest.raises(MergeError, match="per-channel"):
+        index_folder(str(folder))
+    _break(folder, lambda t: t.update({"model.layers.0.mlp.up_proj.weight_zero_point":
+                                       torch.zeros(48, 1)}))
+    with pytest.raises(MergeError, match="zero point"):
+        index_folder(str(folder))

@@ -2,10 +2,17 @@
 dequantizes to, and read (rows at a time) through the source of its format; the engine
 and the methods only see floating-point tensors.
 
-Today: block-scaled FP8 (the DeepSeek-V3 / Qwen3-FP8 layout): ``W`` in ``float8_e4m3fn``
-with ``W_scale_inv`` (float32, one per ``weight_block_size`` block, from config.json's
-``quantization_config`` with ``quant_method: fp8``); the value is ``W · scale_inv`` of its
-block, computed in float32.
+Today:
+* block-scaled FP8 (the DeepSeek-V3 / Qwen3-FP8 layout): ``W`` in ``float8_e4m3fn`` with
+  ``W_scale_inv`` (float32, one per ``weight_block_size`` block, from config.json's
+  ``quantization_config`` with ``quant_method: fp8``); the value is ``W · scale_inv`` of
+  its block;
+* compressed-tensors FP8 (``quant_method: compressed-tensors``, ``format:
+  float-quantized``): ``W`` with ``W_weight_scale`` per tensor (one value) or per output
+  channel (``[rows, 1]``); the value is ``W · scale`` (the library's ``dequantize`` for
+  symmetric float quantization). Activation scales (``input_scale``) describe inference,
+  not weights, and are left out of the merged model.
+All computed in float32.
 """
 
 from __future__ import annotations
@@ -20,6 +27,15 @@ from .index import TensorInfo
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2")
                    if hasattr(torch, n))
+
+
+@dataclass(frozen=True)
+class ScaledFP8:
+    """How one compressed-tensors FP8 weight is stored."""
+
+    weight: TensorInfo  # float8, [rows, cols]
+    scale: TensorInfo  # float32, one value or [rows, 1]
+    format = "fp8-scaled"
 
 
 @dataclass(frozen=True)
@@ -44,10 +60,13 @@ def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None
                              "'quantization_config'; the scales cannot be applied")
         return tensors
     method = q.get("quant_method")
+    if method == "compressed-tensors":
+        return _fold_compressed_tensors(tensors, q, config, folder)
     if method != "fp8":
         raise MergeError(f"{folder}: config.json quantization_config.quant_method '{method}' "
                          "is not supported; mergesmith reads block-scaled FP8 ('fp8', the "
-                         "DeepSeek-V3 / Qwen3-FP8 layout) — dequantize other formats first")
+                         "DeepSeek-V3 / Qwen3-FP8 layout) and compressed-tensors FP8 — "
+                         "dequantize other formats first")
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2
             and all(isinstance(b, int) and b > 0 for b in block)):
@@ -84,6 +103,39 @@ def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None
     return out
 
 
+def _fold_compressed_tensors(tensors: dict[str, TensorInfo], q: dict[str, Any],
+                             config: dict[str, Any] | None,
+                             folder: str) -> dict[str, TensorInfo]:
+    fmt = q.get("format")
+    if fmt != "float-quantized":
+        raise MergeError(f"{folder}: compressed-tensors format '{fmt}' is not supported; "
+                         "mergesmith reads 'float-quantized' (FP8) checkpoints")
+    target = _dequantized_dtype(config)
+    out: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        if name.endswith("weight_zero_point"):
+            raise MergeError(f"{info.file}: '{name}': asymmetric FP8 (a zero point) is not "
+                             "supported")
+        if name.endswith(("weight_scale", "input_scale", "output_scale")):
+            continue  # weight scales are folded in below; activation scales are dropped
+        if info.dtype not in FP8_DTYPES:
+            out[name] = info
+            continue
+        scale = tensors.get(f"{name}_scale")
+        if scale is None:
+            raise MergeError(f"{info.file}: FP8 tensor '{name}' has no '{name}_scale'; the "
+                             "checkpoint is incomplete")
+        rows = info.shape[0] if info.shape else 1
+        if len(info.shape) != 2 or scale.dtype != torch.float32 or \
+                scale.shape not in ((), (1,), (rows, 1)):
+            raise MergeError(f"{scale.file}: '{scale.name}' is {str(scale.dtype)[6:]} "
+                             f"{list(scale.shape)}: mergesmith reads per-tensor ([1]) and "
+                             f"per-channel ([{rows}, 1]) float32 scales of FP8 matrices")
+        out[name] = TensorInfo(name, info.file, target, info.shape, None,
+                               info.nbytes + scale.nbytes, ScaledFP8(info, scale))
+    return out
+
+
 def _dequantized_dtype(config: dict[str, Any] | None) -> torch.dtype:
     """The dtype the model is meant to run in (config.json's), else bfloat16."""
     name = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "")
@@ -112,3 +164,21 @@ class BlockFP8Source:
 
     def close(self) -> None:
         pass  # the raw source is closed by its owner
+
+
+class ScaledFP8Source:
+    """Reads rows of compressed-tensors FP8 weights, dequantized to float32."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        q: ScaledFP8 = info.quant
+        w = self.raw.read(q.weight, rows)
+        per_channel = len(q.scale.shape) == 2
+        scale = self.raw.read(q.scale, rows if per_channel else None).reshape(
+            (-1, 1) if per_channel else ())
+        return w.to(torch.float32).mul_(scale)
+
+    def close(self) -> None:
+        pass

@@ -115,12 +115,13 @@ class TensorReader:
     tensor's format; files stay open until closed."""
 
     def __init__(self, pin_memory: bool = False) -> None:
-        from .quantized import BlockFP8Source
+        from .quantized import BlockFP8Source, ScaledFP8Source
 
         safetensors = SafetensorsSource(pin_memory)
         self.sources: dict[str, TensorSource] = {
             "safetensors": safetensors, "bin": TorchBinSource(),
-            "fp8-block": BlockFP8Source(safetensors)}
+            "fp8-block": BlockFP8Source(safetensors),
+            "fp8-scaled": ScaledFP8Source(safetensors)}
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Rows ``[start, end)`` along dim 0 of a tensor (all of it when ``rows`` is None)."""
