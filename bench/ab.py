@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A/B two builds of mergesmith on one recipe: interleaved whole-process runs.
 
-    ab.py RECIPE --a SRC_A --b SRC_B [--repeats 5] [--workdir DIR] [-- EXTRA RUN ARGS]
+    ab.py RECIPE --a SRC_A --b SRC_B [--recipe-b RECIPE_B] [--repeats 5] [--workdir DIR]
+          [-- EXTRA RUN ARGS]
 
 ``SRC_A`` and ``SRC_B`` are ``src`` folders of two checkouts (e.g. a ``git worktree`` of
 the previous commit and this one); each run is ``python -m mergesmith run RECIPE OUT
@@ -9,7 +10,8 @@ the previous commit and this one); each run is ``python -m mergesmith run RECIPE
 drifts of the machine hit both alike. The output folder is deleted (and ``sync``ed)
 between runs; the inputs should be in the page cache (run once before). Prints the median
 wall time and the largest peak RSS of each, their ratio B/A, and whether the two outputs
-are byte-identical.
+are byte-identical. ``--recipe-b`` gives B another recipe (e.g. the same merge of FP8
+inputs, with ``--a`` and ``--b`` the same build).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--a", required=True, help="src folder of build A (the reference)")
     ap.add_argument("--b", required=True, help="src folder of build B")
+    ap.add_argument("--recipe-b", type=Path, help="B's recipe (default: RECIPE)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-ab"))
     ap.add_argument("extra", nargs="*", help="more arguments for 'mergesmith run'")
@@ -61,11 +64,12 @@ def main() -> None:
     results: dict[str, list[tuple[float, int]]] = {"A": [], "B": []}
     digests = {}
     for i in range(args.repeats):
-        for name, src in (("A", args.a), ("B", args.b)):
+        for name, src, recipe in (("A", args.a, args.recipe),
+                                  ("B", args.b, args.recipe_b or args.recipe)):
             out = args.workdir / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
-            wall, rss = timed_run(src, args.recipe, out, args.extra)
+            wall, rss = timed_run(src, recipe, out, args.extra)
             results[name].append((wall, rss))
             if i == 0:
                 digests[name] = digest(out)

@@ -237,3 +237,14 @@ def test_compressed_tensors_layouts_we_cannot_read_are_named(tmp_path):
                                        torch.zeros(48, 1)}))
     with pytest.raises(MergeError, match="zero point"):
         index_folder(str(folder))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fast_fp8_decoding_is_exact_for_every_code(dtype):
+    from mergesmith.checkpoint.quantized import FP8_FACTOR, fp8_as_float16
+
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    want = codes.to(torch.float32)
+    got = fp8_as_float16(codes).to(torch.float32) * FP8_FACTOR[dtype]
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])

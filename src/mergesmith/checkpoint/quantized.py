@@ -29,6 +29,25 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2")
                    if hasattr(torch, n))
 
 
+def fp8_as_float16(q: torch.Tensor) -> torch.Tensor:
+    """FP8 values as float16, exactly, divided by ``FP8_FACTOR[q.dtype]``: the bits are moved
+    instead of converted (torch's own float8 cast is several times slower on CPUs, and
+    this is the hot loop of a quantized merge). e5m2 is the top byte of a float16; e4m3fn's
+    exponent and mantissa fit float16's with a bias 8 lower, and its one NaN code is kept."""
+    x = q.view(torch.uint8).to(torch.int16)
+    if q.dtype == torch.float8_e5m2:
+        return (x << 8).view(torch.float16)
+    low = x & 0x7F
+    half = ((x & 0x80) << 8).bitwise_or_(low << 7).view(torch.float16)
+    nan = low == 0x7F
+    return half.masked_fill_(nan, float("nan")) if bool(nan.any()) else half
+
+
+FP8_FACTOR = {dtype: (1.0 if dtype == getattr(torch, "float8_e5m2", None) else 256.0)
+              for dtype in FP8_DTYPES}
+"""What ``fp8_as_float16`` divides the values by; the readers fold it into the scales."""
+
+
 @dataclass(frozen=True)
 class ScaledFP8:
     """How one compressed-tensors FP8 weight is stored."""
@@ -157,10 +176,14 @@ class BlockFP8Source:
         first, last = r0 // b0, -(-r1 // b0)
         start = first * b0
         w = self.raw.read(q.weight, (start, min(last * b0, n_rows)))
-        s = self.raw.read(q.scale, (first, last))
-        scale = s.repeat_interleave(b0, 0)[: w.shape[0]].repeat_interleave(b1, 1)[:, :n_cols]
-        out = w.to(torch.float32).mul_(scale)
-        return out[r0 - start:r1 - start]
+        s = self.raw.read(q.scale, (first, last)).mul_(FP8_FACTOR[w.dtype])
+        values = fp8_as_float16(w).to(torch.float32)
+        if w.shape[0] % b0 == 0 and n_cols % b1 == 0:  # blocks tile it: scale by a view
+            values.view(w.shape[0] // b0, b0, n_cols // b1, b1).mul_(s[:, None, :, None])
+        else:
+            values.mul_(s.repeat_interleave(b0, 0)[: w.shape[0]]
+                        .repeat_interleave(b1, 1)[:, :n_cols])
+        return values[r0 - start:r1 - start]
 
     def close(self) -> None:
         pass  # the raw source is closed by its owner
@@ -177,8 +200,8 @@ class ScaledFP8Source:
         w = self.raw.read(q.weight, rows)
         per_channel = len(q.scale.shape) == 2
         scale = self.raw.read(q.scale, rows if per_channel else None).reshape(
-            (-1, 1) if per_channel else ())
-        return w.to(torch.float32).mul_(scale)
+            (-1, 1) if per_channel else ()).mul(FP8_FACTOR[w.dtype])
+        return fp8_as_float16(w).to(torch.float32).mul_(scale)
 
     def close(self) -> None:
         pass
