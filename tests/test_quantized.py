@@ -248,3 +248,17 @@ def test_fast_fp8_decoding_is_exact_for_every_code(dtype):
     got = fp8_as_float16(codes).to(torch.float32) * FP8_FACTOR[dtype]
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+@pytest.mark.parametrize("block", [(16, 16), (20, 12)], ids=["dividing", "edge-blocks"])
+def test_decoding_in_small_pieces_gives_the_same_rows(tmp_path, block, monkeypatch):
+    import mergesmith.checkpoint.quantized as quantized
+
+    folder, want = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0), block)
+    info = index_folder(str(folder)).tensors["model.layers.1.mlp.up_proj.weight"]
+    monkeypatch.setattr(quantized, "DECODE_ELEMENTS", 1)  # one block row at a time
+    with TensorReader() as reader:
+        for rows in [None, (0, 48), (5, 23), (19, 41), (47, 48)]:
+            got = reader.read(info, rows)
+            assert torch.equal(got, want[info.name] if rows is None
+                               else want[info.name][rows[0]:rows[1]]), rows

@@ -161,6 +161,10 @@ def _dequantized_dtype(config: dict[str, Any] | None) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16}.get(name, torch.bfloat16)
 
 
+DECODE_ELEMENTS = 256 * 1024
+"""FP8 weights are decoded in pieces of about this many elements (whole block rows)."""
+
+
 class BlockFP8Source:
     """Reads rows of block-scaled FP8 weights, dequantized to float32: the FP8 rows of the
     blocks they touch and those blocks' scales, nothing else."""
@@ -177,13 +181,19 @@ class BlockFP8Source:
         start = first * b0
         w = self.raw.read(q.weight, (start, min(last * b0, n_rows)))
         s = self.raw.read(q.scale, (first, last)).mul_(FP8_FACTOR[w.dtype])
-        values = fp8_as_float16(w).to(torch.float32)
-        if w.shape[0] % b0 == 0 and n_cols % b1 == 0:  # blocks tile it: scale by a view
-            values.view(w.shape[0] // b0, b0, n_cols // b1, b1).mul_(s[:, None, :, None])
-        else:
-            values.mul_(s.repeat_interleave(b0, 0)[: w.shape[0]]
-                        .repeat_interleave(b1, 1)[:, :n_cols])
-        return values[r0 - start:r1 - start]
+        out = torch.empty(w.shape, dtype=torch.float32)
+        step = b0 * max(1, DECODE_ELEMENTS // (b0 * n_cols))  # whole block rows
+        for i in range(0, w.shape[0], step):  # cache-sized pieces: few temporaries
+            piece = out[i:i + step]
+            piece.copy_(fp8_as_float16(w[i:i + step]))
+            rows_here, scales = piece.shape[0], s[i // b0:(i + step) // b0 + 1]
+            if rows_here % b0 == 0 and n_cols % b1 == 0:  # blocks tile it: scale a view
+                piece.view(rows_here // b0, b0, n_cols // b1, b1).mul_(
+                    scales[:rows_here // b0, None, :, None])
+            else:  # edge blocks
+                piece.mul_(scales.repeat_interleave(b0, 0)[:rows_here]
+                           .repeat_interleave(b1, 1)[:, :n_cols])
+        return out[r0 - start:r1 - start]
 
     def close(self) -> None:
         pass  # the raw source is closed by its owner
