@@ -262,3 +262,19 @@ def test_decoding_in_small_pieces_gives_the_same_rows(tmp_path, block, monkeypat
             got = reader.read(info, rows)
             assert torch.equal(got, want[info.name] if rows is None
                                else want[info.name][rows[0]:rows[1]]), rows
+
+
+@pytest.mark.parametrize("block", [(16, 16), (20, 12)], ids=["dividing", "edge-blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_read_in_the_recipes_dtype_are_the_float32_values_rounded(tmp_path, block, dtype,
+                                                                      monkeypatch):
+    import mergesmith.checkpoint.quantized as quantized
+
+    folder, want = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0), block)
+    info = index_folder(str(folder)).tensors["model.layers.1.mlp.up_proj.weight"]
+    monkeypatch.setattr(quantized, "DECODE_ELEMENTS", 100)  # several pieces
+    with TensorReader() as reader:
+        for rows in [None, (5, 23), (19, 41)]:
+            got = reader.read(info, rows, round_to=dtype)
+            full = want[info.name] if rows is None else want[info.name][rows[0]:rows[1]]
+            assert got.dtype == dtype and torch.equal(got, full.to(dtype)), rows

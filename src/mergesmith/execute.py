@@ -264,11 +264,12 @@ class _Job:
         self.warnings.append(message)
 
     def _read(self, inp: InputTensor, item: WorkItem) -> torch.Tensor:
-        x = self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
         lora = self.plan.models[inp.model].lora
         if lora is not None and lora.touches(inp.name):  # W + s·B·A, in float32
-            x = lora.apply(inp.name, x, item.rows)
-        return x
+            x = self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows)
+            return lora.apply(inp.name, x, item.rows)
+        return self.reader.read(self.indexes[inp.model].tensors[inp.name], item.rows,
+                                round_to=self.plan.read_dtype)
 
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         """Round to the recipe's ``dtype`` (mergekit reads inputs in it); to the device."""

@@ -172,7 +172,8 @@ class BlockFP8Source:
     def __init__(self, raw: Any) -> None:
         self.raw = raw  # reads the stored tensors (a SafetensorsSource)
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
+             round_to: torch.dtype | None = None) -> torch.Tensor:
         q: BlockFP8 = info.quant
         n_rows, n_cols = info.shape
         r0, r1 = rows if rows is not None else (0, n_rows)
@@ -181,18 +182,24 @@ class BlockFP8Source:
         start = first * b0
         w = self.raw.read(q.weight, (start, min(last * b0, n_rows)))
         s = self.raw.read(q.scale, (first, last)).mul_(FP8_FACTOR[w.dtype])
-        out = torch.empty(w.shape, dtype=torch.float32)
+        target = round_to if round_to in (torch.bfloat16, torch.float16) else torch.float32
+        out = torch.empty(w.shape, dtype=target)
         step = b0 * max(1, DECODE_ELEMENTS // (b0 * n_cols))  # whole block rows
+        work = None if target == torch.float32 else \
+            torch.empty((min(step, w.shape[0]), n_cols), dtype=torch.float32)
         for i in range(0, w.shape[0], step):  # cache-sized pieces: few temporaries
-            piece = out[i:i + step]
+            rows_here = min(step, w.shape[0] - i)
+            piece = out[i:i + step] if work is None else work[:rows_here]
             piece.copy_(fp8_as_float16(w[i:i + step]))
-            rows_here, scales = piece.shape[0], s[i // b0:(i + step) // b0 + 1]
+            scales = s[i // b0:(i + step) // b0 + 1]
             if rows_here % b0 == 0 and n_cols % b1 == 0:  # blocks tile it: scale a view
                 piece.view(rows_here // b0, b0, n_cols // b1, b1).mul_(
                     scales[:rows_here // b0, None, :, None])
             else:  # edge blocks
                 piece.mul_(scales.repeat_interleave(b0, 0)[:rows_here]
                            .repeat_interleave(b1, 1)[:, :n_cols])
+            if work is not None:
+                out[i:i + rows_here].copy_(piece)  # the rounding the caller asked for
         return out[r0 - start:r1 - start]
 
     def close(self) -> None:
@@ -205,13 +212,15 @@ class ScaledFP8Source:
     def __init__(self, raw: Any) -> None:
         self.raw = raw
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
+             round_to: torch.dtype | None = None) -> torch.Tensor:
         q: ScaledFP8 = info.quant
         w = self.raw.read(q.weight, rows)
         per_channel = len(q.scale.shape) == 2
         scale = self.raw.read(q.scale, rows if per_channel else None).reshape(
             (-1, 1) if per_channel else ()).mul(FP8_FACTOR[w.dtype])
-        return fp8_as_float16(w).to(torch.float32).mul_(scale)
+        values = fp8_as_float16(w).to(torch.float32).mul_(scale)
+        return values if round_to is None else values.to(round_to)
 
     def close(self) -> None:
         pass

@@ -123,8 +123,15 @@ class TensorReader:
             "fp8-block": BlockFP8Source(safetensors),
             "fp8-scaled": ScaledFP8Source(safetensors)}
 
-    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rows ``[start, end)`` along dim 0 of a tensor (all of it when ``rows`` is None)."""
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
+             round_to: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[start, end)`` along dim 0 of a tensor (all of it when ``rows`` is None).
+
+        ``round_to``: the dtype the caller rounds the values to next (a recipe's ``dtype``);
+        sources that compute values (dequantization) produce them in it directly — the
+        same numbers, half the memory of float32. Stored tensors come as stored."""
+        if info.quant is not None:
+            return self.sources[info.format].read(info, rows, round_to)
         return self.sources[info.format].read(info, rows)
 
     def close(self) -> None:
