@@ -147,6 +147,27 @@ def int8_weights(folder: Path) -> None:
     save_file(t, str(folder / "model.safetensors"))
 
 
+def fp8_model(scales: str = "ok", quant_method: str = "fp8") -> Callable[[Path], None]:
+    """Turn the model into block-scaled FP8 (16×16 blocks), with its scales missing or of
+    the wrong shape, or a quant_method mergesmith does not read."""
+    def mutate(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(folder / "model.safetensors"))
+        name = "model.layers.0.mlp.up_proj.weight"  # 48 × 32: 3 × 2 blocks
+        t[name] = t[name].to(torch.float8_e4m3fn)
+        if scales == "ok":
+            t[f"{name}_scale_inv"] = torch.ones(3, 2)
+        elif scales == "wrong_shape":
+            t[f"{name}_scale_inv"] = torch.ones(2, 2)
+        save_file(t, str(folder / "model.safetensors"))
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": quant_method,
+                                         "weight_block_size": [16, 16]}
+        (folder / "config.json").write_text(json.dumps(config))
+    return mutate
+
+
 CASES: list[Case] = [
     # --- the recipe file and YAML
     Case("recipe_missing", lambda r: ["run", str(r / "nope.yml"), "{out}"], USER,
@@ -275,6 +296,12 @@ CASES: list[Case] = [
     Case("different_vocab", with_model(bigger_vocab), USER,
          ["different vocabulary sizes", "tokenizer: {source: union}",
           "--unsafe-truncate-embeddings"]),
+    Case("fp8_without_scales", with_model(fp8_model(scales="missing")), USER,
+         ["FP8 tensor 'model.layers.0.mlp.up_proj.weight'", "_scale_inv", "incomplete"]),
+    Case("fp8_scale_shape", with_model(fp8_model(scales="wrong_shape")), USER,
+         ["blocks of [16, 16] over [48, 32]", "need float32 [3, 2]"]),
+    Case("unknown_quant_method", with_model(fp8_model(quant_method="gptq")), USER,
+         ["quant_method 'gptq' is not supported", "dequantize other formats first"]),
     Case("integer_weights", with_model(int8_weights), USER,
          ["model.norm.weight", "int8", "cannot be merged"]),
     Case("nan_strict", with_model(nan_model, "--strict-finite"), USER,
