@@ -100,10 +100,7 @@ def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None
         if info.dtype not in FP8_DTYPES:
             out[name] = info
             continue
-        scale = tensors.get(f"{name}_scale_inv")
-        if scale is None:
-            raise MergeError(f"{info.file}: FP8 tensor '{name}' has no '{name}_scale_inv'; "
-                             "the checkpoint is incomplete")
+        scale = _scale_of(tensors, info, "_scale_inv")
         if len(info.shape) != 2:
             raise MergeError(f"{info.file}: FP8 tensor '{name}' has shape {list(info.shape)}; "
                              "block scales apply to matrices")
@@ -140,10 +137,7 @@ def _fold_compressed_tensors(tensors: dict[str, TensorInfo], q: dict[str, Any],
         if info.dtype not in FP8_DTYPES:
             out[name] = info
             continue
-        scale = tensors.get(f"{name}_scale")
-        if scale is None:
-            raise MergeError(f"{info.file}: FP8 tensor '{name}' has no '{name}_scale'; the "
-                             "checkpoint is incomplete")
+        scale = _scale_of(tensors, info, "_scale")
         rows = info.shape[0] if info.shape else 1
         if len(info.shape) != 2 or scale.dtype != torch.float32 or \
                 scale.shape not in ((), (1,), (rows, 1)):
@@ -153,6 +147,15 @@ def _fold_compressed_tensors(tensors: dict[str, TensorInfo], q: dict[str, Any],
         out[name] = TensorInfo(name, info.file, target, info.shape, None,
                                info.nbytes + scale.nbytes, ScaledFP8(info, scale))
     return out
+
+
+def _scale_of(tensors: dict[str, TensorInfo], info: TensorInfo, suffix: str) -> TensorInfo:
+    """The scale tensor stored next to an FP8 weight (``<name><suffix>``), or an error."""
+    scale = tensors.get(f"{info.name}{suffix}")
+    if scale is None:
+        raise MergeError(f"{info.file}: FP8 tensor '{info.name}' has no '{info.name}{suffix}'; "
+                         "the checkpoint is incomplete")
+    return scale
 
 
 def _dequantized_dtype(config: dict[str, Any] | None) -> torch.dtype:
