@@ -182,18 +182,19 @@ class BlockFP8Source:
         r0, r1 = rows if rows is not None else (0, n_rows)
         b0, b1 = q.block
         first, last = r0 // b0, -(-r1 // b0)
-        start = first * b0
-        w = self.raw.read(q.weight, (start, min(last * b0, n_rows)))
-        s = self.raw.read(q.scale, (first, last)).mul_(FP8_FACTOR[w.dtype])
+        start, end = first * b0, min(last * b0, n_rows)
+        s = self.raw.read(q.scale, (first, last)).mul_(FP8_FACTOR[q.weight.dtype])
         target = round_to if round_to in (torch.bfloat16, torch.float16) else torch.float32
-        out = torch.empty(w.shape, dtype=target)
+        out = torch.empty((end - start, n_cols), dtype=target)
         step = b0 * max(1, DECODE_ELEMENTS // (b0 * n_cols))  # whole block rows
         work = None if target == torch.float32 else \
-            torch.empty((min(step, w.shape[0]), n_cols), dtype=torch.float32)
-        for i in range(0, w.shape[0], step):  # cache-sized pieces: few temporaries
-            rows_here = min(step, w.shape[0] - i)
+            torch.empty((min(step, end - start), n_cols), dtype=torch.float32)
+        for i in range(0, end - start, step):  # cache-sized pieces: few temporaries
+            rows_here = min(step, end - start - i)
+            # the stored bytes too are read piece by piece: no copy of the FP8 rows is held
+            w = self.raw.read(q.weight, (start + i, start + i + rows_here))
             piece = out[i:i + step] if work is None else work[:rows_here]
-            piece.copy_(fp8_as_float16(w[i:i + step]))
+            piece.copy_(fp8_as_float16(w))
             scales = s[i // b0:(i + step) // b0 + 1]
             if rows_here % b0 == 0 and n_cols % b1 == 0:  # blocks tile it: scale a view
                 piece.view(rows_here // b0, b0, n_cols // b1, b1).mul_(
