@@ -133,14 +133,23 @@ def test_missing_lora_adapter_folder_is_named(tmp_path):
         resolve(parse_model_reference(f"{tmp_path / 'base'}+./no/adapter"), "models[0].model")
 
 
-def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_path, monkeypatch):
-    """Online path, with huggingface_hub's network calls replaced by a local 'remote'."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_path, monkeypatch,
+                                                                          fp8):
+    """Online path, with huggingface_hub's network calls replaced by a local 'remote'; an FP8
+    checkpoint is planned as the tensors it dequantizes to from its metadata alone."""
     import shutil
     from types import SimpleNamespace
 
     import huggingface_hub
+    from test_quantized import write_fp8_model
 
-    remote = write_model(tmp_path / "remote", random_tensors(LLAMA, 0), shards=2)
+    if fp8:
+        remote, expected = write_fp8_model(tmp_path / "remote", random_tensors(LLAMA, 0))
+    else:
+        remote = write_model(tmp_path / "remote", random_tensors(LLAMA, 0), shards=2)
+        expected = random_tensors(LLAMA, 0)
+    st_dtypes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
     cache = tmp_path / "cache"
     calls = []
 
@@ -164,7 +173,7 @@ def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_pa
             entries, _ = read_header(str(f))
             start = min(e.offset for e in entries)
             files[f.name] = SimpleNamespace(tensors={
-                e.name: SimpleNamespace(dtype={torch.float32: "F32"}[e.dtype], shape=list(e.shape),
+                e.name: SimpleNamespace(dtype=st_dtypes[e.dtype], shape=list(e.shape),
                                         data_offsets=[e.offset - start, e.offset - start + e.nbytes])
                 for e in entries})
         return SimpleNamespace(files_metadata=files)
@@ -185,12 +194,15 @@ def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_pa
     assert report.plan.models[0].pending_download
     assert ("snapshot", False) not in calls  # checking never downloads weights
     assert not list(cache.glob("*.safetensors"))
+    assert {t.name for t in report.plan.tensors} == set(expected)
+    planned = report.plan.models[0].index.tensors.values()
+    assert any(info.format == "fp8-block" for info in planned) == fp8
 
     mergesmith.run(recipe, tmp_path / "out")
     assert ("snapshot", False) in calls
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
-    base = random_tensors(LLAMA, 0)
-    assert all(torch.equal(out[k], base[k]) for k in base)
+    assert set(out) == set(expected)
+    assert all(torch.equal(out[k], expected[k].to(out[k].dtype)) for k in expected)
 
 
 @pytest.mark.parametrize("version", [(3, 10), (3, 11)])  # the block loop, hashlib.file_digest

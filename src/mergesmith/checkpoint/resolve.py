@@ -234,7 +234,10 @@ def _remote_metadata(ref: ModelReference, where: str) -> ModelSource:
                                  "which mergesmith cannot read")
             begin, end = t.data_offsets
             tensors[name] = TensorInfo(name, path, dtype, tuple(t.shape), None, end - begin)
-    index = CheckpointIndex(folder, tensors, shard_files, read_config(folder) if folder else None,
+    config = read_config(folder) if folder else None
+    from .quantized import fold_quantized  # quantized weights planned as what they stand for
+
+    index = CheckpointIndex(folder, fold_quantized(tensors, config, repo), shard_files, config,
                             "safetensors")
     return ModelSource(ref, index, repo_id=repo, pending_download=True, _ignore=ignore)
 
