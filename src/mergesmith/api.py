@@ -198,7 +198,7 @@ def dense_seconds(work: DenseWork, threads: int) -> float:
 
 def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> float:
     """Wall time of the merge: each output tensor's input bytes at its method's measured
-    rate, plus the dense linear algebra methods declare (SVDs: not proportional to bytes),
+    rate (quantized inputs: the bytes they dequantize to, plus their format's decoding), plus the dense linear algebra methods declare (SVDs: not proportional to bytes),
     scaled by the worker threads that can run (at most the CPU cores)."""
     per_gb: dict[str, float] = {}
     work = 0.0
@@ -206,7 +206,13 @@ def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> f
         if t.method not in per_gb:
             per_gb[t.method] = COPY_SECONDS_PER_GB if t.copied else \
                 p.bound(t).spec.cost.seconds_per_gb
-        work += sum(p.input_info(i).nbytes for i in t.inputs) / 1e9 * per_gb[t.method]
+        for i in t.inputs:
+            info = p.input_info(i)
+            if info.quant is None:
+                work += info.nbytes / 1e9 * per_gb[t.method]
+            else:  # the method sees the dequantized tensor; decoding it costs extra
+                work += info.numel / 1e9 * (info.dtype.itemsize * per_gb[t.method]
+                                            + getattr(info.quant, "decode_seconds", 1.0))
     cores = max(1, min(threads, os.cpu_count() or 1))
     dense = dense_work(p) if dense is None else dense
     return STARTUP_SECONDS + work * REFERENCE_CORES / cores + dense_seconds(dense, threads)

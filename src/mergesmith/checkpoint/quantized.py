@@ -55,6 +55,8 @@ class ScaledFP8:
     weight: TensorInfo  # float8, [rows, cols]
     scale: TensorInfo  # float32, one value or [rows, 1]
     format = "fp8-scaled"
+    decode_seconds = 0.7
+    """Seconds per 10⁹ elements decoded, on the reference machine (2 cores; bench/README)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class BlockFP8:
     scale: TensorInfo  # float32, [ceil(rows / block[0]), ceil(cols / block[1])]
     block: tuple[int, int]
     format = "fp8-block"
+    decode_seconds = 0.7
+    """Seconds per 10⁹ elements decoded, on the reference machine (2 cores; bench/README)."""
 
 
 def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None,
