@@ -291,7 +291,10 @@ class ScaledFP8Source:
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                      -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 E2M1_PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], 1).contiguous()
-"""The two values of each byte of MXFP4 blocks (low nibble first): one table lookup a byte."""
+"""The two values of each byte of MXFP4 blocks (low nibble first)."""
+E2M1_PAIRS_64 = E2M1_PAIRS.view(torch.int64).reshape(256)
+"""The same pairs, each as one 8-byte item: the lookup of a byte is then one 1-D
+``index_select`` (4x faster than selecting rows of two)."""
 E8M0 = torch.pow(2.0, torch.arange(256, dtype=torch.float64) - 127).to(torch.float32)
 """The factor of each e8m0 scale, ``2^(s-127)``: exact in float32 (2^-127 is subnormal;
 255, a NaN code, overflows to inf as in transformers' ``ldexp``)."""
@@ -319,8 +322,9 @@ class MXFP4Source:
         for e in range(e1 - e0):
             for r in range(0, n_rows, step):
                 piece = work[:min(step, n_rows - r)]
-                codes = blocks[e, r:r + step].reshape(-1).to(torch.int64)
-                torch.index_select(E2M1_PAIRS, 0, codes, out=piece.view(-1, 2))
+                codes = blocks[e, r:r + step].reshape(-1).to(torch.int32)
+                torch.index_select(E2M1_PAIRS_64, 0, codes, out=piece.view(torch.int64)
+                                   .view(-1))
                 scale = E8M0[factors[e, r:r + step].to(torch.int64)]
                 piece.view(-1, groups, 32).mul_(scale.unsqueeze(-1))
                 out[e, :, r:r + piece.shape[0]].copy_(piece.T)
