@@ -233,3 +233,23 @@ def test_bad_mxfp4_layouts_are_named_before_reading(tmp_path, mutate, message, m
     with pytest.raises(MergeError, match=message) as e:
         index_folder(str(folder))
     assert "model.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_code_and_extreme_scales_decode_as_transformers(tmp_path):
+    """All 256 bytes under scales from 2^-127 (subnormal) to 255 (2^128: e8m0's NaN code,
+    which transformers' ``ldexp`` applies as a power of two, overflowing to ±inf)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    blocks = torch.arange(512).remainder(256).to(torch.uint8).reshape(2, 16, 1, 16)
+    scales = torch.tensor([0, 1, 2, 100, 126, 127, 128, 150, 200, 253, 254, 255, 127, 3, 9,
+                           77] * 2, dtype=torch.uint8).reshape(2, 16, 1)
+    save_file({"experts.w_blocks": blocks, "experts.w_scales": scales},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"quantization_config": QUANT}))
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    with TensorReader() as reader:
+        got = reader.read(index_folder(str(folder)).tensors["experts.w"])
+    assert torch.equal(got, theirs) and bool(got.isinf().any())
+    assert torch.equal(got.signbit(), theirs.signbit())  # -0.0 stays -0.0

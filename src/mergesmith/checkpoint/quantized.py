@@ -295,9 +295,10 @@ E2M1_PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], 1).conti
 E2M1_PAIRS_64 = E2M1_PAIRS.view(torch.int64).reshape(256)
 """The same pairs, each as one 8-byte item: the lookup of a byte is then one 1-D
 ``index_select`` (4x faster than selecting rows of two)."""
-E8M0 = torch.pow(2.0, torch.arange(256, dtype=torch.float64) - 127).to(torch.float32)
-"""The factor of each e8m0 scale, ``2^(s-127)``: exact in float32 (2^-127 is subnormal;
-255, a NaN code, overflows to inf as in transformers' ``ldexp``)."""
+E8M0 = torch.pow(2.0, torch.arange(256, dtype=torch.float64).clamp(max=254) - 127).float()
+"""The factor of each e8m0 scale, ``2^(s-127)``, exact in float32 (2^-127 is subnormal) but
+for 255: 2^128 is past float32, so it is 2^127 here and the reader doubles its values
+after, as ``ldexp`` (transformers' decoder) does: 0.5 · 2^128 is finite, 0 stays 0."""
 
 
 class MXFP4Source:
@@ -325,8 +326,11 @@ class MXFP4Source:
                 codes = blocks[e, r:r + step].reshape(-1).to(torch.int32)
                 torch.index_select(E2M1_PAIRS_64, 0, codes, out=piece.view(torch.int64)
                                    .view(-1))
-                scale = E8M0[factors[e, r:r + step].to(torch.int64)]
-                piece.view(-1, groups, 32).mul_(scale.unsqueeze(-1))
+                exps = factors[e, r:r + step]
+                groups_of = piece.view(-1, groups, 32)
+                groups_of.mul_(E8M0[exps.to(torch.int64)].unsqueeze(-1))
+                if bool((exps == 255).any()):  # the rest of 2^128
+                    groups_of[exps == 255] *= 2
                 out[e, :, r:r + piece.shape[0]].copy_(piece.T)
         return out
 
