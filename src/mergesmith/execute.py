@@ -79,7 +79,8 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
 
 def _read_bytes_per_element(info) -> int:
     """Memory a read takes per element: the stored dtype, or for a quantized weight its
-    float32 dequantization and the expanded block scales."""
+    float32 dequantization and what it is decoded from (FP8: the weight and its expanded
+    block scales; MXFP4: half a byte of codes and 1/32 of a scale byte)."""
     return 8 if info.quant is not None else info.dtype.itemsize
 
 

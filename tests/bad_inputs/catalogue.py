@@ -168,6 +168,27 @@ def fp8_model(scales: str = "ok", quant_method: str = "fp8") -> Callable[[Path],
     return mutate
 
 
+def mxfp4_model(defect: str) -> Callable[[Path], None]:
+    """Give the model gpt-oss-style MXFP4 experts (blocks [2, 8, 1, 16], scales [2, 8, 1]) with
+    one defect: the scales missing, of the wrong shape, or not uint8."""
+    def mutate(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        t = load_file(str(folder / "model.safetensors"))
+        name = "model.layers.0.mlp.experts.down_proj"
+        t[f"{name}_blocks"] = torch.zeros(2, 8, 1, 16, dtype=torch.uint8)
+        scales = {"missing": None, "wrong_shape": torch.zeros(2, 8, 2, dtype=torch.uint8),
+                  "wrong_dtype": torch.zeros(2, 8)}[defect]
+        if scales is not None:
+            t[f"{name}_scales"] = scales
+        save_file(t, str(folder / "model.safetensors"))
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "mxfp4",
+                                         "modules_to_not_convert": ["model.embed_tokens"]}
+        (folder / "config.json").write_text(json.dumps(config))
+    return mutate
+
+
 CASES: list[Case] = [
     # --- the recipe file and YAML
     Case("recipe_missing", lambda r: ["run", str(r / "nope.yml"), "{out}"], USER,
@@ -302,6 +323,13 @@ CASES: list[Case] = [
          ["blocks of [16, 16] over [48, 32]", "need float32 [3, 2]"]),
     Case("unknown_quant_method", with_model(fp8_model(quant_method="gptq")), USER,
          ["quant_method 'gptq' is not supported", "dequantize other formats first"]),
+    Case("mxfp4_without_scales", with_model(mxfp4_model("missing")), USER,
+         ["MXFP4 tensor 'model.layers.0.mlp.experts.down_proj_blocks'",
+          "down_proj_scales", "incomplete"]),
+    Case("mxfp4_scale_shape", with_model(mxfp4_model("wrong_shape")), USER,
+         ["has shape [2, 8, 2]", "MXFP4 blocks [2, 8, 1, 16] need scales [2, 8, 1]"]),
+    Case("mxfp4_scale_dtype", with_model(mxfp4_model("wrong_dtype")), USER,
+         ["'model.layers.0.mlp.experts.down_proj_scales' is float32", "uint8"]),
     Case("integer_weights", with_model(int8_weights), USER,
          ["model.norm.weight", "int8", "cannot be merged"]),
     Case("nan_strict", with_model(nan_model, "--strict-finite"), USER,

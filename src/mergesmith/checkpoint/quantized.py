@@ -11,8 +11,14 @@ Today:
   float-quantized``): ``W`` with ``W_weight_scale`` per tensor (one value) or per output
   channel (``[rows, 1]``); the value is ``W · scale`` (the library's ``dequantize`` for
   symmetric float quantization). Activation scales (``input_scale``) describe inference,
-  not weights, and are left out of the merged model.
-All computed in float32.
+  not weights, and are left out of the merged model;
+* MXFP4 (``quant_method: mxfp4``, the gpt-oss layout): ``P_blocks`` (uint8 ``[experts,
+  rows, groups, 16]``, two e2m1 codes a byte, low nibble first, 32 values a group) with
+  ``P_scales`` (uint8 e8m0 exponents ``[experts, rows, groups]``, the group's factor
+  ``2^(s-127)``) are the tensor ``P`` of shape ``[experts, groups·32, rows]``: transposed,
+  as transformers dequantizes them for gpt-oss's ``experts.gate_up_proj`` and
+  ``experts.down_proj``. Other tensors (``modules_to_not_convert``) are stored as they are.
+All computed in float32 (exactly, for MXFP4: an e2m1 value times a power of two).
 """
 
 from __future__ import annotations
@@ -85,11 +91,13 @@ def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None
     method = q.get("quant_method")
     if method == "compressed-tensors":
         return _fold_compressed_tensors(tensors, q, config, folder)
+    if method == "mxfp4":
+        return _fold_mxfp4(tensors, config)
     if method != "fp8":
         raise MergeError(f"{folder}: config.json quantization_config.quant_method '{method}' "
                          "is not supported; mergesmith reads block-scaled FP8 ('fp8', the "
-                         "DeepSeek-V3 / Qwen3-FP8 layout) and compressed-tensors FP8 — "
-                         "dequantize other formats first")
+                         "DeepSeek-V3 / Qwen3-FP8 layout), compressed-tensors FP8 and MXFP4 "
+                         "('mxfp4', the gpt-oss layout) — dequantize other formats first")
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2
             and all(isinstance(b, int) and b > 0 for b in block)):
@@ -153,6 +161,57 @@ def _fold_compressed_tensors(tensors: dict[str, TensorInfo], q: dict[str, Any],
     return out
 
 
+@dataclass(frozen=True)
+class MXFP4:
+    """How one MXFP4 tensor is stored (gpt-oss experts)."""
+
+    blocks: TensorInfo  # uint8 [experts, rows, groups, 16]
+    scales: TensorInfo  # uint8 [experts, rows, groups]
+    format = "mxfp4"
+
+
+def _fold_mxfp4(tensors: dict[str, TensorInfo],
+                config: dict[str, Any] | None) -> dict[str, TensorInfo]:
+    """Each ``P_blocks`` + ``P_scales`` pair becomes ``P``, named and shaped as transformers
+    loads it: the last two dims of the stored matrices swapped (gpt-oss multiplies
+    ``x @ W[expert]``), so dim 0 stays the expert and a range of it is a stored slice."""
+    target = _dequantized_dtype(config)
+    out: dict[str, TensorInfo] = {}
+    for name, info in tensors.items():
+        if name.endswith("_scales"):
+            if f"{name[:-7]}_blocks" not in tensors:
+                raise MergeError(f"{info.file}: MXFP4 scales '{name}' have no "
+                                 f"'{name[:-7]}_blocks'; the checkpoint is incomplete")
+            continue
+        if not name.endswith("_blocks"):
+            out[name] = info
+            continue
+        stem = name[:-7]
+        scales = tensors.get(f"{stem}_scales")
+        if scales is None:
+            raise MergeError(f"{info.file}: MXFP4 tensor '{name}' has no '{stem}_scales'; "
+                             "the checkpoint is incomplete")
+        for t in (info, scales):
+            if t.dtype != torch.uint8:
+                raise MergeError(f"{t.file}: MXFP4 tensor '{t.name}' is "
+                                 f"{str(t.dtype)[6:]}; blocks and scales are stored as uint8")
+        if len(info.shape) != 4 or info.shape[-1] != 16:
+            raise MergeError(f"{info.file}: MXFP4 tensor '{name}' has shape "
+                             f"{list(info.shape)}; mergesmith reads gpt-oss expert blocks "
+                             "[experts, rows, groups, 16]")
+        if scales.shape != info.shape[:-1]:
+            raise MergeError(f"{scales.file}: '{scales.name}' has shape {list(scales.shape)}; "
+                             f"MXFP4 blocks {list(info.shape)} need scales "
+                             f"{list(info.shape[:-1])}")
+        if stem in tensors:
+            raise MergeError(f"{info.file}: '{stem}' is stored both as it is and as MXFP4 "
+                             "blocks; the checkpoint is inconsistent")
+        experts, rows, groups, _ = info.shape
+        out[stem] = TensorInfo(stem, info.file, target, (experts, groups * 32, rows), None,
+                               info.nbytes + scales.nbytes, MXFP4(info, scales))
+    return out
+
+
 def _scale_of(tensors: dict[str, TensorInfo], info: TensorInfo, suffix: str) -> TensorInfo:
     """The scale tensor stored next to an FP8 weight (``<name><suffix>``), or an error."""
     scale = tensors.get(f"{info.name}{suffix}")
@@ -169,7 +228,7 @@ def _dequantized_dtype(config: dict[str, Any] | None) -> torch.dtype:
 
 
 DECODE_ELEMENTS = 256 * 1024
-"""FP8 weights are decoded in pieces of about this many elements (whole block rows)."""
+"""Quantized weights are decoded in pieces of about this many elements (whole block rows)."""
 
 
 class BlockFP8Source:
@@ -229,6 +288,56 @@ class ScaledFP8Source:
             (-1, 1) if per_channel else ()).mul(FP8_FACTOR[w.dtype])
         values = fp8_as_float16(w).to(torch.float32).mul_(scale)
         return values if round_to is None else values.to(round_to)
+
+    def close(self) -> None:
+        pass
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+E2M1_PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], 1).contiguous()
+"""The two values of each byte of MXFP4 blocks (low nibble first)."""
+E2M1_PAIRS_64 = E2M1_PAIRS.view(torch.int64).reshape(256)
+"""The same pairs, each as one 8-byte item: the lookup of a byte is then one 1-D
+``index_select`` (4x faster than selecting rows of two)."""
+E8M0 = torch.pow(2.0, torch.arange(256, dtype=torch.float64).clamp(max=254) - 127).float()
+"""The factor of each e8m0 scale, ``2^(s-127)``, exact in float32 (2^-127 is subnormal) but
+for 255: 2^128 is past float32, so it is 2^127 here and the reader doubles its values
+after, as ``ldexp`` (transformers' decoder) does: 0.5 · 2^128 is finite, 0 stays 0."""
+
+
+class MXFP4Source:
+    """Reads experts of MXFP4 tensors, dequantized to float32: the stored bytes of those
+    experts only, decoded a few stored rows at a time and written transposed into place."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
+             round_to: torch.dtype | None = None) -> torch.Tensor:
+        q: MXFP4 = info.quant
+        e0, e1 = rows if rows is not None else (0, info.shape[0])
+        blocks = self.raw.read(q.blocks, (e0, e1))
+        factors = self.raw.read(q.scales, (e0, e1))
+        _, n_rows, groups, _ = blocks.shape
+        n_cols = groups * 32
+        target = round_to if round_to in (torch.bfloat16, torch.float16) else torch.float32
+        out = torch.empty((e1 - e0, n_cols, n_rows), dtype=target)
+        step = max(1, DECODE_ELEMENTS // n_cols)  # stored rows a piece
+        work = torch.empty((min(step, n_rows), n_cols), dtype=torch.float32)
+        for e in range(e1 - e0):
+            for r in range(0, n_rows, step):
+                piece = work[:min(step, n_rows - r)]
+                codes = blocks[e, r:r + step].reshape(-1).to(torch.int32)
+                torch.index_select(E2M1_PAIRS_64, 0, codes, out=piece.view(torch.int64)
+                                   .view(-1))
+                exps = factors[e, r:r + step]
+                groups_of = piece.view(-1, groups, 32)
+                groups_of.mul_(E8M0[exps.to(torch.int64)].unsqueeze(-1))
+                if bool((exps == 255).any()):  # the rest of 2^128
+                    groups_of[exps == 255] *= 2
+                out[e, :, r:r + piece.shape[0]].copy_(piece.T)
+        return out
 
     def close(self) -> None:
         pass
