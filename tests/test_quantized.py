@@ -278,3 +278,15 @@ def test_rows_read_in_the_recipes_dtype_are_the_float32_values_rounded(tmp_path,
             got = reader.read(info, rows, round_to=dtype)
             full = want[info.name] if rows is None else want[info.name][rows[0]:rows[1]]
             assert got.dtype == dtype and torch.equal(got, full.to(dtype)), rows
+
+
+def test_quantized_weights_are_read_in_file_order(tmp_path):
+    """Planning orders reads by where each weight's stored bytes begin, as for plain
+    tensors, so a quantized checkpoint is read front to back."""
+    folder, _ = write_fp8_model(tmp_path / "m", random_tensors(LLAMA, 0))
+    index = index_folder(str(folder))
+    quantized = [n for n, t in index.tensors.items() if t.quant is not None]
+    by_order = sorted(quantized, key=index.order_key)
+    by_offset = sorted(quantized, key=lambda n: index.tensors[n].quant.weight.offset)
+    assert by_order == by_offset
+    assert len({index.order_key(n) for n in quantized}) == len(quantized)

@@ -30,8 +30,9 @@ class TensorInfo:
     offset: int | None
     nbytes: int
     quant: Any = None
-    """For a quantized weight: how it is stored (e.g. ``quantized.BlockFP8``); ``dtype`` is
-    then the dtype it dequantizes to, ``nbytes`` what is stored."""
+    """For a quantized weight: how it is stored (e.g. ``quantized.BlockFP8``: its
+    ``format``, ``stored_offset`` and ``decode_seconds``); ``dtype`` is then the dtype it
+    dequantizes to, ``nbytes`` what is stored."""
 
     @property
     def numel(self) -> int:
@@ -62,6 +63,8 @@ class CheckpointIndex:
     def order_key(self, name: str) -> tuple[int, int]:
         """Sort key that reads this model's files in order, each front to back."""
         info = self.tensors[name]
+        if info.quant is not None:  # where its stored parts begin
+            return self._file_rank[info.file], info.quant.stored_offset
         return self._file_rank[info.file], info.offset or 0
 
     @property

@@ -64,6 +64,11 @@ class ScaledFP8:
     decode_seconds = 0.7
     """Seconds per 10⁹ elements decoded, on the reference machine (2 cores; bench/README)."""
 
+    @property
+    def stored_offset(self) -> int:
+        """Where its data starts in the file (inputs are read in file order)."""
+        return self.weight.offset or 0
+
 
 @dataclass(frozen=True)
 class BlockFP8:
@@ -75,6 +80,11 @@ class BlockFP8:
     format = "fp8-block"
     decode_seconds = 0.7
     """Seconds per 10⁹ elements decoded, on the reference machine (2 cores; bench/README)."""
+
+    @property
+    def stored_offset(self) -> int:
+        """Where its data starts in the file (inputs are read in file order)."""
+        return self.weight.offset or 0
 
 
 def fold_quantized(tensors: dict[str, TensorInfo], config: dict[str, Any] | None,
@@ -168,6 +178,13 @@ class MXFP4:
     blocks: TensorInfo  # uint8 [experts, rows, groups, 16]
     scales: TensorInfo  # uint8 [experts, rows, groups]
     format = "mxfp4"
+    decode_seconds = 0.7
+    """Seconds per 10⁹ elements decoded, on the reference machine (2 cores)."""
+
+    @property
+    def stored_offset(self) -> int:
+        """Where its data starts in the file (inputs are read in file order)."""
+        return self.blocks.offset or 0
 
 
 def _fold_mxfp4(tensors: dict[str, TensorInfo],
