@@ -153,6 +153,42 @@ def test_transformers_loads_the_streamed_file(tmp_path, kind, out_type):
     assert from_gguf(PROMPT).input_ids == original(PROMPT).input_ids
 
 
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """A byte-fallback BPE (Llama-2 style) becomes llama.cpp's ``llama`` tokenizer with
+    merge-rank scores, and transformers rebuilds the same tokenization from it."""
+    from tokenizers import decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]
+                                  + byte_tokens)
+    tok.train_from_iterator(SENTENCES, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, vocab_size=400,
+                                      max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    tensors = {k: v.float() for k, v in model.state_dict().items()}
+    meta = metadata_from_hf(tmp_path)
+    assert meta["tokenizer.ggml.model"].value == "llama"
+    assert meta["tokenizer.ggml.add_space_prefix"].value is True
+    types = meta["tokenizer.ggml.token_type"].value
+    assert types[0] == gguf.TokenType.UNKNOWN and types[3] == gguf.TokenType.BYTE
+    write_streaming(tmp_path / "spm.gguf", tensors, config.to_dict(), "f16", meta)
+    original = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    from_gguf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for text in ("hello the lazy fox", "merging  models, dog! \u00e9\u4e2d"):
+        assert from_gguf(text).input_ids == original(text).input_ids
+        assert from_gguf.decode(from_gguf(text).input_ids) == text
+
+
 def test_gemma_norm_offset_and_tied_head_in_the_file(tmp_path):
     """Gemma 1 (which transformers cannot load from GGUF): read back with gguf's reader."""
     model, hf_config = tiny_model("gemma", tmp_path)

@@ -27,6 +27,7 @@ sentencepiece-style byte-fallback BPE (``llama``) tokenizer from ``tokenizer.jso
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -406,8 +407,6 @@ def _add_tokenizer(w: Any, folder: Path, vocab_size: int, tokenizer_pre: str | N
     becomes its sentencepiece ``llama`` tokenizer, scored by merge rank. Tokens missing from
     a vocabulary shorter than the embedding matrix are ``[PAD{i}]`` (UNUSED), as llama.cpp does.
     """
-    import json
-
     g = _require_gguf()
     path = folder / "tokenizer.json"
     if not path.is_file():
@@ -437,18 +436,18 @@ def _add_tokenizer(w: Any, folder: Path, vocab_size: int, tokenizer_pre: str | N
         if tok is None:
             tokens.append(f"[PAD{i}]")
             types.append(tt.UNUSED)
-        elif i in added and (added[i].get("special") or not spm):
-            tokens.append(tok)
-            types.append(tt.CONTROL if added[i].get("special") else tt.USER_DEFINED)
-        elif spm and tok == model.get("unk_token"):
-            tokens.append(tok)
-            types.append(tt.UNKNOWN)
         elif spm and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
             tokens.append(tok)
             types.append(tt.BYTE)
+        elif spm and tok == model.get("unk_token"):
+            tokens.append(tok)
+            types.append(tt.UNKNOWN)
+        elif i in added:
+            tokens.append(tok)
+            types.append(tt.CONTROL if added[i].get("special") else tt.USER_DEFINED)
         else:
             tokens.append(tok)
-            types.append(tt.USER_DEFINED if i in added else tt.NORMAL)
+            types.append(tt.NORMAL)
         scores.append(-float(rank[tok]) if tok in rank else 0.0)
 
     if spm:
@@ -476,8 +475,6 @@ def metadata_from_hf(folder: str | os.PathLike[str], hf_config: Mapping[str, Any
     Not carried: Mistral's sliding window and Qwen's ``use_sliding_window`` (llama.cpp ignores
     them for these architectures) and rope scalings other than linear, YaRN and llama3.
     """
-    import json
-
     g = _require_gguf()
     folder = Path(folder)
     if hf_config is None:
