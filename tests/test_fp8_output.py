@@ -259,6 +259,8 @@ def test_fp8_is_an_output_dtype_only(pair, tmp_path):
     text = linear_recipe(tmp_path, a, b).read_text()
     with pytest.raises(MergeError, match="is an output format"):
         mergesmith.check(recipe_file(tmp_path, text + "dtype: fp8\n", "r2.yml"))
+    alias = recipe_file(tmp_path, text.replace("float8_e4m3fn", "fp8"), "r4.yml")
+    assert "FP8 block-scaled [128, 128]" in mergesmith.check(alias).summary()
     plain = recipe_file(tmp_path, text.replace("out_dtype: float8_e4m3fn", ""), "r3.yml")
     with pytest.warns(UserWarning, match="--fp8-block-size has no effect"):
         mergesmith.run(plain, tmp_path / "plain", fp8_block_size="16x16")
