@@ -22,6 +22,7 @@ CHANGED = {
     "out_shard_size": "40KB",
     "allow_crimes": True,
     "unsafe_truncate_embeddings": True,
+    "fp8_block_size": "64x64",
 }
 """A different value for each fingerprinted option."""
 

@@ -67,9 +67,10 @@ class CheckReport:
                          if formats else "")
             lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "
                          f"{fb(m.index.total_bytes)}{pending}{quantized}{role}")
+        dtypes = sorted({str(s.dtype).removeprefix('torch.') for t in p.tensors for s in t.stored})
         lines += [
             f"output:        {len(p.tensors)} tensors in {len(p.shards)} file(s), "
-            f"dtype {', '.join(sorted({str(t.dtype).removeprefix('torch.') for t in p.tensors}))}",
+            f"dtype {', '.join(dtypes)}",
             f"bytes to read: {fb(p.bytes_read)}",
             f"bytes to write: {fb(p.bytes_written)}",
             f"peak memory:   about {fb(self.peak_memory + self.baseline)} with "

@@ -81,6 +81,9 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      default="float32", show_default=True,
                      help="Precision of the arithmetic; results are rounded once to the "
                           "output dtype."),
+        click.option("--fp8-block-size", default=None, metavar="RxC",
+                     help="Block of a recipe's 'out_dtype: float8_e4m3fn' (e.g. 128x128) "
+                          "[default: the FP8 inputs', else 128x128]."),
         click.option("--allow-crimes", is_flag=True,
                      help="Allow inputs whose config.json architectures differ."),
         click.option("--unsafe-truncate-embeddings", is_flag=True,
@@ -126,9 +129,9 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def run(recipe: str, out: str, seed: int | None, device: str, devices: str | None,
         overwrite: bool, resume: bool,
         strict_finite: bool, no_evaluate: bool, quiet: bool,
-        out_shard_size: str, compute_dtype: str, allow_crimes: bool,
-        unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
-        strict: bool, debug: bool) -> None:
+        out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
+        allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+        memory_limit: str | None, strict: bool, debug: bool) -> None:
     """Merge the models of RECIPE into the folder OUT.
 
     The whole recipe is validated and planned before any weights are read. The model is
@@ -143,7 +146,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
 
     merge_and_report(recipe, out, Options.parse(
         seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
-        overwrite=overwrite, compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+        overwrite=overwrite, compute_dtype=compute_dtype, fp8_block_size=fp8_block_size,
+        allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
         resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
         eval_progress=not quiet, strict=strict), quiet=quiet)
@@ -204,9 +208,9 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 @click.argument("recipe", type=click.Path())
 @_common_plan_options
 @friendly
-def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bool,
-          unsafe_truncate_embeddings: bool, threads: int | None, memory_limit: str | None,
-          strict: bool, debug: bool) -> None:
+def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
+          allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+          memory_limit: str | None, strict: bool, debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 
     Checks every key, parameter, model folder, tensor name and shape; prints the output
@@ -217,7 +221,7 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, allow_crimes: bo
 
     report = api_check(recipe, Options.parse(
         threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
-        compute_dtype=compute_dtype, allow_crimes=allow_crimes,
+        compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict))
     click.echo(report.summary())
     click.echo("ok: the recipe is valid")

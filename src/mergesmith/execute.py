@@ -57,14 +57,13 @@ class WorkItem:
 
     @property
     def nbytes(self) -> int:
-        t = self.tensor
-        if self.rows is None:
-            return t.nbytes
-        return (self.rows[1] - self.rows[0]) * prod(t.shape[1:]) * t.dtype.itemsize
+        """Bytes it stores in the output files."""
+        return sum(length for _, length in self.tensor.byte_ranges(self.rows))
 
 
 def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkItem]:
-    """Split the plan into work items; chunk boundaries depend only on shapes."""
+    """Split the plan into work items; chunk boundaries depend only on shapes (and start at
+    multiples of an encoded tensor's ``row_align``: whole blocks of rows)."""
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     for t in plan.tensors:
         numel = prod(t.shape)
@@ -72,7 +71,8 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
             yield WorkItem(t, None)
             continue
         row = max(1, prod(t.shape[1:]))
-        step = max(1, chunk_elements // row)
+        align = t.encoding.row_align if t.encoding is not None else 1
+        step = max(1, chunk_elements // row // align) * align
         for start in range(0, t.shape[0], step):
             yield WorkItem(t, (start, min(start + step, t.shape[0])))
 
@@ -86,23 +86,23 @@ def _read_bytes_per_element(info) -> int:
 
 def item_memory(plan: Plan, item: WorkItem) -> int:
     """Bytes of tensor data a work item holds at its peak: its largest raw input, the
-    inputs in the compute dtype, the method's temporaries and the output buffer."""
+    inputs in the compute dtype, the method's temporaries and the output buffer (for an
+    encoded tensor: in its value dtype, and the encoded bytes)."""
     t = item.tensor
     numel = prod(t.shape) if item.rows is None else \
         (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
     raw = [_read_bytes_per_element(plan.input_info(i)) * numel for i in t.inputs]
     if t.copied:
         return sum(raw) + t.dtype.itemsize * numel
+    out = t.dtype.itemsize * numel + (item.nbytes if t.encoding is not None else 0)
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
     how = plan.bound(t).spec.scheduling
     if how.lazy_inputs:  # the base, one expert and the method's working buffers
-        return int(max(raw) + (2 + how.temp_buffers) * width * numel + t.dtype.itemsize * numel)
+        return int(max(raw) + (2 + how.temp_buffers) * width * numel + out)
     if how.raw_inputs and not (t.elementwise and item.rows is not None):
         # inputs held as stored, one float32 task vector at a time, the result
-        return int(sum(raw) + (1 + how.temp_buffers) * width * numel
-                   + t.dtype.itemsize * numel)
-    return int(max(raw) + (len(t.inputs) + how.temp_buffers) * width * numel
-               + t.dtype.itemsize * numel)
+        return int(sum(raw) + (1 + how.temp_buffers) * width * numel + out)
+    return int(max(raw) + (len(t.inputs) + how.temp_buffers) * width * numel + out)
 
 
 class _LazyInputs(Sequence):
@@ -202,7 +202,8 @@ class _Job:
 
     def _blocked(self, t: OutputTensor, item: WorkItem) -> int:
         """An element-wise item: inputs read in their own dtype, then upcast, merged and
-        rounded to the output dtype one cache-sized row block at a time."""
+        rounded to the output dtype one cache-sized row block at a time (an encoded tensor
+        stays in its value dtype; the sink encodes it)."""
         raws = [self._read(i, item) for i in t.inputs]
         raw_inputs = self.bound[t.name].spec.scheduling.raw_inputs
         rows = raws[0].shape[0]
@@ -227,7 +228,7 @@ class _Job:
         """A vocabulary tensor: raw inputs stay whole, output rows are gathered (one gather
         per model and chunk), merged and written chunk by chunk for element-wise methods."""
         vocab = self.plan.vocab
-        assert vocab is not None and item.rows is None
+        assert vocab is not None and item.rows is None and t.encoding is None
         bound = self.bound[t.name]
         raws = [(i.model, self._read(i, item)) for i in t.inputs]
         defaults = vocab.defaults(raws, self._prepare)

@@ -34,6 +34,9 @@ class Options:
     out_shard_size: int = DEFAULT_SHARD_SIZE
     allow_crimes: bool = False
     unsafe_truncate_embeddings: bool = False
+    fp8_block_size: tuple[int, int] | None = None
+    """Block of ``out_dtype: float8_e4m3fn`` (rows, columns); None: the FP8 inputs', else
+    128×128."""
 
     # -- how the work is done (same bytes) ---------------------------------------
     threads: int | None = field(default=None, metadata=_SAME_BYTES)
@@ -73,6 +76,8 @@ class Options:
             values["out_shard_size"] = parse_size(values["out_shard_size"], "--out-shard-size")
         if values.get("memory_limit") is not None:
             values["memory_limit"] = parse_size(values["memory_limit"], "--memory-limit")
+        if "fp8_block_size" in values:
+            values["fp8_block_size"] = parse_block_size(values["fp8_block_size"])
         if values.get("threads") is not None and int(values["threads"]) < 1:
             raise MergeError("--threads must be at least 1")
         return cls(**values)
@@ -91,3 +96,16 @@ def _compute_dtype(value: str | torch.dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise MergeError("--compute-dtype must be float32 or float64")
     return dtype
+
+
+def parse_block_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``128x128`` (or two integers) → (128, 128); anything else is a MergeError."""
+    parts = value.lower().split("x") if isinstance(value, str) else value
+    try:
+        block = tuple(int(str(p).strip()) for p in parts)
+    except (TypeError, ValueError):
+        block = ()
+    if len(block) != 2 or min(block) < 1:
+        raise MergeError(f"--fp8-block-size must be two positive integers, rows x columns "
+                         f"(e.g. 128x128); got {value!r}")
+    return block[0], block[1]

@@ -67,7 +67,8 @@ def write_side_files(plan: Plan, folder: str) -> None:
     if len(plan.shards) > 1:
         index = {
             "metadata": {"total_size": plan.bytes_written, "mergesmith_version": __version__},
-            "weight_map": {t.name: t.file for t in sorted(plan.tensors, key=lambda t: t.name)},
+            "weight_map": dict(sorted((p.name, t.file) for t in plan.tensors
+                                      for p in t.stored)),
         }
         _write_json(os.path.join(folder, "model.safetensors.index.json"), index)
     donor = plan.models[plan.donor].folder
@@ -182,7 +183,9 @@ def model_card(plan: Plan, folder_name: str, evaluation: str | None = None) -> s
     base = plan.recipe.base_model
     using = f" with `{base}` as the base" if base is not None else ""
     inputs = "\n".join(f"* `{m.ref}`" for m in plan.models)
-    out_dtypes = sorted({dtype_name(t.dtype) for t in plan.tensors})
+    out_dtypes = sorted({dtype_name(t.dtype) for t in plan.tensors if t.encoding is None})
+    encodings = sorted({t.encoding.describe() for t in plan.tensors if t.encoding})
+    quantized = "".join(f", or quantized once to {e}" for e in encodings)
     section = "" if evaluation is None else f"\n## Evaluation\n\n{evaluation}"
     read = (f"Inputs were first rounded to {dtype_name(plan.read_dtype)} (the recipe's "
             "`dtype`), then " if plan.read_dtype else "Inputs were ")
@@ -202,7 +205,7 @@ Merged with {method}{using}. {spec.docs.summary}
 ## Precision
 
 {read}upcast to {dtype_name(plan.options.compute_dtype)} for the arithmetic; each result
-was rounded once to the output dtype ({', '.join(out_dtypes)}).
+was rounded once to the output dtype ({', '.join(out_dtypes)}){quantized}.
 {section}
 ## Recipe
 
@@ -299,7 +302,7 @@ def verify(plan: Plan, folder: str) -> None:
                                f"{shard.size}; the disk may be failing")
         entries, _ = read_header(path)
         got = {e.name: (e.dtype, e.shape, e.offset) for e in entries}
-        want = {t.name: (t.dtype, t.shape, t.offset) for t in shard.tensors}
+        want = {p.name: (p.dtype, p.shape, p.offset) for t in shard.tensors for p in t.stored}
         if got != want:
             raise MergeIOError(f"{path} does not hold the planned tensors after writing")
 

@@ -17,7 +17,6 @@ import json
 import os
 import zlib
 from collections.abc import Iterable
-from math import prod
 from typing import Any
 
 from . import __version__
@@ -55,18 +54,11 @@ def fingerprint(plan: Plan, chunk_elements: int) -> str:
         "chunk_elements": chunk_elements,
         "tensors": [[t.name, str(t.dtype), list(t.shape), t.file, t.offset, t.method,
                      [[i.model, i.name] for i in t.inputs], t.params, list(t.model_params)]
+                    + ([repr(t.encoding), [repr(p) for p in t.parts]] if t.encoding else [])
                     for t in plan.tensors],
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def item_range(t: Any, rows: tuple[int, int] | None) -> tuple[str, int, int]:
-    """(file, offset, length) of a work item's bytes in the output (``t``: OutputTensor)."""
-    row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
-    if rows is None:
-        return t.file, t.offset, t.nbytes
-    return t.file, t.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
 
 
 class ProgressLog:
@@ -135,9 +127,12 @@ def load_finished(plan: Plan, folder: str, fp: str) -> dict[ItemKey, int] | None
         for (name, rows), crc in done.items():
             if name not in tensors:
                 continue
-            file, offset, length = item_range(tensors[name], rows)
-            fh = handles.setdefault(file, open(os.path.join(folder, file), "rb"))
-            if _crc_of(fh, offset, length) == crc:
+            t = tensors[name]
+            fh = handles.setdefault(t.file, open(os.path.join(folder, t.file), "rb"))
+            got = 0
+            for offset, length in t.byte_ranges(rows):
+                got = _crc_of(fh, offset, length, got)
+            if got == crc:
                 good[(name, rows)] = crc
     finally:
         for fh in handles.values():
@@ -145,9 +140,11 @@ def load_finished(plan: Plan, folder: str, fp: str) -> dict[ItemKey, int] | None
     return good
 
 
-def _crc_of(fh: Any, offset: int, length: int) -> int:
+def _crc_of(fh: Any, offset: int, length: int, crc: int = 0) -> int:
+    """CRC-32 of a byte range, continuing ``crc`` (-1 when the file is short)."""
+    if crc < 0:
+        return crc
     fh.seek(offset)
-    crc = 0
     while length > 0:
         block = fh.read(min(length, 16 << 20))
         if not block:

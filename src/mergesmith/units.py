@@ -92,15 +92,26 @@ CANONICAL_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16",
                         torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
-def parse_dtype(name: str, where: str = "dtype") -> torch.dtype:
-    """Map a dtype name (``bfloat16``, ``torch.float16``, ``bf16`` ...) to a torch dtype."""
+OUTPUT_ONLY_DTYPES: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3fn,
+                                              "fp8": torch.float8_e4m3fn}
+"""Dtypes a recipe's ``out_dtype`` may name but nothing computes in: block-scaled FP8, a
+stored encoding (``mergesmith.encodings``)."""
+
+
+def parse_dtype(name: str, where: str = "dtype", *, output: bool = False) -> torch.dtype:
+    """Map a dtype name (``bfloat16``, ``torch.float16``, ``bf16`` ...) to a torch dtype;
+    with ``output``, also the output-only ones (``float8_e4m3fn``, ``fp8``)."""
     key = str(name).strip().lower()
     if key.startswith("torch."):
         key = key[len("torch."):]
+    if output and key in OUTPUT_ONLY_DTYPES:
+        return OUTPUT_ONLY_DTYPES[key]
     if key not in DTYPE_NAMES:
+        also = ", float8_e4m3fn (fp8)" if output else ""
+        hint = (" float8_e4m3fn is an output format: set it as out_dtype"
+                if key in OUTPUT_ONLY_DTYPES else _suggest(key))
         raise MergeError(f"{where}: unknown dtype '{name}'. Use one of float32, float16, "
-                         f"bfloat16, float64 (aliases fp32, fp16, bf16, fp64)."
-                         + _suggest(key))
+                         f"bfloat16, float64{also} (aliases fp32, fp16, bf16, fp64)." + hint)
     return DTYPE_NAMES[key]
 
 

@@ -74,9 +74,9 @@ class OutputSink(Protocol):
     resume); ``finished`` is called, in one thread, once an item is written; ``close``
     makes everything durable and fills ``digests`` (sha256 per file).
 
-    Today: :class:`ShardWriter` (safetensors shards). A new output format (quantized
-    safetensors, GGUF) is a new sink: the plan's layout gives it every tensor's name, shape,
-    dtype and place before any data exists."""
+    Today: :class:`ShardWriter` (safetensors shards, plain or with stored encodings such
+    as block-scaled FP8). A new output format (GGUF) is a new sink: the plan's layout gives
+    it every tensor's name, shape, dtype, encoding and place before any data exists."""
 
     digests: dict[str, str]
 
@@ -124,33 +124,39 @@ class ShardWriter:
 
     def write(self, t: OutputTensor, rows: tuple[int, int] | None, data: torch.Tensor,
               crc: int = 0) -> int:
-        """Write ``data`` (any dtype; cast here, the single rounding) at its planned place.
+        """Write ``data`` (any dtype; cast here, the single rounding) at its planned place;
+        an encoded tensor's rows are encoded here (its one rounding) and every part written.
 
         Returns the CRC-32 of the bytes written, continuing ``crc`` (for resume checks)."""
         shape = t.shape if rows is None else (rows[1] - rows[0], *t.shape[1:])
-        nbytes = prod(shape) * t.dtype.itemsize
-        if nbytes == 0:
+        if prod(shape) == 0:
             return crc
         if tuple(data.shape) != tuple(shape):
             raise RuntimeError(f"internal error: {t.name} computed shape {tuple(data.shape)}, "
                                f"planned {shape}")
-        out = data.to(dtype=t.dtype, memory_format=torch.contiguous_format)  # the one rounding
-        row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
-        offset = t.offset + (rows[0] * row_bytes if rows is not None else 0)
-        view = tensor_bytes(out)
+        if t.encoding is None:
+            out = data.to(dtype=t.dtype, memory_format=torch.contiguous_format)  # the rounding
+            return self._put(t.file, t.byte_ranges(rows)[0][0], out, crc)
+        if rows is not None and rows[0] % t.encoding.row_align:
+            raise RuntimeError(f"internal error: {t.name} rows {rows} do not start at a "
+                               f"multiple of {t.encoding.row_align}")
+        for (offset, _), part in zip(t.byte_ranges(rows), t.encoding.encode(data)):
+            crc = self._put(t.file, offset, part, crc)
+        return crc
+
+    def _put(self, file: str, offset: int, data: torch.Tensor, crc: int) -> int:
+        view = tensor_bytes(data)
         try:
-            _pwrite_all(self._fds[t.file], view, offset)
+            _pwrite_all(self._fds[file], view, offset)
         except OSError as e:
-            raise _io_error(os.path.join(self.folder, t.file), e) from None
+            raise _io_error(os.path.join(self.folder, file), e) from None
         return zlib.crc32(view, crc)
 
     def finished(self, t: OutputTensor, rows: tuple[int, int] | None) -> None:
         """The bytes of ``t`` (rows ``rows``) are written: extend the running checksum."""
-        row_bytes = prod(t.shape[1:]) * t.dtype.itemsize
-        start = t.offset + (rows[0] * row_bytes if rows is not None else 0)
-        end = t.offset + (rows[1] * row_bytes if rows is not None else t.nbytes)
         try:
-            self._digests[t.file].finished(start, end)
+            for start, length in t.byte_ranges(rows):
+                self._digests[t.file].finished(start, start + length)
         except OSError as e:
             raise _io_error(os.path.join(self.folder, t.file), e) from None
 

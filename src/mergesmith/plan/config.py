@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+
 from .. import arch
 from ..errors import MergeError
 from ..tokenizer import remap_special_ids
@@ -33,13 +35,16 @@ def output_config(d: Draft, donor: int) -> dict[str, Any]:
     if config is None:
         raise MergeError(f"model '{d.refs[donor]}' (the donor of the output config) has "
                          "no config.json; the merged model could not be loaded without one")
-    if config.pop("quantization_config", None) is not None:
+    if config.pop("quantization_config", None) is not None and d.quantization_config is None:
         d.notes.append("config.json: quantization_config removed (the inputs are dequantized; "
                        "the output is not quantized)")
     ref = d.refs[donor]
     if ref.override_architecture:
         config["architectures"] = [ref.override_architecture]
     out_dtype = d.recipe.out_dtype or d.recipe.dtype
+    if d.quantization_config is not None:
+        config["quantization_config"] = d.quantization_config
+        out_dtype = torch.bfloat16  # what the quantized model runs in
     if out_dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for k in keys:

@@ -33,6 +33,7 @@ class Draft:
         self.vocabs: dict[int, ModelVocab] = {}
         self.generation_config: dict[str, Any] | None = None
         self.chat_template: str | None = None
+        self.quantization_config: dict[str, Any] | None = None  # of a quantized output
         self.external_tokenizer: Any = None  # checkpoint.TokenizerSource of the vocabulary
         self.rows = {i: r for i, s in enumerate(self.sources)
                      if (r := arch.vocab_rows(s.index.tensors)) is not None}

@@ -25,9 +25,10 @@ def processing_order(outputs: list[OutputTensor], sources: list[ModelSource],
 def check_unique(outputs: list[OutputTensor]) -> None:
     seen: set[str] = set()
     for t in outputs:
-        if t.name in seen:
-            raise MergeError(f"two parts of the recipe both produce tensor '{t.name}'")
-        seen.add(t.name)
+        for p in t.stored:
+            if p.name in seen:
+                raise MergeError(f"two parts of the recipe both produce tensor '{p.name}'")
+            seen.add(p.name)
 
 
 def layout(tensors: list[OutputTensor], max_shard: int
@@ -48,12 +49,17 @@ def layout(tensors: list[OutputTensor], max_shard: int
     for i, group in enumerate(groups):
         filename = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         # widest dtypes first keeps every tensor aligned to its element size
-        stored = sorted(group, key=lambda t: -t.dtype.itemsize)
-        header, offsets = build_header([(t.name, t.dtype, t.shape) for t in stored],
+        stored = sorted(((t, p) for t in group for p in t.stored),
+                        key=lambda tp: -tp[1].dtype.itemsize)
+        header, offsets = build_header([(p.name, p.dtype, p.shape) for _, p in stored],
                                        {"format": "pt"})
-        for t, off in zip(stored, offsets):
-            assert t.dtype in TORCH_TO_ST
-            placed[t.name] = dataclasses.replace(t, file=filename, offset=len(header) + off)
+        at = {p.name: len(header) + off for (_, p), off in zip(stored, offsets)}
+        for t in group:
+            assert all(p.dtype in TORCH_TO_ST for p in t.stored)
+            parts = tuple(dataclasses.replace(p, offset=at[p.name]) for p in t.parts)
+            placed[t.name] = dataclasses.replace(t, file=filename, offset=at[t.stored[0].name],
+                                                 parts=parts)
+        holders = dict.fromkeys(t.name for t, _ in stored)
         shards.append(Shard(filename, header, len(header) + sum(t.nbytes for t in group),
-                            tuple(placed[t.name] for t in stored)))
+                            tuple(placed[name] for name in holders)))
     return [placed[t.name] for t in tensors], shards

@@ -8,6 +8,7 @@ from ..options import Options
 from ..recipe import ModelReference, Recipe
 from .config import check_architectures, output_config
 from .draft import Draft
+from .encoding import plan_encodings
 from .layers import plan_recipe
 from .layout import check_unique, layout, processing_order
 from .parameters import check_parameter_names
@@ -40,6 +41,7 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
             raise
         more = f" (and {len(ignored) - 1} more ignored)" if len(ignored) > 1 else ""
         raise MergeError(f"{e}. Perhaps because of: {ignored[0]}{more}") from None
+    plan_encodings(d, donor)
     config = output_config(d, donor)
     ordered = processing_order(d.outputs, d.sources, donor)
     check_unique(ordered)

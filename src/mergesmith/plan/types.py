@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import ModelSource, TensorInfo
+from ..encodings import Encoding, Stored
 from ..methods import MethodSpec
 from ..methods.contract import BoundMethod
 from ..options import Options
@@ -31,7 +32,11 @@ class InputTensor:
 
 @dataclass(frozen=True, eq=False)
 class OutputTensor:
-    """A planned output tensor. ``file``/``offset`` place its bytes in the output."""
+    """A planned output tensor. ``file``/``offset`` place its bytes in the output.
+
+    With an ``encoding`` (e.g. block-scaled FP8), ``dtype`` is the dtype the engine
+    computes it in, and it is stored as the encoding's ``parts``, each placed on its own
+    (``offset`` is the first part's)."""
 
     name: str
     shape: tuple[int, ...]
@@ -45,10 +50,27 @@ class OutputTensor:
     file: str = ""
     offset: int = 0
     reindex: bool = False  # rows re-indexed to the output vocabulary (Plan.vocab)
+    encoding: Encoding | None = None
+    parts: tuple[Stored, ...] = ()  # the stored tensors of an encoded one
 
     @property
     def nbytes(self) -> int:
+        """Bytes stored in the output files."""
+        if self.encoding is not None:
+            return sum(p.nbytes for p in self.parts)
         return prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def stored(self) -> tuple[Stored, ...]:
+        """The tensors in the output files that hold this one."""
+        if self.encoding is not None:
+            return self.parts
+        return (Stored(self.name, self.dtype, self.shape, 1, self.offset),)
+
+    def byte_ranges(self, rows: tuple[int, int] | None) -> list[tuple[int, int]]:
+        """(offset, length) in ``file`` of the bytes of rows ``rows`` (None: all), in the
+        order they are written and checksummed."""
+        return [p.byte_range(rows) for p in self.stored]
 
     @property
     def copied(self) -> bool:

@@ -313,7 +313,8 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
     if raw.modules:
         r.modules = {name: _module(name, m, r) for name, m in raw.modules.items()}
     r.dtype = parse_dtype(raw.dtype, r.at("dtype")) if raw.dtype else None
-    r.out_dtype = parse_dtype(raw.out_dtype, r.at("out_dtype")) if raw.out_dtype else None
+    r.out_dtype = (parse_dtype(raw.out_dtype, r.at("out_dtype"), output=True)
+                   if raw.out_dtype else None)
     r.seed = raw.seed
     r.name = raw.name
     if raw.tokenizer is not None:
