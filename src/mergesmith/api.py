@@ -23,7 +23,9 @@ from .output import (
     partial_path,
     prepare_partial,
     publish,
+    publish_file,
     verify_folder,
+    verify_gguf,
     write_checksums,
     write_side_files,
 )
@@ -285,11 +287,14 @@ def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = No
     """
     out = os.fspath(out)
     options = _options(options, option_values)
+    if options.out_format is None:
+        options = options.replace(out_format="gguf" if out.lower().endswith(".gguf")
+                                  else "safetensors")
     resolve_devices(options.device)
     p = plan(recipe, options)
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
-    check_output(out, options.overwrite)
+    check_output(out, options.overwrite, file=options.out_format == "gguf")
     evaluate = options.evaluate and p.recipe.evaluate is not None
     if evaluate:  # before the merge: a missing file should not wait for the end
         from .evaluate.after_merge import check_evaluation
@@ -340,6 +345,10 @@ def _merge(p: Plan, out: str, progress: Callable[[int, bool], None] | None) -> N
         log.close()
         for w in found:
             warnings.warn(w, stacklevel=3)
+        if p.options.out_format == "gguf":  # one file: metadata and tokenizer are inside
+            verify_gguf(p, partial)
+            publish_file(partial, p.shards[0].filename, out)
+            return
         write_side_files(p, partial)
         verify_plan(p, partial)
         resume_module.remove_records(partial)

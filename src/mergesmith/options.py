@@ -37,6 +37,9 @@ class Options:
     fp8_block_size: tuple[int, int] | None = None
     """Block of ``out_dtype: float8_e4m3fn`` (rows, columns); None: the FP8 inputs', else
     128×128."""
+    out_format: str | None = None
+    """``safetensors`` (a model folder) or ``gguf`` (one file); None: ``gguf`` for an
+    output path ending in ``.gguf``, else ``safetensors``."""
 
     # -- how the work is done (same bytes) ---------------------------------------
     threads: int | None = field(default=None, metadata=_SAME_BYTES)
@@ -78,6 +81,11 @@ class Options:
             values["memory_limit"] = parse_size(values["memory_limit"], "--memory-limit")
         if "fp8_block_size" in values:
             values["fp8_block_size"] = parse_block_size(values["fp8_block_size"])
+        if "out_format" in values:
+            values["out_format"] = str(values["out_format"]).lower()
+            if values["out_format"] not in OUT_FORMATS:
+                raise MergeError(f"--out-format must be one of {', '.join(OUT_FORMATS)}; got "
+                                 f"{values['out_format']!r}")
         if values.get("threads") is not None and int(values["threads"]) < 1:
             raise MergeError("--threads must be at least 1")
         return cls(**values)
@@ -89,6 +97,9 @@ class Options:
         """The fields that decide the output bytes, as text (for the resume manifest)."""
         return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)
                 if f.metadata.get("fingerprint", True)}
+
+
+OUT_FORMATS = ("safetensors", "gguf")
 
 
 def _compute_dtype(value: str | torch.dtype) -> torch.dtype:

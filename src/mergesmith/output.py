@@ -31,10 +31,18 @@ def partial_path(out: str) -> str:
     return os.path.normpath(out) + ".partial"
 
 
-def check_output(out: str, overwrite: bool) -> None:
-    """The output path must be a new folder (or ``--overwrite``) in a writable place."""
+def check_output(out: str, overwrite: bool, file: bool = False) -> None:
+    """The output path must be a new folder (a new file, for ``file`` outputs such as GGUF)
+    or ``--overwrite``, in a writable place."""
     out = os.path.normpath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
+    if file:
+        if os.path.isdir(out):
+            raise MergeError(f"output path {out} is a folder; a GGUF output is one file "
+                             "(give a name ending in .gguf)")
+        if os.path.exists(out) and not overwrite:
+            raise MergeError(f"output file {out} already exists; pass --overwrite to replace "
+                             "it or choose another name")
+    elif os.path.exists(out) and not os.path.isdir(out):
         raise MergeError(f"output path {out} is a file; give a folder name")
     if os.path.isdir(out) and not overwrite:
         raise MergeError(f"output folder {out} already exists; pass --overwrite to replace it "
@@ -305,6 +313,35 @@ def verify(plan: Plan, folder: str) -> None:
         want = {p.name: (p.dtype, p.shape, p.offset) for t in shard.tensors for p in t.stored}
         if got != want:
             raise MergeIOError(f"{path} does not hold the planned tensors after writing")
+
+
+def verify_gguf(plan: Plan, folder: str) -> None:
+    """Read the written GGUF file back (with the ``gguf`` package) and check it holds exactly
+    the planned tensors, types and places."""
+    import gguf
+
+    shard = plan.shards[0]
+    path = os.path.join(folder, shard.filename)
+    if os.path.getsize(path) != shard.size:
+        raise MergeIOError(f"{path} has {os.path.getsize(path)} bytes, expected {shard.size}; "
+                           "the disk may be failing")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise MergeIOError(f"{path} cannot be read back as GGUF: {e}") from None
+    got = {t.name: (t.tensor_type.name, int(t.data_offset), int(t.n_bytes))
+           for t in reader.tensors}
+    want = {p.name: (t.encoding.tensor.encoding.type_name, p.offset, p.nbytes)
+            for t in shard.tensors for p in t.stored}
+    if any(got.get(name) != spec for name, spec in want.items()):
+        raise MergeIOError(f"{path} does not hold the planned tensors after writing")
+
+
+def publish_file(partial: str, filename: str, out: str) -> None:
+    """Move the finished file ``OUT.partial/filename`` to ``OUT`` (atomically replacing an
+    old ``OUT``) and remove the partial folder."""
+    os.replace(os.path.join(partial, filename), os.path.normpath(out))
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def publish(partial: str, out: str) -> None:

@@ -97,6 +97,10 @@ OUTPUT_ONLY_DTYPES: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3
 """Dtypes a recipe's ``out_dtype`` may name but nothing computes in: block-scaled FP8, a
 stored encoding (``mergesmith.encodings``)."""
 
+GGUF_QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+"""``out_dtype`` names of GGUF block quantizations (a ``.gguf`` output only); GGUF's f32,
+f16 and bf16 are the dtypes of those names."""
+
 
 def parse_dtype(name: str, where: str = "dtype", *, output: bool = False) -> torch.dtype:
     """Map a dtype name (``bfloat16``, ``torch.float16``, ``bf16`` ...) to a torch dtype;
@@ -107,7 +111,8 @@ def parse_dtype(name: str, where: str = "dtype", *, output: bool = False) -> tor
     if output and key in OUTPUT_ONLY_DTYPES:
         return OUTPUT_ONLY_DTYPES[key]
     if key not in DTYPE_NAMES:
-        also = ", float8_e4m3fn (fp8)" if output else ""
+        also = (", float8_e4m3fn (fp8), or for a .gguf output q8_0, q4_0, q4_1, q5_0, q5_1"
+                if output else "")
         hint = (" float8_e4m3fn is an output format: set it as out_dtype"
                 if key in OUTPUT_ONLY_DTYPES else _suggest(key))
         raise MergeError(f"{where}: unknown dtype '{name}'. Use one of float32, float16, "

@@ -127,12 +127,16 @@ class GGUFEncoding:
 
     def encode(self, rows: torch.Tensor) -> bytes:
         """Encode float rows (``(k, last_dim)``, or the whole 1-D tensor) into stored bytes."""
+        return self.encode_array(rows).tobytes()
+
+    def encode_array(self, rows: torch.Tensor) -> np.ndarray:
+        """The stored bytes of float rows as a contiguous uint8 array (no copy to ``bytes``)."""
         g = _require_gguf()
         data = rows.detach().to(torch.float32).cpu().contiguous().numpy()
-        out = g.quants.quantize(data, self.qtype)
+        out = np.ascontiguousarray(g.quants.quantize(data, self.qtype))
         if out.nbytes != (data.size // self.shape[-1]) * self.row_bytes:
             raise ValueError(f"encoded {out.nbytes} bytes for {data.shape} as {self.type_name}")
-        return np.ascontiguousarray(out).tobytes()
+        return out.reshape(-1).view(np.uint8)
 
 
 def tensor_encoding(gguf_name: str, shape: tuple[int, ...], out_type: str) -> GGUFEncoding:
@@ -200,6 +204,33 @@ class GGUFTensor:
         if self.transform == "add_one":
             return rows + 1.0
         return rows
+
+
+@dataclass(frozen=True)
+class GGUFRows:
+    """One GGUF tensor as an output encoding of the engine (``mergesmith.encodings``): the
+    engine computes float32 rows, this transforms and encodes them into the tensor's stored
+    bytes (one part, placed by the plan's GGUF layout)."""
+
+    tensor: GGUFTensor
+    value_dtype = torch.float32
+
+    @property
+    def row_align(self) -> int:
+        shape = self.tensor.shape
+        return self.tensor.row_alignment if len(shape) > 1 else max(1, shape[0])
+
+    def parts(self, name: str, shape: tuple[int, ...]) -> tuple[Any, ...]:
+        from ..encodings import Stored
+
+        return (Stored(self.tensor.name, torch.uint8, self.tensor.encoding.byte_shape),)
+
+    def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        data = self.tensor.encoding.encode_array(self.tensor.apply(rows))
+        return (torch.from_numpy(data),)
+
+    def describe(self) -> str:
+        return f"GGUF {self.tensor.encoding.type_name}"
 
 
 @dataclass
@@ -524,6 +555,52 @@ def metadata_from_hf(folder: str | os.PathLike[str], hf_config: Mapping[str, Any
 # ---------------------------------------------------------------------------- the file writer
 
 
+def file_prefix(plan: GGUFPlan, metadata: Mapping[str, Any]
+                ) -> tuple[bytes, dict[str, int], int]:
+    """The start of the file, made by ``gguf.GGUFWriter`` (the library's serialisation):
+    header, metadata and tensor infos, padded to the data; and every tensor's absolute
+    offset (GGUF name → byte) and the file's size. Decided from names, shapes and types
+    alone."""
+    import tempfile
+
+    g = _require_gguf()
+    w = g.GGUFWriter(None, plan.arch)
+    given = metadata.get(g.Keys.General.ARCHITECTURE)
+    if given is not None and _as_str(given.value) != plan.arch:
+        raise MergeError(f"metadata is for architecture {_as_str(given.value)!r}, "
+                         f"the tensors for {plan.arch!r}")
+    for key, value in metadata.items():
+        if key not in _FILE_KEYS and not key.startswith(("GGUF.", "split.")):
+            w.kv_data[0][key] = value
+    w.add_file_type(int(g.LlamaFileType[OUTPUT_TYPES[plan.out_type][1]]))
+    w.add_quantization_version(g.GGML_QUANT_VERSION)
+    for t in plan.tensors:
+        enc = t.encoding
+        w.add_tensor_info(t.name, enc.shape, np.dtype(np.float32), enc.nbytes,
+                          raw_dtype=enc.qtype)
+    align = w.data_alignment
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "header.gguf")
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        header = path.read_bytes()
+    data_start = g.GGUFWriter.ggml_pad(len(header), align)
+    offsets: dict[str, int] = {}
+    offset = data_start
+    for t in plan.tensors:
+        offsets[t.name] = offset
+        offset += g.GGUFWriter.ggml_pad(t.encoding.nbytes, align)
+    return header + bytes(data_start - len(header)), offsets, offset
+
+
+def constant_bytes(t: GGUFTensor) -> bytes:
+    """The stored bytes of a tensor llama.cpp generates from the config (``rope_freqs``)."""
+    assert t.constant is not None
+    return t.encoding.encode(t.apply(torch.tensor(t.constant, dtype=torch.float32)))
+
+
 class GGUFFileWriter:
     """One GGUF file laid out up front and filled by row chunks, in any order, from any thread.
 
@@ -545,35 +622,11 @@ class GGUFFileWriter:
         self._lock = threading.Lock()
         self._fd: int | None = None
 
-        w = g.GGUFWriter(None, plan.arch)
-        arch_key = g.Keys.General.ARCHITECTURE
-        given = metadata.get(arch_key)
-        if given is not None and _as_str(given.value) != plan.arch:
-            raise MergeError(f"metadata is for architecture {_as_str(given.value)!r}, "
-                             f"the tensors for {plan.arch!r}")
-        for key, value in metadata.items():
-            if key not in _FILE_KEYS and not key.startswith(("GGUF.", "split.")):
-                w.kv_data[0][key] = value
-        w.add_file_type(int(g.LlamaFileType[OUTPUT_TYPES[plan.out_type][1]]))
-        w.add_quantization_version(g.GGML_QUANT_VERSION)
-        for t in plan.tensors:
-            enc = t.encoding
-            w.add_tensor_info(t.name, enc.shape, np.dtype(np.float32), enc.nbytes,
-                              raw_dtype=enc.qtype)
-        align = w.data_alignment
-        self.offsets: dict[str, int] = {}
-        offset = 0
-        for t in plan.tensors:
-            self.offsets[t.name] = offset
-            offset += g.GGUFWriter.ggml_pad(t.encoding.nbytes, align)
+        prefix, self.offsets, self.size = file_prefix(plan, metadata)
+        self.data_start = 0  # offsets are absolute
         try:
-            w.write_header_to_file(self.tmp_path)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            fout = w.fout[0]
-            self.data_start = g.GGUFWriter.ggml_pad(fout.tell(), align)
-            w.close()
-            self.size = self.data_start + offset
+            with open(self.tmp_path, "wb") as f:
+                f.write(prefix)
             self._fd = os.open(self.tmp_path, os.O_RDWR)
             os.ftruncate(self._fd, self.size)  # padding and unwritten rows read as zeros
         except OSError as err:

@@ -9,12 +9,17 @@ from ..recipe import ModelReference, Recipe
 from .config import check_architectures, output_config
 from .draft import Draft
 from .encoding import plan_encodings
+from .gguf import check_output_format, plan_gguf
 from .layers import plan_recipe
 from .layout import check_unique, layout, processing_order
 from .parameters import check_parameter_names
 from .recipe_view import donor_ref
 from .types import Plan
 from .vocabulary import plan_chat_template, plan_vocabulary
+
+
+GGUF_FILENAME = "model.gguf"
+"""The file a GGUF output is built as in ``OUT.partial/`` (then renamed to ``OUT``)."""
 
 
 def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
@@ -30,6 +35,7 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
     d.warnings += recipe.ignored
     d.warnings += check_parameter_names(recipe, d.spec)
     check_architectures(d)
+    check_output_format(d)
     donor = d.model_of(donor_ref(recipe))
     ignored = list(d.warnings)
     try:
@@ -45,7 +51,10 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
     config = output_config(d, donor)
     ordered = processing_order(d.outputs, d.sources, donor)
     check_unique(ordered)
-    tensors, shards = layout(ordered, options.out_shard_size)
+    if options.out_format == "gguf":
+        tensors, shards = plan_gguf(d, donor, config, ordered, GGUF_FILENAME)
+    else:
+        tensors, shards = layout(ordered, options.out_shard_size)
     if d.warnings and (options.strict or recipe.strict):
         more = f" (and {len(d.warnings) - 1} more)" if len(d.warnings) > 1 else ""
         why = "--strict" if options.strict else recipe.at("strict")

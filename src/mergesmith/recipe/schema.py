@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from ..errors import MergeError, did_you_mean
-from ..units import parse_dtype
+from ..units import GGUF_QUANT_TYPES, parse_dtype
 from .params import Setting, parse_setting
 from .refs import ModelReference, parse_model_reference
 from .yaml_positions import load_yaml
@@ -208,6 +208,7 @@ class Recipe:
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     seed: int | None = None
+    gguf_type: str | None = None  # out_dtype q8_0, q4_0, ...: a GGUF block quantization
     name: str | None = None
     modules: dict[str, ModuleRecipe] | None = None
     tokenizer: TokenizerRecipe | None = None
@@ -313,8 +314,11 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
     if raw.modules:
         r.modules = {name: _module(name, m, r) for name, m in raw.modules.items()}
     r.dtype = parse_dtype(raw.dtype, r.at("dtype")) if raw.dtype else None
-    r.out_dtype = (parse_dtype(raw.out_dtype, r.at("out_dtype"), output=True)
-                   if raw.out_dtype else None)
+    if raw.out_dtype and str(raw.out_dtype).strip().lower() in GGUF_QUANT_TYPES:
+        r.gguf_type = str(raw.out_dtype).strip().lower()  # planned with the GGUF output
+    else:
+        r.out_dtype = (parse_dtype(raw.out_dtype, r.at("out_dtype"), output=True)
+                       if raw.out_dtype else None)
     r.seed = raw.seed
     r.name = raw.name
     if raw.tokenizer is not None:
