@@ -41,6 +41,9 @@ MAP_FILE = ".mergesmith_gguf.json"  # a dot file: never copied to a merge's outp
 ARCHITECTURES = {"llama": "unpermute-qk", "qwen2": None, "qwen3": None,
                  "gemma2": "norm-minus-one", "gemma3": "norm-minus-one"}
 
+# The transformers tensor processor each transform stands for.
+_PROCESSORS = {"unpermute-qk": "LlamaTensorProcessor", "norm-minus-one": "Gemma2TensorProcessor",
+               None: "TensorProcessor"}
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -144,7 +147,7 @@ def index_gguf(files: list[str]) -> CheckpointIndex:
                          "file(s) were found; name the split set by its first part")
     stored = [(path, t) for path, r in zip(files, readers) for t in r.tensors]
     _check_types(gguf, stored)
-    folder = side_files(files, [t.name for _, t in stored])
+    folder = side_files(files, arch, [t.name for _, t in stored])
     with open(os.path.join(folder, MAP_FILE), encoding="utf-8") as f:
         mapping = json.load(f)
     tensors: dict[str, TensorInfo] = {}
@@ -240,7 +243,7 @@ def cache_root() -> str:
     return os.path.join(base, "mergesmith", "gguf")
 
 
-def side_files(files: list[str], tensor_names: list[str]) -> str:
+def side_files(files: list[str], arch: str, tensor_names: list[str]) -> str:
     """The folder of side files rebuilt from a GGUF's metadata (built on first use)."""
     import transformers
 
@@ -257,7 +260,7 @@ def side_files(files: list[str], tensor_names: list[str]) -> str:
     os.makedirs(cache_root(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=cache_root())
     try:
-        _write_side_files(files, tensor_names, tmp)
+        _write_side_files(files, arch, tensor_names, tmp)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process built it first
@@ -274,30 +277,36 @@ def side_files(files: list[str], tensor_names: list[str]) -> str:
     return folder
 
 
-def _write_side_files(files: list[str], tensor_names: list[str], out: str) -> None:
+def _write_side_files(files: list[str], arch: str, tensor_names: list[str], out: str) -> None:
     """config.json, tokenizer, generation config and the GGUF → HF name map, all through
     transformers' own GGUF conversion (what ``from_pretrained(gguf_file=)`` uses)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    import transformers
+    from transformers import (
+        CONFIG_MAPPING,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
-        get_gguf_hf_weights_map,
         load_gguf_checkpoint,
     )
 
     folder, name = os.path.split(os.path.abspath(files[0]))
     parsed = load_gguf_checkpoint(files[0], return_tensors=False)["config"]
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # What AutoConfig.from_pretrained(folder, gguf_file=name) builds, without parsing again.
+    config = CONFIG_MAPPING[parsed["model_type"]].from_dict(parsed)
     # Split sets: the first part alone does not say whether output.weight exists.
     config.tie_word_embeddings = "output.weight" not in tensor_names
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(model).__name__]
-    arch = _gguf_arch(files[0])
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed)
-    # The file's own architecture names its tensors (a "mistral" model is a llama GGUF).
-    names = get_gguf_hf_weights_map(model, processor, model_type=arch,
-                                    num_layers=config.num_hidden_layers)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor).__name__
+    if processor != _PROCESSORS[ARCHITECTURES[arch]]:  # a transformers that loads differently
+        raise MergeError(f"{files[0]}: transformers {transformers.__version__} loads '{arch}' "
+                         f"GGUF tensors with {processor}, which mergesmith does not follow")
+    names = _gguf_to_hf_names(model, arch, config.num_hidden_layers)
     heads = (parsed.get("num_attention_heads"), parsed.get("num_key_value_heads"))
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
@@ -308,9 +317,24 @@ def _write_side_files(files: list[str], tensor_names: list[str], out: str) -> No
                    "heads": None if None in heads else list(heads)}, f, indent=1)
 
 
-def _gguf_arch(path: str) -> str:
-    reader = import_gguf().GGUFReader(path)
-    return str(_field(reader, "general.architecture"))
+def _gguf_to_hf_names(model: Any, arch: str, n_layers: int) -> dict[str, str]:
+    """GGUF name → HF name: every parameter name of the model through the gguf package's
+    name map of the file's architecture. This is transformers' ``get_gguf_hf_weights_map``
+    for decoder-only models (which rebuilds the map for each of hundreds of submodules), and
+    the file's own architecture names its tensors (a "mistral" config is a llama GGUF)."""
+    gguf = import_gguf()
+    key = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(key, n_layers)
+    names = {}
+    for hf_name in model.state_dict():
+        stem, suffix = hf_name, ""
+        if hf_name.endswith((".weight", ".bias")):
+            stem, suffix = hf_name.rsplit(".", 1)
+            suffix = "." + suffix
+        gguf_name = name_map.get_name(stem)
+        if gguf_name is not None:
+            names[gguf_name + suffix] = hf_name
+    return names
 
 
 # Reading ------------------------------------------------------------------------------------
