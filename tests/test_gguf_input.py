@@ -321,3 +321,22 @@ dtype: float32
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     kwargs = {"max_new_tokens": 8, "do_sample": False}
     assert torch.equal(ours.generate(ids, **kwargs), theirs.generate(ids, **kwargs))
+
+
+def test_mistral_as_llama_gguf_reads_back_the_original_weights(tmp_path):
+    """llama.cpp writes Mistral as a llama GGUF; stored losslessly (F32), reading it gives the
+    original model's tensors exactly (the Q/K permutation undone), under Mistral's config."""
+    config = transformers.MistralConfig(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=len(TOKENS),
+        max_position_embeddings=256, bos_token_id=BOS, eos_token_id=EOS, head_dim=HEAD_DIM)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    path = write_gguf(tmp_path / "m.gguf", model, "llama", types=lambda n, i: Q.F32,
+                      general_name="mistral")
+    index = index_gguf(gguf_files(str(path)))
+    assert index.config["architectures"] == ["MistralForCausalLM"]
+    got = read_all(index)
+    want = model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)

@@ -112,6 +112,9 @@ class TokenizerSource:
 def resolve_tokenizer(ref: ModelReference, where: str) -> TokenizerSource:
     """A local folder with tokenizer files, or a Hub model (tokenizer files only)."""
     path = os.path.expanduser(ref.model.path)
+    files = gguf_files(path) if os.path.exists(path) else None
+    if files is not None:  # the tokenizer rebuilt from the GGUF's metadata
+        return TokenizerSource(ref, index_gguf(files).folder)
     if os.path.isdir(path):
         return TokenizerSource(ref, path)
     if looks_like_path(ref.model.path) or not _HUB_ID.match(ref.model.path):
