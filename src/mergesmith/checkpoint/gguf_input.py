@@ -245,8 +245,11 @@ def cache_root() -> str:
 
 def side_files(files: list[str], arch: str, tensor_names: list[str]) -> str:
     """The folder of side files rebuilt from a GGUF's metadata (built on first use)."""
-    import transformers
-
+    try:
+        import transformers
+    except ImportError:
+        raise MergeError("reading GGUF models needs transformers (for config.json and the "
+                         "tokenizer): pip install 'mergesmith[gguf]'") from None
     gguf = import_gguf()
     ident = [CACHE_FORMAT, transformers.__version__, getattr(gguf, "__version__", "")]
     for path in files:
