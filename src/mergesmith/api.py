@@ -29,6 +29,7 @@ from .output import (
     write_checksums,
     write_side_files,
 )
+from .checkpoint.gguf_input import describe as describe_gguf
 from .output import verify as verify_plan
 from .plan import LayerSource, Plan, make_plan, referenced_models
 from .plan.recipe_view import external_tokenizer
@@ -64,7 +65,8 @@ class CheckReport:
                 ["donor of config.json and tokenizer"] if i == p.donor else [])
             role = f" ({', '.join(roles)})" if roles else ""
             pending = ", weights to download" if m.pending_download else ""
-            formats = sorted({t.quant.format for t in m.index.tensors.values() if t.quant})
+            formats = sorted({t.quant.format for t in m.index.tensors.values() if t.quant
+                              and t.quant.format != "gguf"} | ({describe_gguf(m.index)} - {None}))
             quantized = (f", {' and '.join(formats)} weights dequantized as they are read"
                          if formats else "")
             lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "

@@ -147,6 +147,18 @@ def int8_weights(folder: Path) -> None:
     save_file(t, str(folder / "model.safetensors"))
 
 
+def gguf_input(files: dict[str, bytes]) -> Callable[[Path], list[str]]:
+    """A recipe whose one model is the first of these (GGUF) files."""
+    def build(root: Path) -> list[str]:
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        path = root / "recipe.yml"
+        path.write_text(f"merge_method: linear\nmodels:\n  - model: {root / next(iter(files))}"
+                        "\n    parameters: {weight: 1.0}\n")
+        return ["run", str(path), "{out}"]
+    return build
+
+
 def fp8_model(scales: str = "ok", quant_method: str = "fp8") -> Callable[[Path], None]:
     """Turn the model into block-scaled FP8 (16×16 blocks), with its scales missing or of
     the wrong shape, or a quant_method mergesmith does not read."""
@@ -330,6 +342,11 @@ CASES: list[Case] = [
          ["has shape [2, 8, 2]", "MXFP4 blocks [2, 8, 1, 16] need scales [2, 8, 1]"]),
     Case("mxfp4_scale_dtype", with_model(mxfp4_model("wrong_dtype")), USER,
          ["'model.layers.0.mlp.experts.down_proj_scales' is float32", "uint8"]),
+    Case("gguf_not_gguf", gguf_input({"model.gguf": b"PK\x03\x04 a zip"}), USER,
+         ["model.gguf is not a GGUF file", "b'PK\\x03\\x04'"]),
+    Case("gguf_split_part_missing",
+         gguf_input({"m-00001-of-00003.gguf": b"GGUF", "m-00003-of-00003.gguf": b"GGUF"}),
+         USER, ["split GGUF of 3 parts is missing m-00002-of-00003.gguf"]),
     Case("integer_weights", with_model(int8_weights), USER,
          ["model.norm.weight", "int8", "cannot be merged"]),
     Case("nan_strict", with_model(nan_model, "--strict-finite"), USER,

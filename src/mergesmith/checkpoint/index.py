@@ -110,12 +110,18 @@ def _no_weights_message(folder: str) -> str:
     if os.path.exists(os.path.join(folder, "adapter_config.json")):
         return (f"{folder} holds a LoRA adapter, not a full model; refer to it as "
                 "'base_model+adapter' (LoRA inputs are not supported yet)")
-    other = [n for n in names if n.endswith(WEIGHT_SUFFIXES)]
-    found = f"; it has {', '.join(other)}, which mergesmith cannot read" if other else (
-        f"; it contains: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-        if names else "; it is empty")
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    other = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and n not in ggufs]
+    if ggufs:
+        found = f"; it has {', '.join(ggufs)}: name the .gguf file as the model"
+    elif other:
+        found = f"; it has {', '.join(other)}, which mergesmith cannot read"
+    elif names:
+        found = f"; it contains: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+    else:
+        found = "; it is empty"
     return (f"no model weights in {folder}: expected *.safetensors (with or without "
-            f"model.safetensors.index.json) or pytorch_model*.bin{found}")
+            f"model.safetensors.index.json), pytorch_model*.bin or one .gguf model{found}")
 
 
 def _from_index_json(folder: str, index_name: str) -> list[str] | None:

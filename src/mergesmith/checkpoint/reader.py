@@ -115,13 +115,15 @@ class TensorReader:
     tensor's format; files stay open until closed."""
 
     def __init__(self, pin_memory: bool = False) -> None:
+        from .gguf_input import GGUFSource
         from .quantized import BlockFP8Source, MXFP4Source, ScaledFP8Source
 
         safetensors = SafetensorsSource(pin_memory)
         self.sources: dict[str, TensorSource] = {
             "safetensors": safetensors, "bin": TorchBinSource(),
             "fp8-block": BlockFP8Source(safetensors),
-            "fp8-scaled": ScaledFP8Source(safetensors), "mxfp4": MXFP4Source(safetensors)}
+            "fp8-scaled": ScaledFP8Source(safetensors), "mxfp4": MXFP4Source(safetensors),
+            "gguf": GGUFSource(safetensors)}
 
     def read(self, info: TensorInfo, rows: tuple[int, int] | None = None,
              round_to: torch.dtype | None = None) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Model references → tensor indexes: local folders, or Hugging Face Hub repositories.
+"""Model references → tensor indexes: local folders, GGUF files, or Hugging Face Hub
+repositories.
 
-A reference that exists on disk is a local folder. Anything else that looks like a Hub id
+A reference that exists on disk is a local folder, or a ``.gguf`` file (or a folder holding
+one; see :mod:`.gguf_input`). Anything else that looks like a Hub id
 (``org/name``) is resolved through ``huggingface_hub``, which honours its cache
 (``HF_HUB_CACHE``/``HF_HOME``) and ``HF_HUB_OFFLINE``. When a Hub model is not in the
 cache, planning needs only its metadata (``config.json`` and safetensors headers, fetched
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MergeError
 from ..recipe.refs import ModelPath, ModelReference
+from .gguf_input import gguf_files, index_gguf
 from .index import WEIGHT_SUFFIXES, CheckpointIndex, TensorInfo, index_folder, read_config
 from .lora import LoraAdapter, load_adapter
 from .safetensors_format import ST_TO_TORCH
@@ -109,6 +112,9 @@ class TokenizerSource:
 def resolve_tokenizer(ref: ModelReference, where: str) -> TokenizerSource:
     """A local folder with tokenizer files, or a Hub model (tokenizer files only)."""
     path = os.path.expanduser(ref.model.path)
+    files = gguf_files(path) if os.path.exists(path) else None
+    if files is not None:  # the tokenizer rebuilt from the GGUF's metadata
+        return TokenizerSource(ref, index_gguf(files).folder)
     if os.path.isdir(path):
         return TokenizerSource(ref, path)
     if looks_like_path(ref.model.path) or not _HUB_ID.match(ref.model.path):
@@ -141,10 +147,18 @@ def resolve(ref: ModelReference, where: str) -> ModelSource:
         return source
     path = os.path.expanduser(ref.model.path)
     if os.path.exists(path):
+        files = gguf_files(path)
+        if files is not None:
+            try:
+                return ModelSource(ref, index_gguf(files))
+            except MergeError as e:
+                raise MergeError(f"{where}: {e}") from None
         if not os.path.isdir(path):
             raise MergeError(f"{where}: '{ref.model.path}' is a file; a model is a folder with "
-                             "config.json and weight files")
+                             "config.json and weight files, or a .gguf file")
         return ModelSource(ref, index_folder(path))
+    if path.endswith(".gguf"):
+        raise MergeError(f"{where}: GGUF file not found: {ref.model.path}")
     if looks_like_path(ref.model.path) or not _HUB_ID.match(ref.model.path):
         raise MergeError(f"{where}: model folder not found: {ref.model.path} (relative paths "
                          f"are resolved from the current folder, {os.getcwd()})")
