@@ -70,6 +70,13 @@ class GGUFTensor:
     transform: str | None = None  # "unpermute-qk" or "norm-minus-one"
     head_rows: int = 0  # rows per attention head ("unpermute-qk")
     format = "gguf"
+    decode_seconds = 2.0
+    """Seconds per 10⁹ elements dequantized, on the reference machine (2 cores)."""
+
+    @property
+    def stored_offset(self) -> int:
+        """Where its data starts in the file (inputs are read in file order)."""
+        return self.raw.offset or 0
 
 
 def gguf_files(path: str) -> list[str] | None:
