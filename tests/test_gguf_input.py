@@ -320,7 +320,42 @@ dtype: float32
     assert tok.chat_template and "im_start" in tok.chat_template
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     kwargs = {"max_new_tokens": 8, "do_sample": False}
-    assert torch.equal(ours.generate(ids, **kwargs), theirs.generate(ids, **kwargs))
+    greedy = theirs.generate(ids, **kwargs)
+    assert torch.equal(ours.generate(ids, **kwargs), greedy)
+
+    # written back as a Q8_0 GGUF (metadata carried over from the input GGUF)
+    out_gguf = tmp_path / "out.q8_0.gguf"
+    recipe.write_text(recipe.read_text().replace("dtype: float32", "out_dtype: q8_0"))
+    mergesmith.api.run(str(recipe), str(out_gguf))
+    requantized = transformers_load(out_gguf)
+    tok_gguf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out_gguf.name)
+    assert tok_gguf("The capital of France is").input_ids == ids[0].tolist()
+    first = {"max_new_tokens": 5, "do_sample": False}
+    assert torch.equal(requantized.generate(ids, **first), greedy[:, :ids.shape[1] + 5])
+
+
+def test_q8_0_decoding_equals_the_gguf_package_in_any_pieces(tmp_path, monkeypatch):
+    """Q8_0 is decoded in torch: bit-identical to gguf's dequantize on random blocks (every
+    int8 value, scales of every magnitude), and in pieces of any size."""
+    from mergesmith.checkpoint import gguf_input
+
+    gguf = gguf_input.import_gguf()
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(4096, 34), dtype=np.uint8)
+    blocks[:, :2] = np.frombuffer(rng.standard_normal(4096).astype(np.float16).tobytes(),
+                                  dtype=np.uint8).reshape(-1, 2)
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    want = gguf.quants.dequantize(blocks, qtype).reshape(-1)
+    got = gguf_input._dequantize(torch.from_numpy(blocks.reshape(-1)), qtype, gguf).reshape(-1)
+    assert np.array_equal(got.numpy(), want)
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama"), "llama")
+    index = index_gguf(gguf_files(str(path)))
+    whole = read_all(index)
+    for elements in (1, 100, 5000):
+        monkeypatch.setattr(gguf_input, "DECODE_ELEMENTS", elements)
+        for name, t in read_all(index).items():
+            assert torch.equal(t, whole[name]), (elements, name)
 
 
 def test_mistral_as_llama_gguf_reads_back_the_original_weights(tmp_path):

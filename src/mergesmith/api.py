@@ -8,6 +8,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import prod
 from typing import Any
 
 from . import memory
@@ -71,10 +72,15 @@ class CheckReport:
                          if formats else "")
             lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "
                          f"{fb(m.index.total_bytes)}{pending}{quantized}{role}")
-        dtypes = sorted({str(s.dtype).removeprefix('torch.') for t in p.tensors for s in t.stored})
+        if p.options.out_format == "gguf":
+            kinds = sorted({t.encoding.describe() for t in p.tensors})
+            stored = f"one GGUF file: {', '.join(kinds)}"
+        else:
+            dtypes = sorted({str(s.dtype).removeprefix('torch.')
+                             for t in p.tensors for s in t.stored})
+            stored = f"{len(p.shards)} file(s), dtype {', '.join(dtypes)}"
         lines += [
-            f"output:        {len(p.tensors)} tensors in {len(p.shards)} file(s), "
-            f"dtype {', '.join(dtypes)}",
+            f"output:        {len(p.tensors)} tensors in {stored}",
             f"bytes to read: {fb(p.bytes_read)}",
             f"bytes to write: {fb(p.bytes_written)}",
             f"peak memory:   about {fb(self.peak_memory + self.baseline)} with "
@@ -218,6 +224,8 @@ def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> f
             else:  # the method sees the dequantized tensor; decoding it costs extra
                 work += info.numel / 1e9 * (info.dtype.itemsize * per_gb[t.method]
                                             + getattr(info.quant, "decode_seconds", 1.0))
+        if t.encoding is not None:  # quantizing the result as it is written
+            work += prod(t.shape) / 1e9 * t.encoding.encode_seconds
     cores = max(1, min(threads, os.cpu_count() or 1))
     dense = dense_work(p) if dense is None else dense
     return STARTUP_SECONDS + work * REFERENCE_CORES / cores + dense_seconds(dense, threads)

@@ -84,6 +84,10 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--fp8-block-size", default=None, metavar="RxC",
                      help="Block of a recipe's 'out_dtype: float8_e4m3fn' (e.g. 128x128) "
                           "[default: the FP8 inputs', else 128x128]."),
+        click.option("--out-format", type=click.Choice(["safetensors", "gguf"]), default=None,
+                     help="safetensors: a model folder; gguf: one GGUF file (its type from "
+                          "out_dtype: q8_0, q4_0, q4_1, q5_0, q5_1, f32, f16, bf16) "
+                          "[default: gguf for an OUT ending in .gguf, else safetensors]."),
         click.option("--allow-crimes", is_flag=True,
                      help="Allow inputs whose config.json architectures differ."),
         click.option("--unsafe-truncate-embeddings", is_flag=True,
@@ -130,9 +134,10 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
         overwrite: bool, resume: bool,
         strict_finite: bool, no_evaluate: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
-        allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+        out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
         memory_limit: str | None, strict: bool, debug: bool) -> None:
-    """Merge the models of RECIPE into the folder OUT.
+    """Merge the models of RECIPE into the folder OUT (or, for OUT ending in .gguf, the
+    GGUF file OUT).
 
     The whole recipe is validated and planned before any weights are read. The model is
     built in OUT.partial/ and renamed to OUT only when complete and verified; if the merge
@@ -147,7 +152,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
     merge_and_report(recipe, out, Options.parse(
         seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
         overwrite=overwrite, compute_dtype=compute_dtype, fp8_block_size=fp8_block_size,
-        allow_crimes=allow_crimes,
+        out_format=out_format, allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
         resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
         eval_progress=not quiet, strict=strict), quiet=quiet)
@@ -209,7 +214,7 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 @_common_plan_options
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
-          allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+          out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
           memory_limit: str | None, strict: bool, debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 
@@ -221,7 +226,8 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: 
 
     report = api_check(recipe, Options.parse(
         threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
-        compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, allow_crimes=allow_crimes,
+        compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, out_format=out_format,
+        allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict))
     click.echo(report.summary())
     click.echo("ok: the recipe is valid")

@@ -66,6 +66,12 @@ class Encoding(Protocol):
 
     def describe(self) -> str: ...
 
+    @property
+    def encode_seconds(self) -> float:
+        """Seconds per 10⁹ elements encoded on the reference machine (2 cores), for the
+        time estimate."""
+        ...
+
 
 ENCODE_ELEMENTS = 256 * 1024
 """Rows are encoded in pieces of about this many elements (whole block rows): the
@@ -82,6 +88,7 @@ class BlockFP8:
 
     block: tuple[int, int]
     value_dtype = torch.float32
+    encode_seconds = 0.5
 
     @property
     def row_align(self) -> int:

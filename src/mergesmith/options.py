@@ -37,9 +37,10 @@ class Options:
     fp8_block_size: tuple[int, int] | None = None
     """Block of ``out_dtype: float8_e4m3fn`` (rows, columns); None: the FP8 inputs', else
     128×128."""
-    out_format: str | None = None
+    out_format: str | None = field(default=None, metadata={"fingerprint": False})
     """``safetensors`` (a model folder) or ``gguf`` (one file); None: ``gguf`` for an
-    output path ending in ``.gguf``, else ``safetensors``."""
+    output path ending in ``.gguf``, else ``safetensors``. (Not in the options' part of
+    the resume fingerprint: the planned files and encodings, which it decides, are.)"""
 
     # -- how the work is done (same bytes) ---------------------------------------
     threads: int | None = field(default=None, metadata=_SAME_BYTES)
