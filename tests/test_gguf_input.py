@@ -375,3 +375,27 @@ def test_mistral_as_llama_gguf_reads_back_the_original_weights(tmp_path):
     want = model.state_dict()
     assert set(got) == set(want)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_header_table_is_cached_with_the_side_files(tmp_path, monkeypatch):
+    """A second index of an unchanged GGUF reads the tensor table from the cache folder
+    (the gguf package's reader parses every metadata string); a changed file is parsed
+    again."""
+    from mergesmith.checkpoint import gguf_input
+
+    path = write_gguf(tmp_path / "m.gguf", tiny_model("llama"), "llama")
+    first = index_gguf(gguf_files(str(path)))
+    gguf = gguf_input.import_gguf()
+    real_reader = gguf.GGUFReader
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
+    again = index_gguf(gguf_files(str(path)))
+    assert again.tensors == first.tensors and again.folder == first.folder
+    os.utime(path, ns=(1, 1))  # the file changed: its cache entry no longer applies
+    with pytest.raises(MergeError, match="parsed again"):
+        index_gguf(gguf_files(str(path)))
+    monkeypatch.setattr(gguf, "GGUFReader", real_reader)
+    assert index_gguf(gguf_files(str(path))).tensors == first.tensors

@@ -32,8 +32,9 @@ from ..errors import MergeError
 from .index import CheckpointIndex, TensorInfo, read_config
 
 CACHE_ENV = "MERGESMITH_GGUF_CACHE"
-CACHE_FORMAT = 1  # bump when what the cache folder holds changes
+CACHE_FORMAT = 2  # bump when what the cache folder holds changes
 MAP_FILE = ".mergesmith_gguf.json"  # a dot file: never copied to a merge's output
+HEADER_FILE = ".mergesmith_gguf_header.json"  # the tensor table, so later runs skip parsing
 
 # GGUF architectures whose tensors are checked equal to transformers' own GGUF load, and
 # the transform llama.cpp's converter applied (undone on read). Others are refused: a
@@ -133,11 +134,55 @@ def _field(reader: Any, key: str) -> Any:
     return None if f is None else f.contents()
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor info of a GGUF header (GGUF name, ggml type, numpy-order shape, where)."""
+
+    file: str
+    name: str
+    type_name: str
+    shape: tuple[int, ...]  # rows first, as transformers and torch see it
+    offset: int
+    nbytes: int
+
+
 def index_gguf(files: list[str]) -> CheckpointIndex:
-    """Index a GGUF model from its headers: HF tensor names, dequantized shapes and dtypes."""
+    """Index a GGUF model from its headers: HF tensor names, dequantized shapes and dtypes.
+
+    The gguf package's reader parses every metadata string (seconds for a large vocabulary),
+    so the tensor table is kept with the side files of the file's cache folder and read
+    from there while the file is unchanged."""
     for path in files:
         _check_magic(path)
     gguf = import_gguf()
+    folder = cache_folder(files)
+    header = _cached_header(folder)
+    if header is None:
+        header = _parse_headers(files, gguf)
+    arch, count, stored = header
+    first = files[0]
+    _check_architecture(gguf, arch, first)
+    if count is not None and int(count) != len(files):
+        raise MergeError(f"{first} says it is one of {count} split parts, but {len(files)} "
+                         "file(s) were found; name the split set by its first part")
+    _check_types(gguf, stored)
+    side_files(files, folder, arch, stored)
+    with open(os.path.join(folder, MAP_FILE), encoding="utf-8") as f:
+        mapping = json.load(f)
+    tensors: dict[str, TensorInfo] = {}
+    for t in stored:
+        name = mapping["names"].get(t.name)
+        if name is None:  # transformers leaves it out too (e.g. llama.cpp's rope_freqs)
+            continue
+        if name in tensors:
+            raise MergeError(f"{first}: tensor '{t.name}' maps to '{name}' twice")
+        tensors[name] = _tensor_info(name, t, arch, mapping)
+    return CheckpointIndex(folder, tensors, list(files), read_config(folder), "gguf")
+
+
+def _parse_headers(files: list[str], gguf: Any
+                   ) -> tuple[Any, Any, list[StoredTensor]]:
+    """(architecture, split count, tensor table) with the gguf package's reader."""
     readers = []
     for path in files:
         try:
@@ -145,27 +190,22 @@ def index_gguf(files: list[str]) -> CheckpointIndex:
         except Exception as e:  # a damaged header surfaces as any of numpy's errors
             raise MergeError(f"cannot read the GGUF header of {path}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    first = files[0]
-    arch = _field(readers[0], "general.architecture")
-    _check_architecture(gguf, arch, first)
-    count = _field(readers[0], "split.count")
-    if count is not None and int(count) != len(files):
-        raise MergeError(f"{first} says it is one of {count} split parts, but {len(files)} "
-                         "file(s) were found; name the split set by its first part")
-    stored = [(path, t) for path, r in zip(files, readers) for t in r.tensors]
-    _check_types(gguf, stored)
-    folder = side_files(files, arch, [t.name for _, t in stored])
-    with open(os.path.join(folder, MAP_FILE), encoding="utf-8") as f:
-        mapping = json.load(f)
-    tensors: dict[str, TensorInfo] = {}
-    for path, t in stored:
-        name = mapping["names"].get(t.name)
-        if name is None:  # transformers leaves it out too (e.g. llama.cpp's rope_freqs)
-            continue
-        if name in tensors:
-            raise MergeError(f"{first}: tensor '{t.name}' maps to '{name}' twice")
-        tensors[name] = _tensor_info(name, path, t, arch, mapping)
-    return CheckpointIndex(folder, tensors, list(files), read_config(folder), "gguf")
+    stored = [StoredTensor(path, t.name, t.tensor_type.name,
+                           tuple(int(d) for d in reversed(t.shape.tolist())),
+                           int(t.data_offset), int(t.n_bytes))
+              for path, r in zip(files, readers) for t in r.tensors]
+    return (_field(readers[0], "general.architecture"), _field(readers[0], "split.count"),
+            stored)
+
+
+def _cached_header(folder: str) -> tuple[Any, Any, list[StoredTensor]] | None:
+    try:
+        with open(os.path.join(folder, HEADER_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+        return (data["arch"], data["split_count"],
+                [StoredTensor(p, n, k, tuple(s), o, b) for p, n, k, s, o, b in data["tensors"]])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_architecture(gguf: Any, arch: Any, path: str) -> None:
@@ -181,42 +221,40 @@ def _check_architecture(gguf: Any, arch: Any, path: str) -> None:
                          "to safetensors first")
 
 
-def _check_types(gguf: Any, stored: list[tuple[str, Any]]) -> None:
+def _check_types(gguf: Any, stored: list[StoredTensor]) -> None:
     """Every tensor type must be one the gguf package can dequantize (probed on one block)."""
     import numpy as np
 
-    checked: dict[Any, bool] = {}
-    for path, t in stored:
-        qtype = t.tensor_type
-        if qtype not in checked:
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
+    checked: dict[str, bool] = {}
+    for t in stored:
+        if t.type_name not in checked:
+            qtype = getattr(gguf.GGMLQuantizationType, t.type_name, None)
             try:
+                _, size = gguf.GGML_QUANT_SIZES[qtype]
                 gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
-                checked[qtype] = True
-            except (NotImplementedError, ValueError):
-                checked[qtype] = False
-        if not checked[qtype]:
-            raise MergeError(f"{path}: tensor '{t.name}' is stored as {qtype.name}, which the "
-                             "gguf package cannot dequantize")
+                checked[t.type_name] = True
+            except (NotImplementedError, ValueError, KeyError):
+                checked[t.type_name] = False
+        if not checked[t.type_name]:
+            raise MergeError(f"{t.file}: tensor '{t.name}' is stored as {t.type_name}, which "
+                             "the gguf package cannot dequantize")
 
 
-def _tensor_info(name: str, path: str, t: Any, arch: str, mapping: dict) -> TensorInfo:
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    kind = t.tensor_type.name
+def _tensor_info(name: str, t: StoredTensor, arch: str, mapping: dict) -> TensorInfo:
+    shape, kind, path = t.shape, t.type_name, t.file
     float_dtype = _FLOAT_TYPES.get(kind)
     if float_dtype is not None:
-        raw = TensorInfo(t.name, path, float_dtype, shape, int(t.data_offset), int(t.n_bytes))
+        raw = TensorInfo(t.name, path, float_dtype, shape, t.offset, t.nbytes)
     elif len(shape) > 1:
-        raw = TensorInfo(t.name, path, torch.uint8, (shape[0], int(t.n_bytes) // shape[0]),
-                         int(t.data_offset), int(t.n_bytes))
+        raw = TensorInfo(t.name, path, torch.uint8, (shape[0], t.nbytes // shape[0]),
+                         t.offset, t.nbytes)
     else:  # a quantized vector: one row of blocks
-        raw = TensorInfo(t.name, path, torch.uint8, (1, int(t.n_bytes)), int(t.data_offset),
-                         int(t.n_bytes))
+        raw = TensorInfo(t.name, path, torch.uint8, (1, t.nbytes), t.offset, t.nbytes)
     transform, head_rows = _transform(t.name, shape, arch, mapping)
     dtype = torch.float32 if float_dtype is None or transform == "norm-minus-one" \
         else float_dtype
     quant = GGUFTensor(raw, kind, t.name, transform, head_rows)
-    return TensorInfo(name, path, dtype, shape, int(t.data_offset), int(t.n_bytes), quant)
+    return TensorInfo(name, path, dtype, shape, t.offset, t.nbytes, quant)
 
 
 def _transform(gguf_name: str, shape: tuple[int, ...], arch: str,
@@ -250,27 +288,45 @@ def cache_root() -> str:
     return os.path.join(base, "mergesmith", "gguf")
 
 
-def side_files(files: list[str], arch: str, tensor_names: list[str]) -> str:
-    """The folder of side files rebuilt from a GGUF's metadata (built on first use)."""
-    try:
-        import transformers
-    except ImportError:
-        raise MergeError("reading GGUF models needs transformers (for config.json and the "
-                         "tokenizer): pip install 'mergesmith[gguf]'") from None
-    gguf = import_gguf()
-    ident = [CACHE_FORMAT, transformers.__version__, getattr(gguf, "__version__", "")]
+def cache_folder(files: list[str]) -> str:
+    """The cache folder of a GGUF model: named by the files' paths, sizes and times and the
+    versions of the libraries that rebuild its side files."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    ident: list[Any] = [CACHE_FORMAT]
+    for package in ("transformers", "gguf"):
+        try:
+            ident.append(version(package))
+        except PackageNotFoundError:
+            ident.append(None)
     for path in files:
         st = os.stat(path)
         ident.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     stem = os.path.basename(files[0]).removesuffix(".gguf")
-    folder = os.path.join(cache_root(), f"{stem}-{key}")
-    if os.path.exists(os.path.join(folder, MAP_FILE)):
+    return os.path.join(cache_root(), f"{stem}-{key}")
+
+
+def side_files(files: list[str], folder: str, arch: str, stored: list[StoredTensor]) -> str:
+    """The folder of side files rebuilt from a GGUF's metadata (built on first use), with
+    the tensor table of its headers."""
+    if os.path.exists(os.path.join(folder, MAP_FILE)) and \
+            os.path.exists(os.path.join(folder, HEADER_FILE)):
         return folder
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MergeError("reading GGUF models needs transformers (for config.json and the "
+                         "tokenizer): pip install 'mergesmith[gguf]'") from None
     os.makedirs(cache_root(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=cache_root())
     try:
-        _write_side_files(files, arch, tensor_names, tmp)
+        _write_side_files(files, arch, [t.name for t in stored], tmp)
+        with open(os.path.join(tmp, HEADER_FILE), "w", encoding="utf-8") as f:
+            count = None if len(files) == 1 else len(files)
+            json.dump({"arch": arch, "split_count": count,
+                       "tensors": [[t.file, t.name, t.type_name, list(t.shape), t.offset,
+                                    t.nbytes] for t in stored]}, f)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process built it first
