@@ -134,6 +134,14 @@ def test_bad_gguf_combinations(tmp_path, out_dtype, out_name, message):
     assert not list(tmp_path.glob(f"{out_name}*"))
 
 
+def test_gguf_output_into_an_existing_folder_is_refused(tmp_path):
+    two_models(tmp_path)
+    (tmp_path / "old.gguf").mkdir()
+    with pytest.raises(MergeError, match="is a folder; a GGUF output is one file"):
+        mergesmith.run(linear_recipe(tmp_path, "q8_0"), tmp_path / "old.gguf")
+    assert not list((tmp_path / "old.gguf").iterdir())
+
+
 def test_existing_gguf_file_needs_overwrite(tmp_path):
     two_models(tmp_path)
     recipe = linear_recipe(tmp_path, "f16")
