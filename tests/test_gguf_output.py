@@ -150,3 +150,22 @@ def test_existing_gguf_file_needs_overwrite(tmp_path):
         mergesmith.run(recipe, tmp_path / "x.gguf")
     mergesmith.run(recipe, tmp_path / "x.gguf", overwrite=True)
     assert gguf.GGUFReader(str(tmp_path / "x.gguf")).tensors
+
+
+def test_interrupted_gguf_output_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    from conftest import failing_pwrite
+
+    from mergesmith import MergeIOError
+
+    two_models(tmp_path)
+    recipe = linear_recipe(tmp_path, "q4_0")
+    mergesmith.run(recipe, tmp_path / "reference.gguf", threads=1)
+    with monkeypatch.context() as mp:
+        mp.setattr("mergesmith.writer.os.pwrite", failing_pwrite(6))
+        with pytest.raises(MergeIOError):
+            mergesmith.run(recipe, tmp_path / "out.gguf", threads=1)
+    assert (tmp_path / "out.gguf.partial" / "mergesmith_progress.log").exists()
+    assert not (tmp_path / "out.gguf").exists()
+    mergesmith.run(recipe, tmp_path / "out.gguf", threads=1, resume=True)
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
+    assert not (tmp_path / "out.gguf.partial").exists()

@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - exercised where gguf is not installed
 def _require_gguf() -> Any:
     """The ``gguf`` module, or a MergeError saying how to get it."""
     if gguf is None:
-        raise MergeError("writing GGUF needs the 'gguf' package: pip install gguf")
+        raise MergeError("writing GGUF needs the 'gguf' package: pip install 'mergesmith[gguf]'")
     return gguf
 
 
