@@ -174,7 +174,8 @@ def test_uncached_hub_model_is_planned_from_metadata_and_downloaded_after(tmp_pa
             start = min(e.offset for e in entries)
             files[f.name] = SimpleNamespace(tensors={
                 e.name: SimpleNamespace(dtype=st_dtypes[e.dtype], shape=list(e.shape),
-                                        data_offsets=[e.offset - start, e.offset - start + e.nbytes])
+                                        data_offsets=[e.offset - start,
+                                                      e.offset - start + e.nbytes])
                 for e in entries})
         return SimpleNamespace(files_metadata=files)
 

@@ -19,8 +19,8 @@ import mergesmith
 import mergesmith.execute
 from mergesmith import MergeError, MergeIOError
 from mergesmith.checkpoint import TensorReader, index_folder
-from mergesmith.execute import work_items
 from mergesmith.cli import cli
+from mergesmith.execute import work_items
 
 FP8 = torch.float8_e4m3fn
 

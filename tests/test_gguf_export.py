@@ -18,7 +18,6 @@ from mergesmith.checkpoint.gguf_export import (  # noqa: E402
     OUTPUT_TYPES,
     GGUFFileWriter,
     gguf_tensor_plan,
-    metadata_from_gguf,
     metadata_from_hf,
     tensor_encoding,
 )

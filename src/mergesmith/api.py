@@ -14,6 +14,7 @@ from typing import Any
 from . import memory
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve, resolve_tokenizer
+from .checkpoint.gguf_input import describe as describe_gguf
 from .devices import resolve_devices
 from .errors import MergeError, MergeIOError
 from .execute import chunk_elements_for, execute, item_memory, work_items
@@ -30,7 +31,6 @@ from .output import (
     write_checksums,
     write_side_files,
 )
-from .checkpoint.gguf_input import describe as describe_gguf
 from .output import verify as verify_plan
 from .plan import LayerSource, Plan, make_plan, referenced_models
 from .plan.recipe_view import external_tokenizer
@@ -209,8 +209,10 @@ def dense_seconds(work: DenseWork, threads: int) -> float:
 
 def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> float:
     """Wall time of the merge: each output tensor's input bytes at its method's measured
-    rate (quantized inputs: the bytes they dequantize to, plus their format's decoding), plus the dense linear algebra methods declare (SVDs: not proportional to bytes),
-    scaled by the worker threads that can run (at most the CPU cores)."""
+    rate (quantized inputs: the bytes they dequantize to, plus their format's decoding;
+    encoded outputs: their quantization), plus the dense linear algebra methods declare
+    (SVDs: not proportional to bytes), scaled by the worker threads that can run (at most
+    the CPU cores)."""
     per_gb: dict[str, float] = {}
     work = 0.0
     for t in p.tensors:

@@ -134,7 +134,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
         overwrite: bool, resume: bool,
         strict_finite: bool, no_evaluate: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
-        out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+        out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
+        threads: int | None,
         memory_limit: str | None, strict: bool, debug: bool) -> None:
     """Merge the models of RECIPE into the folder OUT (or, for OUT ending in .gguf, the
     GGUF file OUT).
@@ -214,7 +215,8 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 @_common_plan_options
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
-          out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+          out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
+          threads: int | None,
           memory_limit: str | None, strict: bool, debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 

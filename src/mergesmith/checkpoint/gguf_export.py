@@ -619,7 +619,7 @@ class GGUFFileWriter:
 
     def __init__(self, path: str | os.PathLike[str], plan: GGUFPlan,
                  metadata: Mapping[str, Any], tmp_path: str | os.PathLike[str] | None = None):
-        g = _require_gguf()
+        _require_gguf()
         self.path = Path(path)
         self.tmp_path = Path(tmp_path) if tmp_path is not None else Path(f"{self.path}.partial")
         self.plan = plan
