@@ -247,3 +247,15 @@ def test_check_prints_the_plan(models, tmp_path):
     text = report.summary()
     assert "MixtralForCausalLM" in text and "3 experts per layer" in text
     assert not list((tmp_path).glob("moe-cache/*"))  # nothing computed, nothing read
+
+
+def test_work_items_do_not_grow_with_experts(models):
+    """The engine's per-item memory (what the scheduler bounds) is one expert's tensors,
+    whether there are 2 or 8 experts (process RSS is left to the bench)."""
+    from mergesmith.execute import item_memory, work_items
+
+    def peak(n: int) -> int:
+        p = check_moe(config(models, "llama", n=n)).plan
+        return max(item_memory(p, i) for i in work_items(p))
+
+    assert peak(8) == peak(2)

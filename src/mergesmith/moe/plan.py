@@ -8,7 +8,6 @@ shapes) is the list of tensors to write. Fused expert tensors (``mlp.experts.gat
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
