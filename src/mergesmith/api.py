@@ -397,4 +397,20 @@ def verify(folder: str | os.PathLike) -> list[str]:
     return verify_folder(os.fspath(folder))
 
 
-__all__ = ["CheckReport", "ModelSource", "Options", "RunResult", "check", "plan", "run", "verify"]
+def run_moe(config: Any, out: str | os.PathLike, options: Options | None = None,
+            **kwargs: Any) -> Plan:
+    """Build a mixture-of-experts model from a mergekit-moe config (see ``mergesmith.moe``)."""
+    from .moe import run_moe as _run_moe
+
+    return _run_moe(config, out, options, **kwargs)
+
+
+def check_moe(config: Any, options: Options | None = None, **option_values: Any) -> Any:
+    """Validate a mergekit-moe config and plan it without reading weights."""
+    from .moe import check_moe as _check_moe
+
+    return _check_moe(config, options, **option_values)
+
+
+__all__ = ["CheckReport", "ModelSource", "Options", "RunResult", "check", "check_moe", "plan",
+           "run", "run_moe", "verify"]

@@ -235,6 +235,72 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: 
     click.echo("ok: the recipe is valid")
 
 
+@cli.command("moe", epilog=EPILOG)
+@click.argument("config", type=click.Path())
+@click.argument("out", type=click.Path(), required=False)
+@click.option("--check", "check_only", is_flag=True,
+              help="Validate CONFIG and print the MoE plan without reading any weights.")
+@click.option("--seed", type=int, default=None, help="Seed of random routers and noise.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the hidden-state routers and the copies run.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Worker threads [default: number of CPU cores].")
+@click.option("--out-shard-size", default="5GB", show_default=True, metavar="SIZE",
+              help="Largest output file.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build from OUT.partial.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly
+def moe(config: str, out: str | None, check_only: bool, seed: int | None, device: str,
+        threads: int | None, out_shard_size: str, overwrite: bool, resume: bool,
+        quiet: bool, debug: bool) -> None:
+    """Build a mixture-of-experts model from dense models into OUT (mergekit-moe's YAML:
+    base_model, experts with prompts, gate_mode, shared_experts, architecture).
+
+    Everything is validated before any weights are read; the routers are computed, then
+    the expert tensors are copied one expert at a time.
+
+    \b
+    Example:
+      mergesmith moe moe.yml ./my-moe
+      mergesmith moe moe.yml --check
+    """
+    from .moe import check_moe, run_moe
+    from .options import Options
+
+    options = Options.parse(seed=seed, threads=threads, device=device, overwrite=overwrite,
+                            resume=resume, out_shard_size=out_shard_size)
+    if check_only:
+        click.echo(check_moe(config, options).summary())
+        click.echo("ok: the MoE config is valid")
+        return
+    if out is None:
+        raise click.UsageError("give OUT (or --check)")
+    bar = None
+
+    def progress(plan: Any) -> Callable[[int, bool], None]:
+        nonlocal bar
+        if quiet:
+            return lambda nbytes, finished: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.bytes_written, unit="B", unit_scale=True, desc="building",
+                   dynamic_ncols=True)
+        return lambda nbytes, finished: bar.update(nbytes)
+
+    try:
+        plan = run_moe(config, out, options, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        from .units import format_bytes
+
+        click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
+                   f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
+
+
 @cli.command("extract-lora", epilog=EPILOG)
 @click.option("--model", "model", required=True, type=click.Path(),
               help="The fine-tuned model folder.")

@@ -67,6 +67,10 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     for t in plan.tensors:
         numel = prod(t.shape)
+        if t.stack:  # one slice of the stacking axis (one expert) at a time
+            for start in range(t.shape[0]):
+                yield WorkItem(t, (start, start + 1))
+            continue
         if not t.elementwise or len(t.shape) == 0 or numel <= chunk_elements:
             yield WorkItem(t, None)
             continue
@@ -91,6 +95,13 @@ def item_memory(plan: Plan, item: WorkItem) -> int:
     t = item.tensor
     numel = prod(t.shape) if item.rows is None else \
         (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
+    if t.stack:  # whole inputs of the slices it holds, their concatenation, the result
+        start, end = item.rows or (0, t.shape[0])
+        group = t.inputs[start * t.stack:end * t.stack]
+        raw_bytes = sum(_read_bytes_per_element(plan.input_info(i))
+                        * plan.input_info(i).numel for i in group)
+        width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
+        return int(raw_bytes + 3 * width * numel + t.dtype.itemsize * numel)
     raw = [_read_bytes_per_element(plan.input_info(i)) * numel for i in t.inputs]
     if t.copied:
         return sum(raw) + t.dtype.itemsize * numel
@@ -180,6 +191,8 @@ class _Job:
             how = bound.spec.scheduling
             if t.reindex:
                 return self._reindexed(t, item)
+            if t.stack:
+                return self._stacked(t, item)
             if (t.elementwise and BLOCKED_ON_CPU and self.device.type == "cpu"
                     and not how.random and len(t.shape) > 0 and t.shape[0] > 1):
                 return self._blocked(t, item)
@@ -222,6 +235,24 @@ class _Job:
                 finite = bool(torch.isfinite(block.sum()))
         if not finite:
             self._check_finite(t, item, out)
+        return self.sink.write(t, item.rows, out)
+
+    def _stacked(self, t: OutputTensor, item: WorkItem) -> int:
+        """Slices of a stacked tensor, each from its own inputs read whole (one expert's
+        tensors), so memory does not depend on how many slices there are."""
+        bound = self.bound[t.name]
+        start, end = item.rows or (0, t.shape[0])
+        whole = WorkItem(t, None)
+        slices = []
+        for e in range(start, end):
+            group = slice(e * t.stack, (e + 1) * t.stack)
+            xs = [self._prepare(self._read(i, whole)) for i in t.inputs[group]]
+            generator = bound.generator(self.plan.seed, t.name, self.device, (e, e + 1))
+            result = bound(xs, t.params, t.model_params[group], tensor_name=t.name,
+                           compute_dtype=self.compute_dtype, generator=generator)
+            slices.append(result.reshape(t.shape[1:]).to("cpu"))
+        out = torch.stack(slices) if len(slices) > 1 else slices[0].unsqueeze(0)
+        self._check_finite(t, item, out)
         return self.sink.write(t, item.rows, out)
 
     def _reindexed(self, t: OutputTensor, item: WorkItem) -> int:

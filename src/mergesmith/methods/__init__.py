@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (importing a module registers its methods)
     consensus,
     linear,
     model_stock,
+    moe_parts,
     nearswap,
     passthrough,
     ram,

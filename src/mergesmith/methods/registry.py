@@ -238,6 +238,18 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _ENTRY_POINTS_LOADED = False
+_INTERNAL: dict[str, MethodSpec] = {}
+
+
+def register_internal(spec: MethodSpec) -> MethodSpec:
+    """A method that plans made by mergesmith itself use (e.g. MoE expert stacking): not a
+    recipe's ``merge_method``, not listed."""
+    _INTERNAL[spec.name] = spec
+    return spec
+
+
+def internal_method(name: str) -> MethodSpec | None:
+    return _INTERNAL.get(name)
 
 
 def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:

@@ -52,6 +52,10 @@ class OutputTensor:
     reindex: bool = False  # rows re-indexed to the output vocabulary (Plan.vocab)
     encoding: Encoding | None = None
     parts: tuple[Stored, ...] = ()  # the stored tensors of an encoded one
+    stack: int = 0
+    """Inputs per slice of dim 0 (0: not stacked). Slice ``e`` is made from
+    ``inputs[e*stack:(e+1)*stack]`` alone (MoE experts fused along an expert axis), so it
+    is computed one slice at a time and memory does not grow with the number of slices."""
 
     @property
     def nbytes(self) -> int:
@@ -128,8 +132,9 @@ class Plan:
         """The method of an output tensor, bound to its inputs (contract checked when
         planned)."""
         from ..methods import get_method
+        from ..methods.registry import internal_method
 
-        return BoundMethod(get_method(t.method), t.base_index)
+        return BoundMethod(internal_method(t.method) or get_method(t.method), t.base_index)
 
     @property
     def bytes_read(self) -> int:

@@ -537,7 +537,7 @@ def _ignored_key_message(key: Any, model: Any, path: tuple, source: str,
 # ------------------------------------------------------------------ pydantic errors → one line
 
 
-def _explain(err: ValidationError, source: str, positions: dict) -> str:
+def _explain(err: ValidationError, source: str, positions: dict, root: Any = None) -> str:
     # A misspelled key also makes the real key "missing": explain the misspelling first.
     e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = tuple(e["loc"])
@@ -552,7 +552,7 @@ def _explain(err: ValidationError, source: str, positions: dict) -> str:
 
     if kind == "extra_forbidden":
         key, parent = loc[-1], loc[:-1]
-        allowed = sorted(_fields_at(parent))
+        allowed = sorted(_fields_at(parent, root))
         where = _format_path(parent) if parent else "the top level"
         return (f"{at(loc)}: unknown key {_quote(key)} in {where}.{did_you_mean(key, allowed)} "
                 f"Allowed keys: {', '.join(allowed)}.")
@@ -572,9 +572,10 @@ def _quote(key: object) -> str:
     return text if text.startswith("'") else f"'{text[1:-1]}'"
 
 
-def _fields_at(loc: tuple) -> set[str]:
-    """Valid keys of the pydantic model found by following ``loc`` from the recipe root."""
-    model: Any = _Recipe
+def _fields_at(loc: tuple, root: Any = None) -> set[str]:
+    """Valid keys of the pydantic model found by following ``loc`` from the recipe root
+    (or from ``root``, another strict schema such as the MoE config's)."""
+    model: Any = root or _Recipe
     for part in loc:
         if isinstance(part, int) or part not in model.model_fields:
             continue  # a list index or a key of a free-form mapping (module name, token)
