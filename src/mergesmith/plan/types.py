@@ -52,6 +52,7 @@ class OutputTensor:
     reindex: bool = False  # rows re-indexed to the output vocabulary (Plan.vocab)
     encoding: Encoding | None = None
     parts: tuple[Stored, ...] = ()  # the stored tensors of an encoded one
+    expert_parts: int = 0  # a whole-tensor method on fused experts: pieces per expert
 
     @property
     def nbytes(self) -> int:
