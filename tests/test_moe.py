@@ -224,9 +224,11 @@ def _as_fused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 LAYOUT_RECIPES = {
     "linear": {"merge_method": "linear", "models": [
-        {"model": "a", "parameters": {"weight": 0.6}}, {"model": "b", "parameters": {"weight": 0.4}}]},
+        {"model": "a", "parameters": {"weight": 0.6}},
+        {"model": "b", "parameters": {"weight": 0.4}}]},
     "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": "base", "models": [
-        {"model": "a", "parameters": {"weight": 0.7}}, {"model": "b", "parameters": {"weight": 0.5}}]},
+        {"model": "a", "parameters": {"weight": 0.7}},
+        {"model": "b", "parameters": {"weight": 0.5}}]},
     "slerp": {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.4},
               "models": [{"model": "a"}, {"model": "b"}]},
     "ties": {"merge_method": "ties", "base_model": "base", "models": [
@@ -269,3 +271,25 @@ def test_fused_experts_chunked_by_expert(tmp_path):
     assert rows == [(0, 1), (1, 2), (2, 3), (3, 4)]
     shared = next(t for t in plan.tensors if "shared_expert.up_proj" in t.name)
     assert shared.expert_parts == 0
+
+
+def test_gpt_oss_fused_experts_merge_per_expert(tmp_path):
+    """gpt-oss stores experts fused (gate and up interleaved, biases ``[E, n]``): a
+    whole-tensor method runs once per expert matrix and bias; the output loads and runs."""
+    config = T.GptOssConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+                            max_position_embeddings=64)
+    paths = _family(tmp_path, lambda: config, {"a": 1, "b": 2}, True)
+    out = load_model(_merge(tmp_path, _aoe(paths["a"], paths["b"], "slerp"), "aoe"))
+    a, b = load_model(paths["a"]), load_model(paths["b"])
+    fused = [n for n in out if arch.is_fused_experts(n, tuple(out[n].shape))]
+    assert len(fused) == 8  # gate_up, down and their biases, in two layers
+    for n, x in out.items():
+        if n not in fused:
+            assert torch.equal(x, a[n]), n
+            continue
+        for e in range(x.shape[0]):
+            want = merge_tensors([a[n][e], b[n][e]], "slerp", {"t": 0.25}, base_index=0)
+            assert torch.equal(x[e], want), (n, e)
+    _generates(tmp_path / "aoe")

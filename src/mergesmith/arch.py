@@ -9,6 +9,9 @@
   every stack's prefix form modules of their own (``multi_modal_projector``, ``shared``),
   except output heads, which belong to the text/decoder module.
 * Pre/post tensors: embedding-like tensors come before a module's layers, the rest after.
+* Mixture of experts: routed experts (per expert or fused ``[E, ...]``), shared experts and
+  routers by name components (:func:`moe_role`), for the recipe filter keywords and for
+  merging fused experts one expert at a time (:func:`expert_parts`).
 * Config keys: layer counts and per-layer lists are found by name *and* value, also in
   nested configs (``text_config``, ``vision_config`` ...).
 """
