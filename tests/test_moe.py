@@ -234,6 +234,8 @@ LAYOUT_RECIPES = {
     "ties": {"merge_method": "ties", "base_model": "base", "models": [
         {"model": "a", "parameters": {"weight": 0.7, "density": 0.5}},
         {"model": "b", "parameters": {"weight": 0.5, "density": 0.3}}]},
+    "tsv_m": {"merge_method": "tsv_m", "base_model": "base", "models": [
+        {"model": "base"}, {"model": "a"}, {"model": "b"}]},
 }
 
 
@@ -293,3 +295,17 @@ def test_gpt_oss_fused_experts_merge_per_expert(tmp_path):
             want = merge_tensors([a[n][e], b[n][e]], "slerp", {"t": 0.25}, base_index=0)
             assert torch.equal(x[e], want), (n, e)
     _generates(tmp_path / "aoe")
+
+
+def test_dense_work_of_fused_experts_counts_each_expert(tmp_path):
+    """``check``'s estimate of a spectral method counts one SVD per expert piece: the
+    same work as for the per-expert checkpoint."""
+    works = []
+    for fused in (False, True):
+        paths = _family(tmp_path, _qwen2_moe, {"base": 0, "a": 1, "b": 2}, fused)
+        recipe = {"merge_method": "tsv_m", "base_model": str(paths["base"]),
+                  "models": [{"model": str(paths[k])} for k in ("base", "a", "b")]}
+        plan = mergesmith.plan(recipe_file(tmp_path, yaml.safe_dump(recipe)))
+        works.append(mergesmith.api.dense_work(plan))
+    assert works[0].factorizations > 0
+    assert works[0].factorizations == works[1].factorizations
