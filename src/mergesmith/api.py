@@ -197,7 +197,12 @@ def dense_work(p: Plan) -> DenseWork:
         compute = None if t.copied else p.bound(t).spec.cost.compute
         if compute is not None:
             tasks = len(t.inputs) - (t.base_index is not None)
-            total = total + compute(t.name, t.shape, max(1, tasks), t.params)
+            if t.expert_parts:  # fused experts: one piece of each expert at a time
+                n = t.shape[0] * t.expert_parts
+                piece = (t.shape[1] // t.expert_parts, *t.shape[2:]) if len(t.shape) > 1 else ()
+                total = total + n * compute(t.name, piece, max(1, tasks), t.params)
+            else:
+                total = total + compute(t.name, t.shape, max(1, tasks), t.params)
     return total
 
 

@@ -9,6 +9,9 @@
   every stack's prefix form modules of their own (``multi_modal_projector``, ``shared``),
   except output heads, which belong to the text/decoder module.
 * Pre/post tensors: embedding-like tensors come before a module's layers, the rest after.
+* Mixture of experts: routed experts (per expert or fused ``[E, ...]``), shared experts and
+  routers by name components (:func:`moe_role`), for the recipe filter keywords and for
+  merging fused experts one expert at a time (:func:`expert_parts`).
 * Config keys: layer counts and per-layer lists are found by name *and* value, also in
   nested configs (``text_config``, ``vision_config`` ...).
 """
@@ -261,3 +264,61 @@ def set_path(config: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         config = config[key]
     config[path[-1]] = value
+
+
+# ------------------------------------------------------------------ mixture of experts
+
+_SHARED_EXPERT = re.compile(r"(^|\.)(shared_experts?|shared_expert_gate|shared_mlp)(\.|$)")
+_ROUTED_EXPERT = re.compile(r"(^|\.)experts\.")
+_ROUTER = re.compile(r"(^|\.)(router|gate)\.|(^|\.)e_score_correction_bias$")
+_FUSED_EXPERT = re.compile(r"(^|\.)experts\.(?!\d+\.)(?!expert_\d+\.)[^.]+(\.weight)?$")
+_GATE_UP = re.compile(r"(^|\.)experts\.gate_up_proj(\.weight)?$")
+
+MOE_ROLES = ("experts", "router", "shared_expert")
+"""Parts of a mixture-of-experts layer that recipe filters name as keywords."""
+
+
+def moe_role(name: str) -> str | None:
+    """``experts`` (routed experts, one tensor per expert or fused), ``shared_expert``
+    (always-on experts and their gate) or ``router`` (the gate that picks experts, its
+    bias and DeepSeek's ``e_score_correction_bias``); None for every other tensor.
+
+    Recognised by name components: ``experts.<n>.*`` and ``experts.<proj>`` (fused),
+    ``shared_expert(s)``/``shared_expert_gate``, a module named ``router`` or ``gate``
+    (``gate_proj`` is a projection, not a router)."""
+    if _SHARED_EXPERT.search(name):
+        return "shared_expert"
+    if _ROUTED_EXPERT.search(name):
+        return "experts"
+    if _ROUTER.search(name):
+        return "router"
+    return None
+
+
+def is_fused_experts(name: str, shape: tuple[int, ...]) -> bool:
+    """All routed experts of a layer in one tensor, experts along dim 0: the ``[E, ...]``
+    matrices (``experts.gate_up_proj``, ``experts.down_proj``) and their ``[E, n]`` biases
+    (``experts.down_proj_bias``). A 2-D fused weight (DBRX's ``[E·I, H]``) has no expert
+    dim to split on and is not one."""
+    if moe_role(name) != "experts" or not _FUSED_EXPERT.search(name):
+        return False
+    return len(shape) == 3 or (len(shape) == 2 and name.endswith("_bias"))
+
+
+def expert_parts(name: str, shape: tuple[int, ...], down: tuple[int, ...] | None) -> int:
+    """Pieces a fused expert tensor is merged in, per expert, so that a whole-tensor method
+    (SLERP, TIES...) sees the matrices a per-expert checkpoint stores: 0 (not fused), 1 (the
+    expert's matrix) or 2 (``gate_up_proj`` stored as gate and up halves, ``[E, 2I, H]``,
+    recognised by its ``down_proj`` ``[E, H, I]``; gpt-oss interleaves ``[E, H, 2I]``)."""
+    if not is_fused_experts(name, shape):
+        return 0
+    if (_GATE_UP.search(name) and down is not None and len(down) == 3
+            and shape[1] == 2 * down[2] and down[1] == shape[2]):
+        return 2
+    return 1
+
+
+def down_proj_sibling(name: str) -> str | None:
+    """The ``down_proj`` next to a fused ``gate_up_proj`` (tells its layout)."""
+    return _GATE_UP.sub(lambda m: m.group(0).replace("gate_up_proj", "down_proj"), name) \
+        if _GATE_UP.search(name) else None

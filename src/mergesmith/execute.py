@@ -71,7 +71,8 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
             for start in range(t.shape[0]):
                 yield WorkItem(t, (start, start + 1))
             continue
-        if not t.elementwise or len(t.shape) == 0 or numel <= chunk_elements:
+        whole = not (t.elementwise or t.expert_parts)
+        if whole or len(t.shape) == 0 or numel <= chunk_elements:
             yield WorkItem(t, None)
             continue
         row = max(1, prod(t.shape[1:]))
@@ -193,6 +194,8 @@ class _Job:
                 return self._reindexed(t, item)
             if t.stack:
                 return self._stacked(t, item)
+            if t.expert_parts:
+                return self._per_expert(t, item)
             if (t.elementwise and BLOCKED_ON_CPU and self.device.type == "cpu"
                     and not how.random and len(t.shape) > 0 and t.shape[0] > 1):
                 return self._blocked(t, item)
@@ -252,6 +255,30 @@ class _Job:
                            compute_dtype=self.compute_dtype, generator=generator)
             slices.append(result.reshape(t.shape[1:]).to("cpu"))
         out = torch.stack(slices) if len(slices) > 1 else slices[0].unsqueeze(0)
+        self._check_finite(t, item, out)
+        return self.sink.write(t, item.rows, out)
+
+    def _per_expert(self, t: OutputTensor, item: WorkItem) -> int:
+        """A whole-tensor method on fused experts ``[E, ...]``: each expert (its gate and up
+        halves apart when stored so) is merged on its own, as the per-expert checkpoint of
+        the same model stores it, so both layouts merge alike; chunks are whole experts."""
+        bound = self.bound[t.name]
+        raw_inputs = bound.spec.scheduling.raw_inputs
+        raws = [self._read(i, item) for i in t.inputs]
+        first = 0 if item.rows is None else item.rows[0]
+        out = torch.empty(raws[0].shape, dtype=t.dtype)
+        parts = t.expert_parts
+        size = raws[0].shape[1] // parts if raws[0].dim() > 1 else 0
+        for e in range(raws[0].shape[0]):
+            for p in range(parts):
+                piece = slice(p * size, (p + 1) * size) if parts > 1 else slice(None)
+                if raw_inputs:
+                    xs = [self._round(r[e][piece]) for r in raws]
+                else:
+                    xs = [self._prepare(r[e][piece]) for r in raws]
+                k = (first + e) * parts + p  # its own random stream, whatever the chunks
+                generator = bound.generator(self.plan.seed, t.name, self.device, (k, k + 1))
+                out[e][piece].copy_(self._call(t, xs, generator))
         self._check_finite(t, item, out)
         return self.sink.write(t, item.rows, out)
 

@@ -78,10 +78,20 @@ def add_output(d: Draft, out_name: str, sl: Slice, bound: BoundMethod, in_names:
     lookup = RecipeLookup(r, d.spec, sl, [i.name for i in inputs], out_name, position)
     resolved = bound.resolve(lookup, len(inputs), out_name, depth_of(out_name, position))
     dtype = r.out_dtype or r.dtype or _promote(info.dtype for info in infos)
+    elementwise = not reindex and not bound.whole_tensors(resolved.params)
+    parts = 0 if elementwise or reindex else _expert_parts(d, inputs[0], shape)
     d.outputs.append(OutputTensor(out_name, shape, dtype, d.spec.name, tuple(inputs),
                                   bound.base_index, resolved.params, resolved.model_params,
-                                  not reindex and not bound.whole_tensors(resolved.params),
-                                  reindex=reindex))
+                                  elementwise, reindex=reindex, expert_parts=parts))
+
+
+def _expert_parts(d: Draft, inp: InputTensor, shape: tuple[int, ...]) -> int:
+    """Pieces per expert of a fused expert tensor (see :func:`arch.expert_parts`): a
+    whole-tensor method then merges each expert as a per-expert checkpoint stores it."""
+    tensors = d.sources[inp.model].index.tensors
+    down = arch.down_proj_sibling(inp.name)
+    down_shape = tuple(tensors[down].shape) if down in tensors else None
+    return arch.expert_parts(inp.name, tuple(shape), down_shape)
 
 
 def output_shape(d: Draft, out_name: str, sl: Slice, inputs: list[InputTensor],

@@ -56,6 +56,7 @@ class OutputTensor:
     """Inputs per slice of dim 0 (0: not stacked). Slice ``e`` is made from
     ``inputs[e*stack:(e+1)*stack]`` alone (MoE experts fused along an expert axis), so it
     is computed one slice at a time and memory does not grow with the number of slices."""
+    expert_parts: int = 0  # a whole-tensor method on fused experts: pieces per expert
 
     @property
     def nbytes(self) -> int:

@@ -10,6 +10,11 @@ A setting is what a recipe writes for one parameter name:
 Evaluation follows mergekit: the first entry whose filter matches the tensor name wins
 (substring match; missing filter or ``"*"`` matches all; ``re:`` prefix = regular expression,
 our extension), and an unmatched list falls through to the next precedence level.
+
+Three filter words are keywords for the parts of a mixture-of-experts layer, not substrings
+(our extension): ``experts`` (routed experts only, not shared ones), ``router`` and
+``shared_expert`` (see :func:`mergesmith.arch.moe_role`). A recipe that means the substring
+writes ``re:experts``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Union
 
+from ..arch import MOE_ROLES, moe_role
 from ..errors import MergeError
 
 Scalar = Union[bool, int, float, str]
@@ -59,6 +65,8 @@ class Conditional:
             return True
         if f.startswith("re:"):
             return _regex(f[3:]).search(tensor_name) is not None
+        if f in MOE_ROLES:
+            return moe_role(tensor_name) == f
         return f in tensor_name
 
 
