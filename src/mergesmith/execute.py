@@ -246,15 +246,16 @@ class _Job:
         bound = self.bound[t.name]
         start, end = item.rows or (0, t.shape[0])
         whole = WorkItem(t, None)
-        slices = []
+        raw = bound.spec.scheduling.raw_inputs
+        out = torch.empty((end - start, *t.shape[1:]), dtype=t.dtype)
         for e in range(start, end):
             group = slice(e * t.stack, (e + 1) * t.stack)
-            xs = [self._prepare(self._read(i, whole)) for i in t.inputs[group]]
+            xs = [(self._round if raw else self._prepare)(self._read(i, whole))
+                  for i in t.inputs[group]]
             generator = bound.generator(self.plan.seed, t.name, self.device, (e, e + 1))
             result = bound(xs, t.params, t.model_params[group], tensor_name=t.name,
                            compute_dtype=self.compute_dtype, generator=generator)
-            slices.append(result.reshape(t.shape[1:]).to("cpu"))
-        out = torch.stack(slices) if len(slices) > 1 else slices[0].unsqueeze(0)
+            out[e - start].copy_(result.reshape(t.shape[1:]))  # the one rounding
         self._check_finite(t, item, out)
         return self.sink.write(t, item.rows, out)
 
