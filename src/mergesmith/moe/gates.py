@@ -26,8 +26,8 @@ def _tokenizer(folder: str):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.bos_token or tok.eos_token
+    # mergekit pads with BOS (a tokenizer's own pad token may lie outside the embedding)
+    tok.pad_token = tok.bos_token or tok.pad_token or tok.eos_token
     tok.padding_side = "left"
     return tok
 
