@@ -1,9 +1,11 @@
-"""The mergekit-moe YAML (unchanged keys), parsed as strictly as recipes: unknown keys and
-wrong types are one line naming the key and its line."""
+"""The mergekit-moe YAML (unchanged keys), parsed like recipes: wrong types are one line
+naming the key and its line; unknown keys, which mergekit-moe ignores, are warnings that
+name the key, its line and the likely fix."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -12,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import MergeError
 from ..recipe.refs import ModelReference, parse_model_reference
-from ..recipe.schema import _explain, _format_path
+from ..recipe.schema import _drop_ignored_keys, _explain, _format_path
 from ..recipe.yaml_positions import load_yaml
 from ..units import parse_dtype
 
@@ -106,10 +108,23 @@ def parse_moe_config(data: Any, text: str, source: str, positions: dict) -> MoEC
     if not isinstance(data, dict):
         raise MergeError(f"{source}: an MoE config is a YAML mapping with 'base_model' and "
                          f"'experts', got {type(data).__name__}")
+    ignored: list[str] = []  # keys mergekit-moe ignores: warnings, as in recipes
+    kept = _drop_ignored_keys(data, _MoEConfig, (), ignored, source, positions)
     try:
-        raw = _MoEConfig.model_validate(data)
+        raw = _MoEConfig.model_validate(kept)
     except ValidationError as e:
         raise MergeError(_explain(e, source, positions, _MoEConfig)) from None
+    for message in ignored:
+        warnings.warn(message, stacklevel=2)
+    try:
+        return _checked(raw, text, source, positions)
+    except MergeError as e:  # e.g. prompts "missing" because their key is misspelled
+        if not ignored:
+            raise
+        raise MergeError(f"{e}. Perhaps because of: {ignored[0]}") from None
+
+
+def _checked(raw: _MoEConfig, text: str, source: str, positions: dict) -> MoEConfig:
     c = MoEConfig(base_model=None, experts=[], shared_experts=[],  # type: ignore[arg-type]
                   gate_mode=raw.gate_mode, dtype=None,
                   experts_per_token=raw.experts_per_token, architecture=raw.architecture,
