@@ -150,9 +150,14 @@ def _checked(raw: _MoEConfig, text: str, source: str, positions: dict) -> MoECon
                          f"{c.experts_per_token}, but there are {n} expert(s); it must be "
                          f"between 1 and {n}")
     if c.gate_mode in PROMPT_MODES:
-        for e in c.experts:
-            if not any(p.strip() for p in e.positive_prompts):
+        for e in c.experts:  # an empty string is a prompt (BOS alone), as for mergekit-moe
+            if not e.positive_prompts:
                 raise MergeError(f"{e.where}: gate_mode '{c.gate_mode}' routes by the "
                                  "experts' prompts, and this expert has no positive_prompts "
                                  "(give some, or use gate_mode: random)")
+        prompts = {(e.positive_prompts, e.negative_prompts) for e in c.experts}
+        if len(c.experts) > 1 and len(prompts) == 1:  # mergekit-moe refuses this
+            warnings.warn(f"{c.at('experts')}: every expert has the same prompts, so the "
+                          "routers cannot tell the experts apart (mergekit-moe refuses such "
+                          "a config; give each expert its own prompts)", stacklevel=3)
     return c
