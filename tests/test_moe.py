@@ -11,10 +11,10 @@ import torch
 import transformers
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_gguf_export import bpe_tokenizer
 
 from mergesmith.cli import cli
 from mergesmith.moe import check_moe, run_moe
-from test_gguf_export import bpe_tokenizer
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
@@ -262,3 +262,55 @@ def test_work_items_do_not_grow_with_experts(models):
         return max(item_memory(p, i) for i in work_items(p))
 
     assert peak(8) == peak(2)
+
+
+def test_shared_expert_from_a_model_that_is_not_an_expert(models, tmp_path):
+    """mergekit-moe 0.1.5 crashes on this ('NoneType' object has no attribute 'get_tensor',
+    tests/data/moe/error_shared_expert_not_loaded): a shared expert whose model is neither
+    the base nor a routed expert is read like any other input."""
+    cfg = config(models, "qwen2", n=2)
+    cfg["shared_experts"] = [{"source_model": str(models["qwen22"]),
+                              "positive_prompts": ["anything"]}]
+    out = tmp_path / "out"
+    run_moe(cfg, out)
+    got = load_file(out / "model.safetensors")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert torch.equal(got[f"model.layers.0.mlp.shared_expert.{proj}.weight"],
+                           mlp(models["qwen22"], 0, proj))
+    generate(out)
+
+
+def test_an_fp8_expert_is_read_as_what_it_dequantizes_to(models, tmp_path):
+    """Experts are model references of any kind mergesmith reads: here a block-scaled FP8
+    copy of an expert gives that expert's dequantized weights (rounded to the dtype)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from test_quantized import dequantize, quantize
+
+    src = models["llama1"]
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(src, fp8)
+    tensors = load_file(src / "model.safetensors")
+    stored, want = {}, {}
+    for name, t in tensors.items():
+        if ".mlp." in name:
+            q, s = quantize(t.float(), (16, 16))
+            stored[name], stored[f"{name}_scale_inv"] = q, s
+            want[name] = dequantize(q, s, (16, 16))
+        else:
+            stored[name] = t
+    save_file(stored, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((fp8 / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                "activation_scheme": "dynamic", "weight_block_size": [16, 16]}
+    (fp8 / "config.json").write_text(json.dumps(c))
+    cfg = config(models, "llama", n=2)
+    cfg["experts"][1]["source_model"] = str(fp8)
+    out = tmp_path / "out"
+    run_moe(cfg, out)
+    got = load_file(out / "model.safetensors")
+    layer = "model.layers.1.mlp."
+    assert torch.equal(got[layer + "experts.down_proj"][1],
+                       want[layer + "down_proj.weight"].to(got[layer + "experts.down_proj"].dtype))
+    generate(out)

@@ -88,10 +88,7 @@ def gate_vectors(d: MoEDesign, experts: list[Expert], seed: int | None,
         h = h.mean(dim=2) if mode == "hidden_avg" else h[:, :, -1, :]
         return h.mean(dim=1).cpu()
 
-    try:
-        return _expert_vectors(experts, hidden_states)
-    finally:
-        del model
+    return _expert_vectors(experts, hidden_states)  # the model is freed on return
 
 
 def _seed(seed: int | None, name: str) -> int:
