@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Merges on a Ray cluster of N one-CPU nodes on this machine, against the local engine.
+
+    python bench/ray_nodes.py RECIPE [--nodes 1 2] [--repeats 2] [--local-threads 1]
+
+For each node count a ``ray.cluster_utils.Cluster`` is started (a head and N - 1 workers,
+one CPU each), and ``mergesmith run RECIPE OUT --ray ADDRESS --quiet`` runs as its own
+process under ``/usr/bin/time -v`` (the driver's wall time, CPU time and peak RSS); the
+peak RSS of the Ray worker processes is sampled with psutil every 0.2 s while it runs
+(per-node memory: the largest worker). With ``--local-threads`` the same recipe also runs
+without Ray (``--threads``), for the overhead of Ray against local threads. The outputs of
+all runs must be byte-identical; the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+def worker_rss_sampler(stop: threading.Event, peak: list[int]) -> None:
+    import psutil
+
+    while not stop.is_set():
+        for p in psutil.process_iter(["cmdline", "memory_info"]):
+            cmd = " ".join(p.info.get("cmdline") or [])
+            if "ray::" in cmd or "default_worker.py" in cmd:
+                mem = p.info.get("memory_info")
+                if mem is not None:
+                    peak[0] = max(peak[0], mem.rss)
+        time.sleep(0.2)
+
+
+def timed(cmd: list[str], out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=worker_rss_sampler, args=(stop, peak), daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    if done.returncode != 0:
+        raise SystemExit(f"run failed ({done.returncode}): {done.stderr[-2000:]}")
+    text = done.stderr
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", text)[1])
+              for k in ("User", "System"))
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1]) * 1024
+    return {"wall": wall, "driver_cpu": cpu, "driver_rss": rss, "worker_rss": peak[0],
+            "digest": digest(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--local-threads", type=int, default=0)
+    args = ap.parse_args()
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
+    out = work / "out"
+    digests = set()
+    if args.local_threads:
+        runs = [timed([sys.executable, "-m", "mergesmith", "run", str(args.recipe), str(out),
+                       "--quiet", "--threads", str(args.local_threads)], out)
+                for _ in range(args.repeats)]
+        digests |= {r["digest"] for r in runs}
+        print(f"local {args.local_threads} thread(s): wall "
+              f"{statistics.median(r['wall'] for r in runs):.2f} s, peak RSS "
+              f"{max(r['driver_rss'] for r in runs) / 2**20:.0f} MiB", flush=True)
+    for n in args.nodes:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            for _ in range(n - 1):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            cmd = [sys.executable, "-m", "mergesmith", "run", str(args.recipe), str(out),
+                   "--quiet", "--ray", cluster.address]
+            runs = [timed(cmd, out) for _ in range(args.repeats)]
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        digests |= {r["digest"] for r in runs}
+        print(f"ray {n} node(s): wall {statistics.median(r['wall'] for r in runs):.2f} s, "
+              f"driver CPU {statistics.median(r['driver_cpu'] for r in runs):.2f} s, driver "
+              f"RSS {max(r['driver_rss'] for r in runs) / 2**20:.0f} MiB, largest worker RSS "
+              f"{max(r['worker_rss'] for r in runs) / 2**20:.0f} MiB", flush=True)
+    print("outputs identical" if len(digests) == 1 else f"outputs DIFFER: {digests}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
