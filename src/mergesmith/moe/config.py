@@ -14,8 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import MergeError
 from ..recipe.refs import ModelReference, parse_model_reference
-from ..recipe.schema import _drop_ignored_keys, _explain, _format_path
-from ..recipe.yaml_positions import load_yaml
+from ..recipe.schema import _drop_ignored_keys, _explain, _format_path, read_yaml_document
 from ..units import parse_dtype
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random",
@@ -87,20 +86,7 @@ def load_moe_config(source: str | os.PathLike | dict | MoEConfig) -> MoEConfig:
 
         return parse_moe_config(source, yaml.safe_dump(source, sort_keys=False),
                                 "<moe config>", {})
-    text = os.fspath(source)
-    if "\n" not in text:
-        path = os.path.expanduser(text)
-        if not os.path.isfile(path):
-            raise MergeError(f"MoE config file not found: {text}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                body = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise MergeError(f"cannot read MoE config {text}: {e}") from None
-        name = text
-    else:
-        body, name = text, "<moe config>"
-    data, positions = load_yaml(body, name)
+    data, body, name, positions = read_yaml_document(os.fspath(source), "MoE config")
     return parse_moe_config(data, body, name, positions)
 
 

@@ -256,22 +256,32 @@ def load_recipe(source: Union[str, os.PathLike, dict, Recipe]) -> Recipe:
 
         return parse_recipe(source, yaml.safe_dump(source, sort_keys=False), "<recipe>", {})
     text_or_path = os.fspath(source)
-    if "\n" not in text_or_path and not text_or_path.lstrip().startswith("merge_method"):
+    inline = text_or_path.lstrip().startswith("merge_method")
+    data, text, name, positions = read_yaml_document(text_or_path, "recipe", inline)
+    return parse_recipe(data, text, name, positions)
+
+
+def read_yaml_document(text_or_path: str, kind: str, inline: bool = False
+                       ) -> tuple[Any, str, str, dict]:
+    """A YAML document given as a file path or as its text (several lines, or ``inline``):
+    its data, text, name for messages and key positions. Missing or unreadable files are
+    one-line errors naming the ``kind`` of document."""
+    if "\n" not in text_or_path and not inline:
         path = os.path.expanduser(text_or_path)
         if not os.path.exists(path):
-            raise MergeError(f"recipe file not found: {text_or_path}")
+            raise MergeError(f"{kind} file not found: {text_or_path}")
         if os.path.isdir(path):
-            raise MergeError(f"recipe path {text_or_path} is a folder; give the YAML file")
+            raise MergeError(f"{kind} path {text_or_path} is a folder; give the YAML file")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise MergeError(f"cannot read recipe {text_or_path}: {e}") from None
+            raise MergeError(f"cannot read {kind} {text_or_path}: {e}") from None
         name = text_or_path
     else:
-        text, name = text_or_path, "<recipe>"
+        text, name = text_or_path, f"<{kind}>"
     data, positions = load_yaml(text, name)
-    return parse_recipe(data, text, name, positions)
+    return data, text, name, positions
 
 
 def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
