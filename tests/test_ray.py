@@ -77,6 +77,12 @@ models:
 """)
 
 
+def _out(tmp_path: Path, kind: str) -> Path:
+    """Outputs of one name (the model card names the folder) in separate folders."""
+    (tmp_path / kind).mkdir(exist_ok=True)
+    return tmp_path / kind / "merged"
+
+
 def _same_files(a: Path, b: Path) -> None:
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
@@ -88,19 +94,19 @@ def _same_files(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_same_bytes_as_a_local_run(cluster, inputs, tmp_path, method):
     recipe = _recipe(tmp_path, method, inputs)
-    mergesmith.run(recipe, tmp_path / "local", out_shard_size=SHARD, threads=1)
-    result = mergesmith.run(recipe, tmp_path / "ray", out_shard_size=SHARD,
+    mergesmith.run(recipe, _out(tmp_path, "local"), out_shard_size=SHARD, threads=1)
+    result = mergesmith.run(recipe, _out(tmp_path, "ray"), out_shard_size=SHARD,
                             ray=cluster.address)
-    _same_files(tmp_path / "local", tmp_path / "ray")
+    _same_files(_out(tmp_path, "local"), _out(tmp_path, "ray"))
     assert sum(int(line.split(": ")[1].split()[0]) for line in result.cluster) == \
         len(mergesmith.plan(recipe, out_shard_size=SHARD).shards)
-    assert mergesmith.verify(tmp_path / "ray") == []
+    assert mergesmith.verify(_out(tmp_path, "ray")) == []
 
 
 def test_a_node_lost_mid_merge(cluster, inputs, tmp_path):
     """A node removed once the first task has reported: its tasks run again elsewhere."""
     recipe = _recipe(tmp_path, "ties", inputs)
-    mergesmith.run(recipe, tmp_path / "local", out_shard_size=SHARD, threads=1)
+    mergesmith.run(recipe, _out(tmp_path, "local"), out_shard_size=SHARD, threads=1)
     doomed = cluster.add_node(num_cpus=1, object_store_memory=STORE)
     cluster.wait_for_nodes()
     removed = []
@@ -112,19 +118,19 @@ def test_a_node_lost_mid_merge(cluster, inputs, tmp_path):
                 cluster.remove_node(doomed)
         return update
 
-    mergesmith.run(recipe, tmp_path / "ray", out_shard_size=SHARD, ray=cluster.address,
+    mergesmith.run(recipe, _out(tmp_path, "ray"), out_shard_size=SHARD, ray=cluster.address,
                    progress=progress)
     assert removed
-    _same_files(tmp_path / "local", tmp_path / "ray")
+    _same_files(_out(tmp_path, "local"), _out(tmp_path, "ray"))
 
 
 def test_killed_driver_then_resume(cluster, inputs, tmp_path):
     """SIGKILL of the driver once the progress log has lines; --resume --ray finishes the
     merge with the bytes of an uninterrupted run (and so does --resume without --ray)."""
     recipe = _recipe(tmp_path, "dare_ties", inputs)
-    mergesmith.run(recipe, tmp_path / "local", out_shard_size="8KB", threads=1)
+    mergesmith.run(recipe, _out(tmp_path, "local"), out_shard_size="8KB", threads=1)
     for resume_on_ray in (True, False):
-        out = tmp_path / f"out-{resume_on_ray}"
+        out = _out(tmp_path, f"out-{resume_on_ray}")
         log = Path(f"{out}.partial") / "mergesmith_progress.log"
         driver = subprocess.Popen(
             [sys.executable, "-m", "mergesmith", "run", str(recipe), str(out), "-q",
@@ -142,7 +148,7 @@ def test_killed_driver_then_resume(cluster, inputs, tmp_path):
         assert lines >= 1
         mergesmith.run(recipe, out, out_shard_size="8KB", resume=True,
                        ray=cluster.address if resume_on_ray else None)
-        _same_files(tmp_path / "local", out)
+        _same_files(_out(tmp_path, "local"), out)
 
 
 def test_a_node_that_cannot_see_an_input(cluster, inputs, tmp_path):

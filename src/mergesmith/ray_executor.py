@@ -49,11 +49,14 @@ def connect(address: str) -> bool:
     ray = _import_ray()
     if ray.is_initialized():
         return False
+    import logging
+
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # one-line errors
     try:
         if address == "local":
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, **quiet)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = "RAY_ADDRESS" if address == "auto" else address
         raise MergeError(f"cannot connect to the Ray cluster at {where}: {e}") from None
