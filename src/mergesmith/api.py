@@ -283,6 +283,8 @@ class RunResult:
     out: str
     adapter_result: Any = None
     evaluation: Any = None
+    cluster: tuple[str, ...] = ()
+    """With ``ray=``: one line per node (tasks, bytes, seconds)."""
 
 
 def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = None, *,
@@ -323,18 +325,41 @@ def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = No
                           "adapter", stacklevel=2)
         return RunResult(p, out, adapter_result=_run_adapter_merge(p, out))
     memory.data_budget(options.memory_limit)  # too small for this process: before writing
-    _merge(p, out, progress(p) if progress else None)
+    cluster = _merge(p, out, progress(p) if progress else None)
     evaluation = None
     if evaluate:
         from .evaluate.after_merge import evaluate_merge
 
         eval_device = str(resolve_devices(options.device)[0])
         evaluation = evaluate_merge(p, out, device=eval_device, progress=options.eval_progress)
-    return RunResult(p, out, evaluation=evaluation)
+    return RunResult(p, out, evaluation=evaluation, cluster=cluster)
 
 
-def _merge(p: Plan, out: str, progress: Callable[[int, bool], None] | None) -> None:
-    """Write the model into ``OUT.partial`` (resuming it if asked), verify, publish."""
+def _merge(p: Plan, out: str,
+           progress: Callable[[int, bool], None] | None) -> tuple[str, ...]:
+    """Write the model into ``OUT.partial`` (resuming it if asked), verify, publish; with
+    ``ray``, on the cluster (returns its per-node summary)."""
+    if p.options.ray is None:
+        _merge_here(p, out, progress, None)
+        return ()
+    from . import ray_executor
+
+    connected = ray_executor.connect(p.options.ray)
+    try:
+        executor = ray_executor.RayExecutor(
+            p, os.path.abspath(partial_path(out)), lambda item: item_memory(p, item),
+            on_task=getattr(progress, "tasks", None))
+        _merge_here(p, out, progress, executor)
+        return tuple(executor.summary())
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+
+
+def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
+                executor: Any) -> None:
     resume = p.options.resume
     partial = partial_path(out)
     chunk = chunk_elements_for(p.options.memory_limit)
@@ -358,7 +383,7 @@ def _merge(p: Plan, out: str, progress: Callable[[int, bool], None] | None) -> N
     try:
         found = execute(p, partial, chunk_elements=chunk, finished=finished, digests=digests,
                         record=lambda item, crc: log.record(item.tensor.name, item.rows, crc),
-                        progress=progress)
+                        progress=progress, executor=executor)
         log.close()
         for w in found:
             warnings.warn(w, stacklevel=3)

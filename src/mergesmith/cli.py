@@ -128,10 +128,14 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--no-evaluate", is_flag=True,
               help="Skip the recipe's 'evaluate:' block (run it later with 'mergesmith eval').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="Run on a Ray cluster: its ADDRESS, 'auto' (RAY_ADDRESS), or no value to "
+                   "start Ray here. Inputs and OUT must be on storage every node shares.")
 @_common_plan_options
 @friendly
 def run(recipe: str, out: str, seed: int | None, device: str, devices: str | None,
-        overwrite: bool, resume: bool,
+        overwrite: bool, resume: bool, ray_address: str | None,
         strict_finite: bool, no_evaluate: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
         out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
@@ -156,7 +160,7 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
         out_format=out_format, allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
         resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
-        eval_progress=not quiet, strict=strict), quiet=quiet)
+        eval_progress=not quiet, strict=strict, ray=ray_address), quiet=quiet)
 
 
 def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
@@ -189,6 +193,11 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
             if done == total:
                 bar.close()  # before the recipe's evaluation shows its own bars
 
+        def tasks(finished: int, count: int, busy: int) -> None:  # with --ray
+            bar.set_postfix_str(f"{done}/{total} tensors, {finished}/{count} tasks, "
+                                f"{busy} node(s) busy", refresh=False)
+
+        update.tasks = tasks  # type: ignore[attr-defined]
         return update
 
     try:
@@ -204,6 +213,8 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
+        for line in result.cluster:
+            click.echo(line)
     if result.evaluation is not None:
         click.echo(result.evaluation.table())
         if options.write_model_card:
@@ -212,11 +223,15 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 
 @cli.command(epilog=EPILOG)
 @click.argument("recipe", type=click.Path())
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="Estimate for a Ray cluster: its ADDRESS, 'auto' (RAY_ADDRESS), or no value to "
+                   "start Ray here.")
 @_common_plan_options
 @friendly
 def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
           out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
-          threads: int | None,
+          threads: int | None, ray_address: str | None,
           memory_limit: str | None, strict: bool, debug: bool) -> None:
     """Validate RECIPE and print the merge plan, without reading any weights.
 
@@ -232,6 +247,11 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: 
         allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict))
     click.echo(report.summary())
+    if ray_address is not None:
+        from .ray_executor import cluster_estimate
+
+        for line in cluster_estimate(report.plan, ray_address):
+            click.echo(line)
     click.echo("ok: the recipe is valid")
 
 
@@ -299,6 +319,8 @@ def moe(config: str, out: str | None, check_only: bool, seed: int | None, device
 
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
+        for line in result.cluster:
+            click.echo(line)
 
 
 @cli.command("extract-lora", epilog=EPILOG)

@@ -366,7 +366,9 @@ def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] |
     budget = data_budget(options.memory_limit)
     keep_freed_memory()
     indexes = [m.ensure_local() for m in plan.models]
-    sink = ShardWriter(out_dir, list(plan.shards), resume=finished is not None)
+    remote = getattr(executor, "remote", False)  # other processes write the files too
+    sink = ShardWriter(out_dir, list(plan.shards), resume=finished is not None,
+                       digest=not remote)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gc_was_enabled = gc.isenabled()
@@ -406,4 +408,4 @@ def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] |
                 raise
     if digests is not None:
         digests.update(sink.digests)
-    return job.warnings
+    return job.warnings + list(getattr(executor, "warnings", []))

@@ -56,6 +56,9 @@ class Options:
     overwrite: bool = field(default=False, metadata=_SAME_BYTES)
     resume: bool = field(default=False, metadata=_SAME_BYTES)
     evaluate: bool = field(default=True, metadata=_SAME_BYTES)
+    ray: str | None = field(default=None, metadata=_SAME_BYTES)
+    """Run the work items on a Ray cluster: its address, ``auto`` (``RAY_ADDRESS`` or the
+    running cluster) or ``local`` (start one here); None: threads in this process."""
     eval_progress: bool = field(default=False, metadata=_SAME_BYTES)
 
     # -- which side files are written (the weights are the same) ------------------

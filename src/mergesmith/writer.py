@@ -94,9 +94,13 @@ class ShardWriter:
     ``finished(t, rows)`` (one thread) tells it a write is complete, so checksums can be
     computed while the merge runs; ``digests`` holds them after ``close``."""
 
-    def __init__(self, folder: str, shards: list[Shard], resume: bool = False) -> None:
-        """Create the shard files (or, with ``resume``, reopen those of an interrupted run)."""
+    def __init__(self, folder: str, shards: list[Shard], resume: bool = False,
+                 digest: bool = True) -> None:
+        """Create the shard files (or, with ``resume``, reopen those of an interrupted run).
+        Without ``digest`` no checksums are computed (others write the files too: they are
+        hashed by reading them back once complete)."""
         self.folder = folder
+        self.digest = digest
         self._fds: dict[str, int] = {}
         self._digests: dict[str, _ShardDigest] = {}
         self.digests: dict[str, str] = {}
@@ -154,6 +158,8 @@ class ShardWriter:
 
     def finished(self, t: OutputTensor, rows: tuple[int, int] | None) -> None:
         """The bytes of ``t`` (rows ``rows``) are written: extend the running checksum."""
+        if not self.digest:
+            return
         try:
             for start, length in t.byte_ranges(rows):
                 self._digests[t.file].finished(start, start + length)
@@ -167,7 +173,8 @@ class ShardWriter:
         for name, fd in self._fds.items():
             try:
                 if sync:
-                    self.digests[name] = self._digests[name].hexdigest()
+                    if self.digest:
+                        self.digests[name] = self._digests[name].hexdigest()
                     os.fsync(fd)
             except OSError as e:
                 error = error or _io_error(os.path.join(self.folder, name), e)
