@@ -212,9 +212,15 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 
 @cli.command(epilog=EPILOG)
 @click.argument("recipe", type=click.Path())
+@click.option("--nodes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also estimate the wall time on 1, 2, 4 ... N nodes of a cluster, "
+                   "each output file one task.")
+@click.option("--node-bandwidth", default="1GB", show_default=True, metavar="SIZE",
+              help="Bytes per second one node reads and writes (with --nodes).")
 @_common_plan_options
 @friendly
-def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
+def check(recipe: str, nodes: int | None, node_bandwidth: str,
+          out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
           out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
           threads: int | None,
           memory_limit: str | None, strict: bool, debug: bool) -> None:
@@ -232,6 +238,14 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: 
         allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict))
     click.echo(report.summary())
+    if nodes is not None:
+        from .api import cluster_lines
+        from .units import parse_size
+
+        bandwidth = parse_size(node_bandwidth, "--node-bandwidth")
+        if bandwidth <= 0:
+            raise click.BadParameter("must be positive", param_hint="--node-bandwidth")
+        click.echo("\n".join(cluster_lines(report, nodes, bandwidth)))
     click.echo("ok: the recipe is valid")
 
 
