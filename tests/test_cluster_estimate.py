@@ -97,6 +97,9 @@ models:
     assert seconds == sorted(seconds, reverse=True)
     plain = run_cli("check", str(r))
     assert "on N nodes" not in plain.stdout
+    bad = run_cli("check", str(r), "--nodes", "2", "--node-bandwidth", "0")
+    assert bad.returncode != 0 and "--node-bandwidth" in bad.stderr
+    assert "recipe:" not in bad.stdout  # refused before planning
 
 
 def _virtual_models():

@@ -231,7 +231,11 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str,
     """
     from .api import check as api_check
     from .options import Options
+    from .units import parse_size
 
+    bandwidth = parse_size(node_bandwidth, "--node-bandwidth")
+    if bandwidth <= 0:
+        raise click.BadParameter("must be positive", param_hint="--node-bandwidth")
     report = api_check(recipe, Options.parse(
         threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
         compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, out_format=out_format,
@@ -240,11 +244,7 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str,
     click.echo(report.summary())
     if nodes is not None:
         from .api import cluster_lines
-        from .units import parse_size
 
-        bandwidth = parse_size(node_bandwidth, "--node-bandwidth")
-        if bandwidth <= 0:
-            raise click.BadParameter("must be positive", param_hint="--node-bandwidth")
         click.echo("\n".join(cluster_lines(report, nodes, bandwidth)))
     click.echo("ok: the recipe is valid")
 
