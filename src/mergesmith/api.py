@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
@@ -15,6 +16,13 @@ from . import memory
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve, resolve_tokenizer
 from .checkpoint.gguf_input import describe as describe_gguf
+from .cluster_estimate import (
+    NODE_BANDWIDTH,
+    TASK_OVERHEAD_SECONDS,
+    ShardCost,
+    cluster_seconds,
+    node_counts,
+)
 from .devices import resolve_devices
 from .errors import MergeError, MergeIOError
 from .execute import chunk_elements_for, execute, item_memory, work_items
@@ -164,12 +172,35 @@ def estimate_peak_memory(p: Plan, threads: int, chunk_elements: int | None = Non
     """Bytes of tensor data in flight at once: the largest items that run together, under
     the data budget (an item larger than the budget runs alone)."""
     budget = memory.data_budget(None) if budget is None else budget
-    costs = sorted((item_memory(p, item) for item in work_items(p, chunk_elements)),
-                   reverse=True)
-    if not costs:
+    counts = _item_memory_counts(p, chunk_elements)
+    if not counts:
         return 0
-    together = sum(costs[:threads])
+    costs: list[int] = []  # the largest ``threads`` items
+    for cost in sorted(counts, reverse=True):
+        costs += [cost] * min(counts[cost], threads - len(costs))
+        if len(costs) >= threads:
+            break
+    together = sum(costs)
     return max(costs[0], min(together, budget)) if threads > 1 else costs[0]
+
+
+def _item_memory_counts(p: Plan, chunk_elements: int | None) -> Counter[int]:
+    """How many work items need each number of bytes. The row chunks of one tensor that
+    hold as many rows need the same (chunks start at multiples of the step, so an encoded
+    tensor's chunks of equal length hold as many scale rows): each length is costed once,
+    which keeps this fast on plans of 10⁵ tensors and 10⁶ chunks."""
+    counts: Counter[int] = Counter()
+    seen: dict[tuple[int, int], int] = {}
+    for item in work_items(p, chunk_elements):
+        t = item.tensor
+        if t.stack or item.rows is None:
+            counts[item_memory(p, item)] += 1
+            continue
+        key = (id(t), item.rows[1] - item.rows[0])
+        if key not in seen:
+            seen[key] = item_memory(p, item)
+        counts[seen[key]] += 1
+    return counts
 
 
 COPY_SECONDS_PER_GB = 0.35
@@ -193,6 +224,14 @@ PRODUCT_FLOPS = 150e9
 def dense_work(p: Plan) -> DenseWork:
     """The dense linear algebra of every output tensor whose method declares it."""
     total = NO_WORK
+    for work in tensor_dense_work(p).values():
+        total = total + work
+    return total
+
+
+def tensor_dense_work(p: Plan) -> dict[str, DenseWork]:
+    """The dense linear algebra of each output tensor whose method declares it."""
+    out: dict[str, DenseWork] = {}
     for t in p.tensors:
         compute = None if t.copied else p.bound(t).spec.cost.compute
         if compute is not None:
@@ -200,10 +239,10 @@ def dense_work(p: Plan) -> DenseWork:
             if t.expert_parts:  # fused experts: one piece of each expert at a time
                 n = t.shape[0] * t.expert_parts
                 piece = (t.shape[1] // t.expert_parts, *t.shape[2:]) if len(t.shape) > 1 else ()
-                total = total + n * compute(t.name, piece, max(1, tasks), t.params)
+                out[t.name] = n * compute(t.name, piece, max(1, tasks), t.params)
             else:
-                total = total + compute(t.name, t.shape, max(1, tasks), t.params)
-    return total
+                out[t.name] = compute(t.name, t.shape, max(1, tasks), t.params)
+    return out
 
 
 def dense_seconds(work: DenseWork, threads: int) -> float:
@@ -218,12 +257,22 @@ def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> f
     encoded outputs: their quantization), plus the dense linear algebra methods declare
     (SVDs: not proportional to bytes), scaled by the worker threads that can run (at most
     the CPU cores)."""
+    cores = max(1, min(threads, os.cpu_count() or 1))
+    dense = dense_work(p) if dense is None else dense
+    work = sum(tensor_work(p).values())
+    return STARTUP_SECONDS + work * REFERENCE_CORES / cores + dense_seconds(dense, threads)
+
+
+def tensor_work(p: Plan) -> dict[str, float]:
+    """Seconds of each output tensor's byte-proportional work on the reference machine
+    (``REFERENCE_CORES`` threads); ``estimate_seconds`` scales their sum."""
     per_gb: dict[str, float] = {}
-    work = 0.0
+    out: dict[str, float] = {}
     for t in p.tensors:
         if t.method not in per_gb:
             per_gb[t.method] = COPY_SECONDS_PER_GB if t.copied else \
                 p.bound(t).spec.cost.seconds_per_gb
+        work = 0.0
         for i in t.inputs:
             info = p.input_info(i)
             if info.quant is None:
@@ -233,9 +282,50 @@ def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> f
                                             + getattr(info.quant, "decode_seconds", 1.0))
         if t.encoding is not None:  # quantizing the result as it is written
             work += prod(t.shape) / 1e9 * t.encoding.encode_seconds
+        out[t.name] = work
+    return out
+
+
+def shard_costs(p: Plan, threads: int) -> list[ShardCost]:
+    """Each output shard as a unit of distributed work: the bytes of its tensors' inputs
+    and outputs, and their share of ``estimate_seconds`` (without the start-up), with
+    ``threads`` worker threads on each node."""
     cores = max(1, min(threads, os.cpu_count() or 1))
-    dense = dense_work(p) if dense is None else dense
-    return STARTUP_SECONDS + work * REFERENCE_CORES / cores + dense_seconds(dense, threads)
+    work = tensor_work(p)
+    dense = tensor_dense_work(p)
+    out = []
+    for shard in p.shards:
+        seconds = sum(work[t.name] for t in shard.tensors) * REFERENCE_CORES / cores
+        heavy = [dense[t.name] for t in shard.tensors if t.name in dense]
+        if heavy:
+            seconds += dense_seconds(sum(heavy[1:], heavy[0]), threads)
+        out.append(ShardCost(
+            shard.filename,
+            sum(p.input_info(i).nbytes for t in shard.tensors for i in t.inputs),
+            sum(t.nbytes for t in shard.tensors), seconds))
+    return out
+
+
+def cluster_lines(report: CheckReport, nodes: int,
+                  bandwidth: float = NODE_BANDWIDTH) -> list[str]:
+    """The ``check --nodes N`` table: estimated wall time on 1, 2, 4 ... N nodes."""
+    from .units import format_bytes as fb
+
+    shards = shard_costs(report.plan, report.threads)
+    largest = max(shards, key=lambda s: s.seconds(bandwidth, TASK_OVERHEAD_SECONDS))
+    lines = [
+        f"on N nodes:    {len(shards)} output file(s) as tasks; each node like this one "
+        f"({report.threads} thread(s)), reading and writing {fb(bandwidth)}/s, "
+        f"{TASK_OVERHEAD_SECONDS:.0f} s per task; largest task {largest.name}: "
+        f"{largest.seconds(bandwidth, TASK_OVERHEAD_SECONDS):.0f} s",
+        "  nodes     time   busiest node: tasks      read   written     I/O   compute",
+    ]
+    for n in node_counts(nodes):
+        e = cluster_seconds(shards, n, bandwidth=bandwidth, startup=STARTUP_SECONDS)
+        lines.append(f"  {n:>5} {e.seconds:>8.0f} s {e.tasks:>19} {fb(e.read_bytes):>9} "
+                     f"{fb(e.write_bytes):>9} {e.io_seconds:>6.0f} s {e.compute_seconds:>7.0f} s"
+                     + (f" (uses {e.used_nodes})" if e.used_nodes < n else ""))
+    return lines
 
 
 def _flops(n: float) -> str:

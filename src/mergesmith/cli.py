@@ -225,11 +225,17 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
 @click.argument("recipe", type=click.Path())
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
               metavar="[ADDRESS]",
-              help="Estimate for a Ray cluster: its ADDRESS, 'auto' (RAY_ADDRESS), or no value to "
-                   "start Ray here.")
+              help="Estimate for a Ray cluster: its ADDRESS, 'auto' (RAY_ADDRESS), or no "
+                   "value to start Ray here.")
+@click.option("--nodes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also estimate the wall time on 1, 2, 4 ... N nodes of a cluster, "
+                   "each output file one task.")
+@click.option("--node-bandwidth", default="1GB", show_default=True, metavar="SIZE",
+              help="Bytes per second one node reads and writes (with --nodes).")
 @_common_plan_options
 @friendly
-def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
+def check(recipe: str, nodes: int | None, node_bandwidth: str,
+          out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
           out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
           threads: int | None, ray_address: str | None,
           memory_limit: str | None, strict: bool, debug: bool) -> None:
@@ -240,7 +246,11 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: 
     """
     from .api import check as api_check
     from .options import Options
+    from .units import parse_size
 
+    bandwidth = parse_size(node_bandwidth, "--node-bandwidth")
+    if bandwidth <= 0:
+        raise click.BadParameter("must be positive", param_hint="--node-bandwidth")
     report = api_check(recipe, Options.parse(
         threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
         compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, out_format=out_format,
@@ -252,6 +262,10 @@ def check(recipe: str, out_shard_size: str, compute_dtype: str, fp8_block_size: 
 
         for line in cluster_estimate(report.plan, ray_address):
             click.echo(line)
+    if nodes is not None:
+        from .api import cluster_lines
+
+        click.echo("\n".join(cluster_lines(report, nodes, bandwidth)))
     click.echo("ok: the recipe is valid")
 
 
