@@ -260,7 +260,7 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str,
     if ray_address is not None:
         from .ray_executor import cluster_estimate
 
-        for line in cluster_estimate(report.plan, ray_address):
+        for line in cluster_estimate(report, ray_address):
             click.echo(line)
     if nodes is not None:
         from .api import cluster_lines

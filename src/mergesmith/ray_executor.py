@@ -246,10 +246,10 @@ def _input_paths(plan: Any, indexes: list) -> list[str]:
     return sorted(set(paths))
 
 
-def cluster_estimate(plan: Any, address: str) -> list[str]:
-    """``check --ray``: the cluster's nodes and CPUs, and the merge time on 1..N nodes (a
-    per-node split of the local estimate: tasks are independent and run anywhere)."""
-    from .api import STARTUP_SECONDS, estimate_seconds
+def cluster_estimate(report: Any, address: str) -> list[str]:
+    """``check --ray``: the cluster's nodes and CPUs, and the merge time on 1..N nodes of
+    it (``check --nodes``' estimate with this cluster's node count)."""
+    from .api import cluster_lines
     from .units import format_bytes
 
     connected = connect(address)
@@ -266,10 +266,4 @@ def cluster_estimate(plan: Any, address: str) -> list[str]:
                 else "")]
     lines += [f"  {n['address']} ({n['id'][:8]}): {n['cpus']} CPU(s), "
               f"{format_bytes(n['memory'])} for tasks" for n in nodes]
-    per_node = estimate_seconds(plan, max(1, min(n["cpus"] for n in nodes)))
-    work = per_node - STARTUP_SECONDS
-    estimates = ", ".join(f"{k} node(s) about {STARTUP_SECONDS + work / k:.0f} s"
-                          for k in range(1, len(nodes) + 1))
-    lines.append(f"time on ray:   {estimates} (each node's share of the estimate above; the "
-                 "shared storage's speed adds to it)")
-    return lines
+    return lines + cluster_lines(report, len(nodes))
