@@ -368,7 +368,7 @@ def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] |
     indexes = [m.ensure_local() for m in plan.models]
     remote = getattr(executor, "remote", False)  # other processes write the files too
     sink = ShardWriter(out_dir, list(plan.shards), resume=finished is not None,
-                       digest=not remote)
+                       shared=remote)  # checksums of the tasks' writes as they finish
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gc_was_enabled = gc.isenabled()

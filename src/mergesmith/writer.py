@@ -38,8 +38,11 @@ class _ShardDigest:
     (from the page cache) as soon as they extend the hashed prefix of the file, and their
     write-back to disk is started, so the final checksum and fsync cost little."""
 
-    def __init__(self, fd: int, size: int, header_size: int) -> None:
-        self.fd, self.size = fd, size
+    def __init__(self, fd: int, size: int, header_size: int, path: str | None = None) -> None:
+        """``path``: other processes (other machines) write the file too: each finished
+        range is read through a new open of ``path``, which a shared filesystem guarantees
+        to show their closed writes (close-to-open consistency)."""
+        self.fd, self.size, self.path = fd, size, path
         self.hash = hashlib.sha256()
         self.done_to = 0
         self.ranges: dict[int, int] = {0: header_size}  # start → end of finished ranges
@@ -52,14 +55,19 @@ class _ShardDigest:
             self._hash(start, self.ranges.pop(start))
 
     def _hash(self, start: int, end: int) -> None:
-        block = 16 << 20
-        for offset in range(start, end, block):
-            data = os.pread(self.fd, min(block, end - offset), offset)
-            if len(data) != min(block, end - offset):
-                raise OSError(errno.EIO, "short read while checksumming")
-            self.hash.update(data)
-        if hasattr(os, "posix_fadvise"):  # start write-back now; keeps the page cache small
-            os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        fd = self.fd if self.path is None else os.open(self.path, os.O_RDONLY)
+        try:
+            block = 16 << 20
+            for offset in range(start, end, block):
+                data = os.pread(fd, min(block, end - offset), offset)
+                if len(data) != min(block, end - offset):
+                    raise OSError(errno.EIO, "short read while checksumming")
+                self.hash.update(data)
+            if hasattr(os, "posix_fadvise"):  # start write-back; keeps the page cache small
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        finally:
+            if fd != self.fd:
+                os.close(fd)
         self.done_to = end
 
     def hexdigest(self) -> str:
@@ -95,12 +103,14 @@ class ShardWriter:
     computed while the merge runs; ``digests`` holds them after ``close``."""
 
     def __init__(self, folder: str, shards: list[Shard], resume: bool = False,
-                 digest: bool = True) -> None:
+                 digest: bool = True, shared: bool = False) -> None:
         """Create the shard files (or, with ``resume``, reopen those of an interrupted run).
-        Without ``digest`` no checksums are computed (others write the files too: they are
-        hashed by reading them back once complete)."""
+        Without ``digest`` no checksums are computed (a task writing part of the files on
+        another node); with ``shared`` other processes write the items and this sink
+        checksums each finished range by reading it afresh (the driver of a cluster run)."""
         self.folder = folder
         self.digest = digest
+        self.shared = shared
         self._fds: dict[str, int] = {}
         self._digests: dict[str, _ShardDigest] = {}
         self.digests: dict[str, str] = {}
@@ -118,8 +128,8 @@ class ShardWriter:
                         self._fds[shard.filename] = fd
                         _reserve(fd, shard.size)
                     _pwrite_all(fd, memoryview(shard.header), 0)
-                    self._digests[shard.filename] = _ShardDigest(fd, shard.size,
-                                                                 len(shard.header))
+                    self._digests[shard.filename] = _ShardDigest(
+                        fd, shard.size, len(shard.header), path if shared else None)
                 except OSError as e:
                     raise _io_error(path, e) from None
         except BaseException:
