@@ -24,7 +24,11 @@ from typing import Any
 from .errors import MergeError
 
 TASK_BYTES = 256 << 20
-"""Work items are grouped into tasks of about this many output bytes (one file each)."""
+"""Work items are grouped into tasks of at most this many output bytes (one file each)..."""
+
+TASKS_PER_CPU = 4
+"""... and of at most 1/(4 · the cluster's CPUs) of the output, so that every node gets
+several tasks and the last ones finish close together (methods differ in cost per byte)."""
 
 MAX_RETRIES = 4
 """Ray re-runs a task lost with its node or worker this many times."""
@@ -155,13 +159,16 @@ class RayExecutor:
     warnings: list[str] = field(default_factory=list)
     nodes: dict[str, _NodeTally] = field(default_factory=lambda: defaultdict(_NodeTally))
 
-    def groups(self, items: Sequence[Any]) -> list[list[Any]]:
-        """Consecutive items of one output file, up to ``task_bytes`` of output each."""
+    def groups(self, items: Sequence[Any], cpus: int = 1) -> list[list[Any]]:
+        """Consecutive items of one output file, up to ``task_bytes`` of output each and a
+        ``TASKS_PER_CPU``-th of the output per CPU of the cluster."""
+        total = sum(item.nbytes for item in items)
+        limit = max(1, min(self.task_bytes, total // (TASKS_PER_CPU * max(1, cpus))))
         groups: list[list[Any]] = []
         size = 0
         for item in items:
             if (not groups or groups[-1][0].tensor.file != item.tensor.file
-                    or size + item.nbytes > self.task_bytes):
+                    or size + item.nbytes > limit):
                 groups.append([])
                 size = 0
             groups[-1].append(item)
@@ -181,7 +188,7 @@ class RayExecutor:
         task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_run_task)
         plan_ref, index_ref = ray.put(plan), ray.put(indexes)
         position = {t.name: i for i, t in enumerate(plan.tensors)}
-        groups = self.groups(items)
+        groups = self.groups(items, int(ray.cluster_resources().get("CPU", 1)))
         refs = []
         for group in groups:
             # items of a task run one after another: its peak is its largest item
