@@ -314,3 +314,15 @@ def test_an_fp8_expert_is_read_as_what_it_dequantizes_to(models, tmp_path):
     assert torch.equal(got[layer + "experts.down_proj"][1],
                        want[layer + "down_proj.weight"].to(got[layer + "experts.down_proj"].dtype))
     generate(out)
+
+
+def test_the_moe_command_reports_what_it_wrote(models, tmp_path):
+    """The command line end to end, with its progress bar and closing line."""
+    import yaml
+
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(config(models, "llama", n=2)))
+    r = CliRunner().invoke(cli, ["moe", str(path), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 'out'}" in r.output
+    assert (tmp_path / "out" / "config.json").exists()

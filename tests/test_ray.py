@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LLAMA, random_tensors, recipe_file, run_cli, write_model
 
 ray = pytest.importorskip("ray")

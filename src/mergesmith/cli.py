@@ -333,8 +333,6 @@ def moe(config: str, out: str | None, check_only: bool, seed: int | None, device
 
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
-        for line in result.cluster:
-            click.echo(line)
 
 
 @cli.command("extract-lora", epilog=EPILOG)
