@@ -15,7 +15,6 @@ all runs must be byte-identical; the script says so.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import shutil
@@ -27,14 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-
-def digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-    return h.hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab import digest  # noqa: E402  (sha256 of the output's safetensors files)
 
 
 def worker_rss_sampler(stop: threading.Event, peak: list[int]) -> None:
