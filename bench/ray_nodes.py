@@ -8,8 +8,9 @@ one CPU each), and ``mergesmith run RECIPE OUT --ray ADDRESS --quiet`` runs as i
 process under ``/usr/bin/time -v`` (the driver's wall time, CPU time and peak RSS); the
 peak RSS of the Ray worker processes is sampled with psutil every 0.2 s while it runs
 (per-node memory: the largest worker). With ``--local-threads`` the same recipe also runs
-without Ray (``--threads``), for the overhead of Ray against local threads. The outputs of
-all runs must be byte-identical; the script says so.
+without Ray (``--threads``), for the overhead of Ray against local threads. The variants
+alternate, repeat after repeat (a fresh cluster for each Ray run). The outputs of all runs
+must be byte-identical; the script says so.
 """
 
 from __future__ import annotations
@@ -77,32 +78,37 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     out = work / "out"
-    digests = set()
-    if args.local_threads:
-        runs = [timed([sys.executable, "-m", "mergesmith", "run", str(args.recipe), str(out),
-                       "--quiet", "--threads", str(args.local_threads)], out)
-                for _ in range(args.repeats)]
-        digests |= {r["digest"] for r in runs}
-        print(f"local {args.local_threads} thread(s): wall "
-              f"{statistics.median(r['wall'] for r in runs):.2f} s, peak RSS "
-              f"{max(r['driver_rss'] for r in runs) / 2**20:.0f} MiB", flush=True)
-    for n in args.nodes:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        try:
-            for _ in range(n - 1):
-                cluster.add_node(num_cpus=1)
-            cluster.wait_for_nodes()
-            cmd = [sys.executable, "-m", "mergesmith", "run", str(args.recipe), str(out),
-                   "--quiet", "--ray", cluster.address]
-            runs = [timed(cmd, out) for _ in range(args.repeats)]
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-        digests |= {r["digest"] for r in runs}
-        print(f"ray {n} node(s): wall {statistics.median(r['wall'] for r in runs):.2f} s, "
-              f"driver CPU {statistics.median(r['driver_cpu'] for r in runs):.2f} s, driver "
-              f"RSS {max(r['driver_rss'] for r in runs) / 2**20:.0f} MiB, largest worker RSS "
-              f"{max(r['worker_rss'] for r in runs) / 2**20:.0f} MiB", flush=True)
+    results: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):  # interleaved: the machine's drift hits every variant alike
+        if args.local_threads:
+            results.setdefault(f"local {args.local_threads} thread(s)", []).append(timed(
+                [sys.executable, "-m", "mergesmith", "run", str(args.recipe), str(out),
+                 "--quiet", "--threads", str(args.local_threads)], out))
+        for n in args.nodes:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            try:
+                for _ in range(n - 1):
+                    cluster.add_node(num_cpus=1)
+                cluster.wait_for_nodes()
+                results.setdefault(f"ray {n} node(s)", []).append(timed(
+                    [sys.executable, "-m", "mergesmith", "run", str(args.recipe), str(out),
+                     "--quiet", "--ray", cluster.address], out))
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+    digests = {r["digest"] for runs in results.values() for r in runs}
+    first = None
+    for name, runs in results.items():
+        wall = statistics.median(r["wall"] for r in runs)
+        first = first or wall
+        walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
+        line = (f"{name}: wall {wall:.2f} s (median of {len(runs)}: {walls}; "
+                f"{wall / first:.2f}x the "
+                f"first), peak RSS {max(r['driver_rss'] for r in runs) / 2**20:.0f} MiB")
+        if name.startswith("ray"):
+            line += (f", driver CPU {statistics.median(r['driver_cpu'] for r in runs):.2f} s,"
+                     f" largest worker RSS {max(r['worker_rss'] for r in runs) / 2**20:.0f} MiB")
+        print(line, flush=True)
     print("outputs identical" if len(digests) == 1 else f"outputs DIFFER: {digests}")
     shutil.rmtree(work, ignore_errors=True)
 

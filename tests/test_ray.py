@@ -3,6 +3,7 @@ lost nodes, a killed driver and a node that cannot see an input."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -153,6 +154,77 @@ def test_killed_driver_then_resume(cluster, inputs, tmp_path):
         _same_files(_out(tmp_path, "local"), out)
 
 
+def _cluster_idle(deadline_s: float = 60) -> bool:
+    """Every CPU of the cluster free again (waits for the event, up to a deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_interrupt_cancels_every_task(cluster, inputs, tmp_path, monkeypatch):
+    """KeyboardInterrupt in the driver (the first item reported): every task not yet
+    reported is cancelled, the cluster goes idle, OUT.partial stays, nothing is published;
+    --resume --ray then gives the bytes of an uninterrupted run."""
+    recipe = _recipe(tmp_path, "ties", inputs)
+    mergesmith.run(recipe, _out(tmp_path, "local"), out_shard_size="8KB", threads=1)
+    plan = mergesmith.plan(recipe, out_shard_size="8KB")
+    tasks = len(RayExecutor(plan, "", lambda item: 0).groups(list(work_items(plan)), cpus=3))
+    cancelled = []
+    cancel = ray.cancel
+
+    def spy(ref, **kwargs):
+        cancelled.append(ref)
+        return cancel(ref, **kwargs)
+
+    monkeypatch.setattr(ray, "cancel", spy)
+
+    def progress(plan):
+        def update(nbytes, finished):
+            raise KeyboardInterrupt
+        return update
+
+    out = _out(tmp_path, "ray")
+    with pytest.raises(KeyboardInterrupt):
+        mergesmith.run(recipe, out, out_shard_size="8KB", ray=cluster.address,
+                       progress=progress)
+    assert len(set(cancelled)) == len(cancelled) == tasks > 3
+    assert _cluster_idle()
+    assert not out.exists() and Path(f"{out}.partial").is_dir()
+    monkeypatch.undo()
+    mergesmith.run(recipe, out, out_shard_size="8KB", resume=True, ray=cluster.address)
+    _same_files(_out(tmp_path, "local"), out)
+
+
+def test_ctrl_c_of_the_command(cluster, inputs, tmp_path):
+    """SIGINT to ``mergesmith run --ray`` once the progress log has a line: exit 130 with
+    the message that says how to resume, OUT.partial kept, and --resume finishes it."""
+    recipe = _recipe(tmp_path, "task_arithmetic", inputs)
+    mergesmith.run(recipe, _out(tmp_path, "local"), out_shard_size="8KB", threads=1)
+    out = _out(tmp_path, "ray")
+    log = Path(f"{out}.partial") / "mergesmith_progress.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "mergesmith", "run", str(recipe), str(out), "-q",
+         "--out-shard-size", "8KB", "--ray", cluster.address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while driver.poll() is None and time.monotonic() < deadline:
+        if log.exists() and log.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.002)
+    driver.send_signal(signal.SIGINT)
+    _, stderr = driver.communicate(timeout=120)
+    assert not out.exists(), "the merge finished before the signal"
+    assert driver.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    assert _cluster_idle()
+    mergesmith.run(recipe, out, out_shard_size="8KB", resume=True, ray=cluster.address)
+    _same_files(_out(tmp_path, "local"), out)
+
+
 def test_a_node_that_cannot_see_an_input(cluster, inputs, tmp_path):
     """One line naming the node and the path, exit 2; nothing published or left."""
     hidden = write_model(tmp_path / f"model-{UNSEEN}", random_tensors(CONFIG, 3), CONFIG)
@@ -196,6 +268,7 @@ def test_cli_flag_without_a_value_means_local():
 
     mp = pytest.MonkeyPatch()
     mp.setattr(cli_module, "merge_and_report", fake)
+    mp.setattr("mergesmith.ray_executor.session", lambda address: contextlib.nullcontext())
     try:
         CliRunner().invoke(cli, ["run", "r.yml", "out", "--ray"], catch_exceptions=False)
         assert seen["ray"] == "local"

@@ -394,8 +394,15 @@ def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = No
     ``eval_progress`` shows its progress bars); the results go into the model card and
     ``RunResult.evaluation``.
     """
-    out = os.fspath(out)
+    from . import ray_executor
+
     options = _options(options, option_values)
+    with ray_executor.session(options.ray):  # with Ray, the nodes warm up while this plans
+        return _run(recipe, os.fspath(out), options, progress)
+
+
+def _run(recipe: RecipeLike, out: str, options: Options,
+         progress: Callable[[Plan], Callable[[int, bool], None]] | None) -> RunResult:
     if options.out_format is None:
         options = options.replace(out_format="gguf" if out.lower().endswith(".gguf")
                                   else "safetensors")
@@ -434,18 +441,12 @@ def _merge(p: Plan, out: str,
         return ()
     from . import ray_executor
 
-    connected = ray_executor.connect(p.options.ray)
-    try:
+    with ray_executor.session(p.options.ray):  # already connected by run(): no-op
         executor = ray_executor.RayExecutor(
             p, os.path.abspath(partial_path(out)), lambda item: item_memory(p, item),
             on_task=getattr(progress, "tasks", None))
         _merge_here(p, out, progress, executor)
         return tuple(executor.summary())
-    finally:
-        if connected:
-            import ray
-
-            ray.shutdown()
 
 
 def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,

@@ -152,15 +152,18 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
     Example:
       mergesmith run recipe.yml ./merged --threads 4
     """
-    from .options import Options
+    from .ray_executor import session
 
-    merge_and_report(recipe, out, Options.parse(
-        seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
-        overwrite=overwrite, compute_dtype=compute_dtype, fp8_block_size=fp8_block_size,
-        out_format=out_format, allow_crimes=allow_crimes,
-        unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
-        resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
-        eval_progress=not quiet, strict=strict, ray=ray_address), quiet=quiet)
+    with session(ray_address):  # before torch is imported here: the nodes warm up meanwhile
+        from .options import Options
+
+        merge_and_report(recipe, out, Options.parse(
+            seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
+            overwrite=overwrite, compute_dtype=compute_dtype, fp8_block_size=fp8_block_size,
+            out_format=out_format, allow_crimes=allow_crimes,
+            unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict_finite=strict_finite,
+            resume=resume, memory_limit=memory_limit, evaluate=not no_evaluate,
+            eval_progress=not quiet, strict=strict, ray=ray_address), quiet=quiet)
 
 
 def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,

@@ -17,7 +17,8 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +48,18 @@ def _import_ray() -> Any:
     return ray
 
 
+_warming: list[Any] = []
+"""Warm-up tasks started by :func:`connect`, one per node; :func:`check_nodes` waits for
+them."""
+
+
 def connect(address: str) -> bool:
     """Connect to (or, for ``local``, start) a Ray runtime unless one is connected; return
-    whether this call did (so the caller disconnects)."""
+    whether this call did (so the caller disconnects).
+
+    Each node then starts a worker that imports torch and the engine, while this process
+    goes on planning (the imports cost a second or two per worker, and the tasks reuse the
+    warm workers)."""
     ray = _import_ray()
     if ray.is_initialized():
         return False
@@ -64,7 +74,37 @@ def connect(address: str) -> bool:
     except (ConnectionError, ValueError, RuntimeError) as e:
         where = "RAY_ADDRESS" if address == "auto" else address
         raise MergeError(f"cannot connect to the Ray cluster at {where}: {e}") from None
+    _warming[:] = _on_every_node(_warm_up, list(cluster_nodes()))
     return True
+
+
+@contextmanager
+def session(address: str | None) -> Iterator[None]:
+    """Connected to the cluster at ``address`` (``None``: no Ray) for the block; disconnect
+    at its end if this block connected."""
+    connected = address is not None and connect(address)
+    try:
+        yield
+    finally:
+        if connected:
+            _warming.clear()
+            _import_ray().shutdown()
+
+
+def _warm_up() -> None:
+    import torch  # noqa: F401
+
+    from . import checkpoint, execute, writer  # noqa: F401
+
+
+def _on_every_node(fn: Callable[..., Any], nodes: list[dict], *args: Any) -> list[Any]:
+    """One zero-CPU task of ``fn(*args)`` pinned to each node; their refs."""
+    ray = _import_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(fn)
+    return [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["id"], soft=False)).remote(*args) for n in nodes]
 
 
 def cluster_nodes() -> list[dict]:
@@ -93,16 +133,23 @@ def _missing(paths: Sequence[str], writable: Sequence[str]) -> list[str]:
 def check_nodes(paths: Sequence[str], folder: str) -> None:
     """MergeError naming the first node that cannot see an input file or the output folder."""
     ray = _import_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    probe = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    if _warming:  # the probes then run in the warm workers rather than start new ones
+        ray.wait(_warming, num_returns=len(_warming))
+        _warming.clear()
     nodes = cluster_nodes()
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["id"], soft=False)).remote(list(paths), [folder]) for n in nodes]
-    for node, missing in zip(nodes, ray.get(refs)):
+    refs = _on_every_node(_missing, nodes, list(paths), [folder])
+    for node, ref in zip(nodes, refs):
+        name = f"node {node['address']} (Ray node {node['id'][:12]})"
+        try:
+            missing = ray.get(ref)
+        except ray.exceptions.RayError as e:  # e.g. mergesmith not installed there
+            cause = getattr(e, "cause", None) or e
+            raise MergeError(f"{name} cannot run mergesmith's tasks: "
+                             f"{type(cause).__name__}: {str(cause).splitlines()[-1]}; install "
+                             "the same mergesmith on every node") from None
         if missing:
             raise MergeError(
-                f"node {node['address']} (Ray node {node['id'][:12]}) cannot see {missing[0]}"
+                f"{name} cannot see {missing[0]}"
                 f"{f' and {len(missing) - 1} more path(s)' if len(missing) > 1 else ''}; "
                 "with --ray the inputs and OUT must be on storage every node shares, at the "
                 "same paths")
@@ -226,8 +273,8 @@ class RayExecutor:
                     if self.on_task:
                         self.on_task(reported, len(refs), min(len(nodes), len(outstanding)))
         except BaseException:
-            for ref in outstanding:  # Ctrl-C or an error: stop the rest; OUT.partial stays
-                try:
+            for ref in refs[reported:]:  # Ctrl-C or an error: stop the rest (a finished
+                try:                      # task's cancel does nothing); OUT.partial stays
                     ray.cancel(ref, force=True)
                 except Exception:  # noqa: BLE001 - already finished or gone
                     pass
