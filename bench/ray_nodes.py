@@ -30,13 +30,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab import digest  # noqa: E402  (sha256 of the output's safetensors files)
 
+RAY_PROCESS = ("ray::", "default_worker.py", "raylet", "gcs_server", "ray/dashboard",
+               "ray/_private", "DashboardAgent")
 
-def worker_rss_sampler(stop: threading.Event, peak: list[int]) -> None:
+
+def worker_rss_sampler(stop: threading.Event, peak: list[int], cpu: dict) -> None:
+    """Peak RSS of the Ray worker processes, and the CPU seconds every Ray process (workers,
+    raylets, GCS, dashboard) spends while the merge runs: ``cpu[pid] = [first, last]``."""
     import psutil
 
     while not stop.is_set():
-        for p in psutil.process_iter(["cmdline", "memory_info"]):
+        for p in psutil.process_iter(["cmdline", "memory_info", "cpu_times"]):
             cmd = " ".join(p.info.get("cmdline") or [])
+            if not any(k in cmd for k in RAY_PROCESS):
+                continue
+            times = p.info.get("cpu_times")
+            if times is not None:
+                used = times.user + times.system
+                cpu.setdefault(p.pid, [used, used])[1] = used
             if "ray::" in cmd or "default_worker.py" in cmd:
                 mem = p.info.get("memory_info")
                 if mem is not None:
@@ -47,9 +58,11 @@ def worker_rss_sampler(stop: threading.Event, peak: list[int]) -> None:
 def timed(cmd: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    stop, peak = threading.Event(), [0]
-    sampler = threading.Thread(target=worker_rss_sampler, args=(stop, peak), daemon=True)
+    stop, peak, cpu = threading.Event(), [0], {}
+    sampler = threading.Thread(target=worker_rss_sampler, args=(stop, peak, cpu), daemon=True)
     sampler.start()
+    time.sleep(0.5)  # a first sample of the cluster's processes before the run
+    before = set(cpu)
     start = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -58,10 +71,14 @@ def timed(cmd: list[str], out: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"run failed ({done.returncode}): {done.stderr[-2000:]}")
     text = done.stderr
-    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", text)[1])
-              for k in ("User", "System"))
+    driver_cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", text)[1])
+                     for k in ("User", "System"))
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1]) * 1024
-    return {"wall": wall, "driver_cpu": cpu, "driver_rss": rss, "worker_rss": peak[0],
+    # processes that start after the first sample (workers) count from zero
+    ray_cpu = sum(last - (first if pid in before else 0)
+                  for pid, (first, last) in cpu.items())
+    return {"wall": wall, "driver_cpu": driver_cpu, "driver_rss": rss, "worker_rss": peak[0],
+            "ray_cpu": ray_cpu,
             "digest": digest(out)}
 
 
@@ -105,6 +122,8 @@ def main() -> None:
         line = (f"{name}: wall {wall:.2f} s (median of {len(runs)}: {walls}; "
                 f"{wall / first:.2f}x the "
                 f"first), peak RSS {max(r['driver_rss'] for r in runs) / 2**20:.0f} MiB")
+        line += (", CPU of every process "
+                 f"{statistics.median(r['driver_cpu'] + r['ray_cpu'] for r in runs):.1f} s")
         if name.startswith("ray"):
             line += (f", driver CPU {statistics.median(r['driver_cpu'] for r in runs):.2f} s,"
                      f" largest worker RSS {max(r['worker_rss'] for r in runs) / 2**20:.0f} MiB")
