@@ -35,6 +35,9 @@ def fingerprint(plan: Plan, chunk_elements: int) -> str:
     tensors and the input files."""
     inputs = []
     for m in plan.models:
+        if m.stage is not None:  # computed by an earlier stage: that stage's fingerprint
+            inputs.append([str(m.ref), fingerprint(m.stage, chunk_elements)])
+            continue
         files = []
         adapter_files = []
         if m.lora is not None:

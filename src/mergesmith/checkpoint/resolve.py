@@ -16,6 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import MergeError
 from ..recipe.refs import ModelPath, ModelReference
@@ -41,6 +42,9 @@ class ModelSource:
     repo_id: str | None = None  # set for Hub models
     pending_download: bool = False
     lora: LoraAdapter | None = None  # applied to the weights as they are read
+    stage: Any = None
+    """The plan of the earlier stage this model is computed from (multi-stage recipes);
+    None for a model on disk."""
     _ignore: list[str] = field(default_factory=list, repr=False)
 
     @property
