@@ -276,7 +276,7 @@ def plan_stages(graph: StageGraph, options: Options, target_name: str | None,
 
     target = graph.target(target_name)
     order = graph.order(target)
-    workdir = tempfile.mkdtemp(prefix="mergesmith-stages-")
+    workdir: list[str] = []  # made when a stage's side files differ from its donor's
     try:
         sources: dict[str, ModelSource] = {}
         infos: list[StageInfo] = []
@@ -316,9 +316,11 @@ def plan_stages(graph: StageGraph, options: Options, target_name: str | None,
         assert plan is not None
         plan = dataclasses.replace(plan, stages=tuple(infos))
     except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for folder in workdir:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    weakref.finalize(plan, shutil.rmtree, workdir, True)
+    for folder in workdir:
+        weakref.finalize(plan, shutil.rmtree, folder, True)
     return plan
 
 
@@ -326,16 +328,25 @@ def _renamed(source: ModelSource, ref: ModelReference) -> ModelSource:
     return source if source.ref == ref else dataclasses.replace(source, ref=ref)
 
 
-def computed_source(name: str, p: Plan, workdir: str) -> ModelSource:
-    """An intermediate stage as a model: its output tensors, computed when read; its side
-    files (what its run writes besides the weights) in a folder of ``workdir``."""
+def computed_source(name: str, p: Plan, workdir: list[str]) -> ModelSource:
+    """An intermediate stage as a model: its output tensors, computed when read; its
+    config is its plan's. Its side files (what its run writes besides the weights) are its
+    donor's, read from the donor's folder; only a stage that changes them (a new
+    tokenizer, a chat template, a patched generation config) has them written to a small
+    temporary folder (``workdir``, removed with the plan)."""
     from .api import tensor_work
     from .output import write_side_files
 
-    folder = os.path.join(workdir, f"{len(os.listdir(workdir)):03d}")
-    os.makedirs(folder)
-    write_side_files(dataclasses.replace(p, options=p.options.replace(write_model_card=False)),
-                     folder)
+    new_tokenizer = p.vocab is not None and p.vocab.tokenizer is not None
+    if new_tokenizer or p.chat_template is not None or p.generation_config is not None:
+        if not workdir:
+            workdir.append(tempfile.mkdtemp(prefix="mergesmith-stages-"))
+        folder = os.path.join(workdir[0], f"{len(os.listdir(workdir[0])):03d}")
+        os.makedirs(folder)
+        write_side_files(dataclasses.replace(
+            p, options=p.options.replace(write_model_card=False)), folder)
+    else:
+        folder = p.models[p.donor].folder
     work = tensor_work(p)
     pseudo = f"<stage {name}>"
     tensors: dict[str, TensorInfo] = {}
