@@ -316,3 +316,61 @@ def test_unknown_name_is_a_missing_model(work):
     line = _error(work, "name: a\n" + LINEAR.format(a="ft1", b="ft2") + "---\n"
                   + LINEAR.format(a="ab", b="ft3"))
     assert "model folder not found: ab" in line or "'ab'" in line
+
+
+# ------------------------------------------------------------------ published configs
+
+REAL = Path(__file__).parent / "data" / "multi" / "real"
+
+
+def _on_standins(text: str, root: Path) -> str:
+    """A multi-document recipe with every model path that is not a stage name replaced
+    by a stand-in (``real_recipes.on_standins``, per document)."""
+    import re
+
+    import yaml
+    from real_recipes import layers_needed, model_paths, write_standin
+
+    docs = text.split("\n---\n")
+    names = {d.get("name") for d in map(yaml.safe_load, docs) if isinstance(d, dict)}
+    layers = layers_needed(text)
+    paths: list[str] = []
+    for doc in docs:
+        paths += [p for p in model_paths(doc)[0] if p not in names and p not in paths]
+    folders = {p: write_standin(root / f"L{layers}" / f"m{k}", layers, k)
+               for k, p in enumerate(paths)}
+    for path in sorted(folders, key=len, reverse=True):
+        pattern = re.compile(r"(?<![\w./-])" + re.escape(path) + r"(?![\w.-])")
+        text = pattern.sub(lambda _, f=str(folders[path]): f, text)
+    return text
+
+
+REAL_RUNS = {"001_mergekit-mega.yml": ("ties", ["gradient-slerp", "gradient-slerp-ties"]),
+             "002_mergekit-docs-multimerge.yml": ("dare_ties",
+                                                  ["first-merge", "second-merge", None]),
+             "003_kansensakura-zero-rp.yml": ("passthrough",
+                                              ["knowledge_core", "rp_blend", None])}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_RUNS))
+def test_published_multi_stage_configs_run_on_standins(name, tmp_path):
+    from real_recipes import TOKENIZER
+
+    if not (TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("../shared/conformance (the stand-ins' tokenizer) is not available")
+    method, stages = REAL_RUNS[name]
+    text = _on_standins((REAL / name).read_text(), tmp_path / "standins")
+    report = api.check(text)
+    assert [s.name for s in report.plan.stages] == stages
+    assert report.plan.method.name == method
+    assert "stages:" in report.summary()
+    result = api.run(text, tmp_path / "out", keep_intermediates=tmp_path / "kept")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path / "kept")) == sorted(s for s in stages[:-1])
+    assert result.plan.stages[-1].name == stages[-1]
+
+
+def test_the_old_mega_format_is_refused(tmp_path):
+    text = (REAL / "004_mergekit-mega-out-path.yml").read_text()
+    with pytest.raises(MergeError, match="documents 1, 2 have no 'name:'"):
+        api.plan(text)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -519,8 +520,8 @@ def stage_memory(p: Plan, item: Any) -> int:
         key = (item.rows[1] - item.rows[0]) if item.rows is not None else None
         need = how._memory.get(key)
         if need is None:
-            span = next(s.rows for s in work_items(how.plan) if s.tensor is how.tensor) \
-                if not how.whole else None
+            one = SimpleNamespace(tensors=(how.tensor,))  # its chunks only
+            span = None if how.whole else next(work_items(one)).rows  # type: ignore[arg-type]
             if span is not None and key is not None:
                 span = (span[0], span[0] + min(key, span[1] - span[0]))
             need = item_memory(how.plan, WorkItem(how.tensor, span))
