@@ -369,8 +369,6 @@ def _whole_where_needed(p: Plan) -> Plan:
     """An element-wise tensor that reads a tensor its stage computes whole is merged whole
     too (else every row chunk would recompute the whole input). Not for random methods:
     their draws depend on the chunks, and the result must equal the separate runs'."""
-    from .methods.registry import internal_method  # noqa: F401  (bound() imports it)
-
     changed: dict[int, OutputTensor] = {}
     for t in p.tensors:
         if not t.elementwise or t.copied:
