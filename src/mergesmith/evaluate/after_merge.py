@@ -19,7 +19,7 @@ def recipe_parents(plan: Any) -> tuple[list[Parent], list[Scores]]:
         name = str(m.ref)
         if m.lora is not None:
             reason = "a LoRA reference (base+adapter): only full model folders are evaluated"
-        elif m.stage is not None:
+        elif getattr(m, "stage", None) is not None:
             reason = ("an intermediate stage, computed as it was read and not written "
                       "(--keep-intermediates writes it; evaluate it with 'mergesmith eval')")
         elif m.repo_id:
