@@ -374,3 +374,53 @@ def test_the_old_mega_format_is_refused(tmp_path):
     text = (REAL / "004_mergekit-mega-out-path.yml").read_text()
     with pytest.raises(MergeError, match="documents 1, 2 have no 'name:'"):
         api.plan(text)
+
+
+def test_a_stage_with_a_new_vocabulary_is_written_first(tmp_path, monkeypatch):
+    """``tokenizer_source: union`` on an intermediate stage: its embeddings are re-indexed
+    whole, so it is written first (check says so); the next stage reads its vocabulary and
+    the result equals the separate runs."""
+    pytest.importorskip("tokenizers")
+    from test_tokenizer import CORPUS_A, bpe, make_model
+
+    base_tok = bpe(CORPUS_A)
+    _, base_t = make_model(tmp_path / "base", base_tok, 0)
+    chat_tok = bpe(CORPUS_A)
+    chat_tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    make_model(tmp_path / "chat", chat_tok, 1, base_t)
+    monkeypatch.chdir(tmp_path)
+    text = """\
+name: u
+merge_method: linear
+base_model: base
+models:
+  - {model: base, parameters: {weight: 0.5}}
+  - {model: chat, parameters: {weight: 0.5}}
+tokenizer_source: union
+---
+merge_method: linear
+models:
+  - {model: u, parameters: {weight: 0.7}}
+  - {model: chat, parameters: {weight: 0.3}}
+tokenizer_source: u
+"""
+    assert "written first to OUT.partial/.stages/u because its vocabulary is rebuilt" in \
+        api.check(text).summary()
+    api.run(text, "fused")
+    one_by_one(text, ["u", "final"])
+    assert data("fused") == data("final")
+    assert (tmp_path / "fused" / "tokenizer.json").read_text() == \
+        (tmp_path / "final" / "tokenizer.json").read_text()
+    assert not (tmp_path / "fused" / ".stages").exists()
+
+
+def test_cli_keep_intermediates_and_check_stage(work):
+    (work / "multi.yml").write_text(THREE_STAGES)
+    r = run_cli("run", "multi.yml", "out", "--keep-intermediates", "kept", "--quiet", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(work / "kept")) == ["blended", "tied"]
+    r = run_cli("check", "multi.yml", "--stage", "tied", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "stages:        1 in order" in r.stdout and "merge_method ties" in r.stdout
+    r = run_cli("run", "--help")
+    assert "--keep-intermediates" in r.stdout and "--stage" in r.stdout

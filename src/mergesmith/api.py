@@ -517,10 +517,6 @@ def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
         log.close()
         for w in found:
             warnings.warn(w, stacklevel=3)
-        if p.stages:
-            from .stages import remove_written
-
-            remove_written(partial)
         if p.options.out_format == "gguf":  # one file: metadata and tokenizer are inside
             verify_gguf(p, partial)
             publish_file(partial, p.shards[0].filename, out)
@@ -529,6 +525,10 @@ def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
         verify_plan(p, partial)
         resume_module.remove_records(partial)
         write_checksums(p, partial, digests)
+        if p.stages:  # stages written first: their folders gave side files until now
+            from .stages import remove_written
+
+            remove_written(partial)
         publish(partial, out)
     except (MergeIOError, KeyboardInterrupt):
         log.close()  # resumable: keep what is finished
