@@ -232,10 +232,13 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
     elif not quiet:
         from .units import format_bytes
 
-        stages = (f" (the last of {len(plan.stages)} stages; the others computed as they "
-                  "were read" + (f", and written to {keep_intermediates}/NAME"
-                                 if keep_intermediates else ", not written") + ")"
-                  if plan.stages else "")
+        stages = ""
+        if plan.stages:
+            written = sum(s.written is not None for s in plan.stages[:-1])
+            stages = (f" (the last of {len(plan.stages)} stages; " + (
+                f"the others also written to {keep_intermediates}/NAME" if keep_intermediates
+                else f"{written} written first, then removed" if written
+                else "the others computed as they were read, never written") + ")")
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
                    f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s){stages}")
         for line in result.cluster:

@@ -42,10 +42,10 @@ class ModelSource:
     repo_id: str | None = None  # set for Hub models
     pending_download: bool = False
     lora: LoraAdapter | None = None  # applied to the weights as they are read
+    _ignore: list[str] = field(default_factory=list, repr=False)
     stage: Any = None
     """The plan of the earlier stage this model is computed from (multi-stage recipes);
     None for a model on disk."""
-    _ignore: list[str] = field(default_factory=list, repr=False)
 
     @property
     def folder(self) -> str:
