@@ -424,3 +424,45 @@ def test_cli_keep_intermediates_and_check_stage(work):
     assert "stages:        1 in order" in r.stdout and "merge_method ties" in r.stdout
     r = run_cli("run", "--help")
     assert "--keep-intermediates" in r.stdout and "--stage" in r.stdout
+
+
+def test_diamond_of_stages_with_a_lora_input(tmp_path, monkeypatch):
+    """Two stages read the same stage (computed for each), one input is base+LoRA (applied
+    inside the computed stage): still the separate runs' bytes."""
+    from real_recipes import TOKENIZER, write_standin, write_standin_lora
+
+    if not (TOKENIZER / "tokenizer.json").exists():
+        pytest.skip("../shared/conformance (the stand-ins' tokenizer) is not available")
+    for k in range(3):
+        write_standin(tmp_path / f"m{k}", 4, k)
+    write_standin_lora(tmp_path / "lora", 4, 1)
+    monkeypatch.chdir(tmp_path)
+    text = """\
+name: s
+merge_method: linear
+models:
+  - {model: m1, parameters: {weight: 0.5}}
+  - {model: m0+lora, parameters: {weight: 0.5}}
+---
+name: a
+merge_method: slerp
+base_model: s
+models: [{model: s}, {model: m2}]
+parameters: {t: 0.3}
+---
+name: b
+merge_method: task_arithmetic
+base_model: m0
+models: [{model: s, parameters: {weight: 1.5}}]
+---
+merge_method: linear
+models:
+  - {model: a, parameters: {weight: 0.5}}
+  - {model: b, parameters: {weight: 0.5}}
+dtype: bfloat16
+"""
+    p = api.plan(text)
+    assert [s.name for s in p.stages] == ["s", "a", "b", None]
+    api.run(text, "fused")
+    one_by_one(text, ["s", "a", "b", "final"])
+    assert data("fused") == data("final")
