@@ -173,6 +173,8 @@ def plan(recipe: RecipeLike, options: Options | None = None, *, stage: str | Non
     from .stages import plan_stages, read_stages
 
     options = _options(options, option_values)
+    if isinstance(recipe, (list, tuple)) and len(recipe) == 1:
+        recipe = recipe[0]  # a list of one mapping: a recipe of one stage
     graph = read_stages(recipe)
     if graph is not None:
         return plan_stages(graph, options, stage, resolve, resolve_tokenizer)

@@ -368,7 +368,9 @@ def _path(name: str):
 def _whole_where_needed(p: Plan) -> Plan:
     """An element-wise tensor that reads a tensor its stage computes whole is merged whole
     too (else every row chunk would recompute the whole input). Not for random methods:
-    their draws depend on the chunks, and the result must equal the separate runs'."""
+    their draws depend on the chunks, and the result must equal the separate runs' (no
+    built-in random method is element-wise; a plugin's would recompute per chunk: correct,
+    slower)."""
     changed: dict[int, OutputTensor] = {}
     for t in p.tensors:
         if not t.elementwise or t.copied:
