@@ -113,9 +113,10 @@ def test_keep_intermediates_equal_separate_runs(work):
 
 
 def test_chunked_random_stages_equal_separate_runs(work, monkeypatch):
-    """Row chunks (forced small) and a random method: the intermediate is computed with its
-    own chunks, so DARE draws the same masks as in its own run; out_dtype float32 in the
-    middle rounds there, not to the final dtype."""
+    """Row chunks (forced small) and a random method: the element-wise middle stage is
+    computed in its own row chunks and a whole-tensor read (TIES) gets them concatenated;
+    DARE is seeded per tensor as in its own run; out_dtype float32 in the middle rounds
+    there, not to the final dtype."""
     monkeypatch.setattr(ex, "CHUNK_ELEMENTS", 256)
     text = """\
 name: dared
