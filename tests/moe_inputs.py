@@ -152,24 +152,26 @@ def model_tensors(name: str, _cache: dict | None = None) -> dict[str, torch.Tens
     return cache[name]
 
 
-def write_model(name: str, folder: Path, _cache: dict | None = None) -> Path:
-    """Write model ``name`` (config, bfloat16 safetensors, tokenizer) into ``folder``."""
+def write_model(name: str, folder: Path, _cache: dict | None = None,
+                dtype: torch.dtype = DTYPE) -> Path:
+    """Write model ``name`` (config, bfloat16 safetensors or ``dtype``, tokenizer) into
+    ``folder``."""
     family = MODELS[name][0]
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model_config(family)
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
-    cfg.dtype = "bfloat16"
+    cfg.dtype = str(dtype).removeprefix("torch.")
     cfg.save_pretrained(folder)
-    tensors = {k: v.to(DTYPE).contiguous() for k, v in model_tensors(name, _cache).items()}
+    tensors = {k: v.to(dtype).contiguous() for k, v in model_tensors(name, _cache).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     build_tokenizer().save_pretrained(folder)
     return folder
 
 
-def write_all(root: Path, names=None) -> dict[str, Path]:
+def write_all(root: Path, names=None, dtype: torch.dtype = DTYPE) -> dict[str, Path]:
     """Write every model of MODELS (or ``names``) under ``root/<name>``."""
     cache: dict = {}
-    return {n: write_model(n, Path(root) / n, cache) for n in (names or MODELS)}
+    return {n: write_model(n, Path(root) / n, cache, dtype) for n in (names or MODELS)}
 
 
 def file_digests(root: Path) -> dict[str, str]:

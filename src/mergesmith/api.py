@@ -65,8 +65,12 @@ class CheckReport:
         from .units import format_bytes as fb
 
         p = self.plan
+        from .stages import stage_lines
+
         lines = [
-            f"recipe:        {p.recipe.source} — merge_method {p.method.name}",
+            *stage_lines(p),
+            f"recipe:        {p.recipe.source} — merge_method {p.method.name}"
+            + (" (the last stage)" if p.stages else ""),
             "models:",
         ]
         for i, m in enumerate(p.models):
@@ -74,8 +78,11 @@ class CheckReport:
                 ["donor of config.json and tokenizer"] if i == p.donor else [])
             role = f" ({', '.join(roles)})" if roles else ""
             pending = ", weights to download" if m.pending_download else ""
+            if m.stage is not None:
+                pending = ", computed by its stage as it is read"
             formats = sorted({t.quant.format for t in m.index.tensors.values() if t.quant
-                              and t.quant.format != "gguf"} | ({describe_gguf(m.index)} - {None}))
+                              and t.quant.format not in ("gguf", "stage")}
+                             | ({describe_gguf(m.index)} - {None}))
             quantized = (f", {' and '.join(formats)} weights dequantized as they are read"
                          if formats else "")
             lines.append(f"  {m.ref}: {len(m.index.tensors)} tensors, "
@@ -154,11 +161,27 @@ def _options(options: Options | None, values: dict[str, Any]) -> Options:
     return options.replace(**{k: getattr(parsed, k) for k in values if values[k] is not None})
 
 
-def plan(recipe: RecipeLike, options: Options | None = None, **option_values: Any) -> Plan:
+def plan(recipe: RecipeLike, options: Options | None = None, *, stage: str | None = None,
+         **option_values: Any) -> Plan:
     """Parse and validate a recipe, resolve its models, and plan the merge (no tensor data).
-    Options are an :class:`~mergesmith.options.Options` or its fields as keywords."""
-    r = load_recipe(recipe)
+    Options are an :class:`~mergesmith.options.Options` or its fields as keywords.
+
+    A multi-stage recipe (several YAML documents, or a list of mappings) plans the stages
+    its final one needs — the unnamed document, or the one named ``stage`` — and returns
+    the final stage's plan; its ``stages`` lists them, and the intermediate stages are
+    among its models as sources computed when read (nothing is written)."""
+    from .stages import plan_stages, read_stages
+
     options = _options(options, option_values)
+    if isinstance(recipe, (list, tuple)) and len(recipe) == 1:
+        recipe = recipe[0]  # a list of one mapping: a recipe of one stage
+    graph = read_stages(recipe)
+    if graph is not None:
+        return plan_stages(graph, options, stage, resolve, resolve_tokenizer)
+    r = load_recipe(recipe)
+    if stage is not None:
+        raise MergeError(f"--stage '{stage}': the recipe has a single stage (a multi-stage "
+                         "recipe has several YAML documents separated by '---')")
     sources: dict = {}
     for ref, where in referenced_models(r):
         sources[ref] = resolve(ref, where)
@@ -335,11 +358,12 @@ def _flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
-def check(recipe: RecipeLike, options: Options | None = None,
+def check(recipe: RecipeLike, options: Options | None = None, *, stage: str | None = None,
           **option_values: Any) -> CheckReport:
-    """Validate a recipe and estimate the merge without reading any tensor data."""
+    """Validate a recipe and estimate the merge without reading any tensor data (a
+    multi-stage recipe: its stage graph too; ``stage`` as in :func:`plan`)."""
     options = _options(options, option_values)
-    p = plan(recipe, options)
+    p = plan(recipe, options, stage=stage)
     if p.recipe.evaluate is not None:
         from .evaluate.after_merge import check_evaluation
 
@@ -379,6 +403,7 @@ class RunResult:
 
 def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = None, *,
         progress: Callable[[Plan], Callable[[int, bool], None]] | None = None,
+        stage: str | None = None, keep_intermediates: str | os.PathLike | None = None,
         **option_values: Any) -> RunResult:
     """Merge: validate and plan everything, then write ``out`` atomically.
 
@@ -393,21 +418,32 @@ def run(recipe: RecipeLike, out: str | os.PathLike, options: Options | None = No
     A recipe's ``evaluate:`` block runs on the finished folder (unless ``evaluate=False``;
     ``eval_progress`` shows its progress bars); the results go into the model card and
     ``RunResult.evaluation``.
+
+    A multi-stage recipe builds its final stage (or the one named ``stage``) with the
+    intermediate stages fused: computed tensor by tensor where they are read, never
+    written; ``keep_intermediates=DIR`` also writes each of them to ``DIR/NAME``.
     """
     from . import ray_executor
 
     options = _options(options, option_values)
+    keep = os.fspath(keep_intermediates) if keep_intermediates is not None else None
     with ray_executor.session(options.ray):  # with Ray, the nodes warm up while this plans
-        return _run(recipe, os.fspath(out), options, progress)
+        return _run(recipe, os.fspath(out), options, progress, stage, keep)
 
 
 def _run(recipe: RecipeLike, out: str, options: Options,
-         progress: Callable[[Plan], Callable[[int, bool], None]] | None) -> RunResult:
+         progress: Callable[[Plan], Callable[[int, bool], None]] | None,
+         stage: str | None = None, keep: str | None = None) -> RunResult:
+    from .stages import check_keep
+
     if options.out_format is None:
         options = options.replace(out_format="gguf" if out.lower().endswith(".gguf")
                                   else "safetensors")
     resolve_devices(options.device)
-    p = plan(recipe, options)
+    p = plan(recipe, options, stage=stage)
+    check_keep(p, keep)
+    if p.stages and options.ray is not None:
+        raise MergeError("multi-stage recipes do not run on Ray yet; run without --ray")
     for w in p.warnings:
         warnings.warn(w, stacklevel=2)
     check_output(out, options.overwrite, file=options.out_format == "gguf")
@@ -422,7 +458,7 @@ def _run(recipe: RecipeLike, out: str, options: Options,
                           "adapter", stacklevel=2)
         return RunResult(p, out, adapter_result=_run_adapter_merge(p, out))
     memory.data_budget(options.memory_limit)  # too small for this process: before writing
-    cluster = _merge(p, out, progress(p) if progress else None)
+    cluster = _merge(p, out, progress(p) if progress else None, keep)
     evaluation = None
     if evaluate:
         from .evaluate.after_merge import evaluate_merge
@@ -432,12 +468,12 @@ def _run(recipe: RecipeLike, out: str, options: Options,
     return RunResult(p, out, evaluation=evaluation, cluster=cluster)
 
 
-def _merge(p: Plan, out: str,
-           progress: Callable[[int, bool], None] | None) -> tuple[str, ...]:
+def _merge(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
+           keep: str | None = None) -> tuple[str, ...]:
     """Write the model into ``OUT.partial`` (resuming it if asked), verify, publish; with
     ``ray``, on the cluster (returns its per-node summary)."""
     if p.options.ray is None:
-        _merge_here(p, out, progress, None)
+        _merge_here(p, out, progress, None, keep)
         return ()
     from . import ray_executor
 
@@ -450,7 +486,7 @@ def _merge(p: Plan, out: str,
 
 
 def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
-                executor: Any) -> None:
+                executor: Any, keep: str | None = None) -> None:
     resume = p.options.resume
     partial = partial_path(out)
     chunk = chunk_elements_for(p.options.memory_limit)
@@ -472,6 +508,11 @@ def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
     log = resume_module.ProgressLog(partial, fp, append=finished is not None)
     digests: dict[str, str] = {}
     try:
+        if p.stages:  # stages that cannot be fused, and --keep-intermediates
+            from .stages import write_stages
+
+            write_stages(p, partial, keep, lambda sp, target: _merge_here(sp, target, None,
+                                                                            None))
         found = execute(p, partial, chunk_elements=chunk, finished=finished, digests=digests,
                         record=lambda item, crc: log.record(item.tensor.name, item.rows, crc),
                         progress=progress, executor=executor)
@@ -486,6 +527,10 @@ def _merge_here(p: Plan, out: str, progress: Callable[[int, bool], None] | None,
         verify_plan(p, partial)
         resume_module.remove_records(partial)
         write_checksums(p, partial, digests)
+        if p.stages:  # stages written first: their folders gave side files until now
+            from .stages import remove_written
+
+            remove_written(partial)
         publish(partial, out)
     except (MergeIOError, KeyboardInterrupt):
         log.close()  # resumable: keep what is finished

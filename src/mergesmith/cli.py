@@ -132,10 +132,18 @@ def _common_plan_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               metavar="[ADDRESS]",
               help="Run on a Ray cluster: its ADDRESS, 'auto' (RAY_ADDRESS), or no value to "
                    "start Ray here. Inputs and OUT must be on storage every node shares.")
+@click.option("--stage", default=None, metavar="NAME",
+              help="Multi-stage recipe: build the stage named NAME (and the stages it "
+                   "reads) instead of the unnamed final stage.")
+@click.option("--keep-intermediates", default=None, metavar="DIR", type=click.Path(),
+              help="Multi-stage recipe: also write every intermediate stage as a model "
+                   "folder DIR/NAME (by default they are computed as they are read and "
+                   "never written).")
 @_common_plan_options
 @friendly
 def run(recipe: str, out: str, seed: int | None, device: str, devices: str | None,
-        overwrite: bool, resume: bool, ray_address: str | None,
+        overwrite: bool, resume: bool, ray_address: str | None, stage: str | None,
+        keep_intermediates: str | None,
         strict_finite: bool, no_evaluate: bool, quiet: bool,
         out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
         out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
@@ -148,16 +156,24 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
     built in OUT.partial/ and renamed to OUT only when complete and verified; if the merge
     is interrupted, --resume continues it.
 
+    A multi-stage recipe (mergekit-multi's format: YAML documents separated by '---', the
+    intermediate ones with 'name:', later ones using those names as models) builds its
+    unnamed final stage, or --stage NAME. The stages are fused: each output tensor is
+    computed through them in memory, so intermediate models are never written unless
+    --keep-intermediates asks (or a stage needs it: 'check' says which).
+
     \b
     Example:
       mergesmith run recipe.yml ./merged --threads 4
+      mergesmith run stages.yml ./merged --keep-intermediates ./stages
     """
     from .ray_executor import session
 
     with session(ray_address):  # before torch is imported here: the nodes warm up meanwhile
         from .options import Options
 
-        merge_and_report(recipe, out, Options.parse(
+        merge_and_report(recipe, out, stage=stage, keep_intermediates=keep_intermediates,
+                         options=Options.parse(
             seed=seed, threads=threads, device=devices or device, out_shard_size=out_shard_size,
             overwrite=overwrite, compute_dtype=compute_dtype, fp8_block_size=fp8_block_size,
             out_format=out_format, allow_crimes=allow_crimes,
@@ -167,7 +183,8 @@ def run(recipe: str, out: str, seed: int | None, device: str, devices: str | Non
 
 
 def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
-                     before: Callable[[Any], None] | None = None) -> None:
+                     before: Callable[[Any], None] | None = None, stage: str | None = None,
+                     keep_intermediates: str | None = None) -> None:
     """Run the merge with a progress bar (unless ``quiet``) and print what was written:
     the engine of ``run`` and ``mergekit-yaml``. ``before`` sees the plan first."""
     from .api import run as api_run
@@ -204,7 +221,8 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
         return update
 
     try:
-        result = api_run(recipe, out, options, progress=progress)
+        result = api_run(recipe, out, options, progress=progress, stage=stage,
+                         keep_intermediates=keep_intermediates)
     finally:
         if bar is not None:
             bar.close()
@@ -214,8 +232,15 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
     elif not quiet:
         from .units import format_bytes
 
+        stages = ""
+        if plan.stages:
+            written = sum(s.written is not None for s in plan.stages[:-1])
+            stages = (f" (the last of {len(plan.stages)} stages; " + (
+                f"the others also written to {keep_intermediates}/NAME" if keep_intermediates
+                else f"{written} written first, then removed" if written
+                else "the others computed as they were read, never written") + ")")
         click.echo(f"wrote {out}: {len(plan.tensors)} tensors, "
-                   f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s)")
+                   f"{format_bytes(plan.bytes_written)} in {len(plan.shards)} file(s){stages}")
         for line in result.cluster:
             click.echo(line)
     if result.evaluation is not None:
@@ -235,9 +260,12 @@ def merge_and_report(recipe: str, out: str, options: Any, *, quiet: bool,
                    "each output file one task.")
 @click.option("--node-bandwidth", default="1GB", show_default=True, metavar="SIZE",
               help="Bytes per second one node reads and writes (with --nodes).")
+@click.option("--stage", default=None, metavar="NAME",
+              help="Multi-stage recipe: build the stage named NAME (and the stages it "
+                   "reads) instead of the unnamed final stage.")
 @_common_plan_options
 @friendly
-def check(recipe: str, nodes: int | None, node_bandwidth: str,
+def check(recipe: str, nodes: int | None, node_bandwidth: str, stage: str | None,
           out_shard_size: str, compute_dtype: str, fp8_block_size: str | None,
           out_format: str | None, allow_crimes: bool, unsafe_truncate_embeddings: bool,
           threads: int | None, ray_address: str | None,
@@ -245,7 +273,9 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str,
     """Validate RECIPE and print the merge plan, without reading any weights.
 
     Checks every key, parameter, model folder, tensor name and shape; prints the output
-    tensor count, bytes to read and write, and the estimated peak memory.
+    tensor count, bytes to read and write, and the estimated peak memory. For a
+    multi-stage recipe it first prints the stage graph: the stages in order, what each
+    reads, and whether it is fused (computed as it is read) or written first.
     """
     from .api import check as api_check
     from .options import Options
@@ -258,7 +288,7 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str,
         threads=threads, memory_limit=memory_limit, out_shard_size=out_shard_size,
         compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, out_format=out_format,
         allow_crimes=allow_crimes,
-        unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict))
+        unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict), stage=stage)
     click.echo(report.summary())
     if ray_address is not None:
         from .ray_executor import cluster_estimate

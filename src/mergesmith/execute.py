@@ -86,13 +86,24 @@ def _read_bytes_per_element(info) -> int:
     """Memory a read takes per element: the stored dtype, or for a quantized weight its
     float32 dequantization and what it is decoded from (FP8: the weight and its expanded
     block scales; MXFP4: half a byte of codes and 1/32 of a scale byte)."""
-    return 8 if info.quant is not None else info.dtype.itemsize
+    if info.quant is not None and info.format != "stage":
+        return 8
+    return info.dtype.itemsize
 
 
 def item_memory(plan: Plan, item: WorkItem) -> int:
     """Bytes of tensor data a work item holds at its peak: its largest raw input, the
     inputs in the compute dtype, the method's temporaries and the output buffer (for an
-    encoded tensor: in its value dtype, and the encoded bytes)."""
+    encoded tensor: in its value dtype, and the encoded bytes); with inputs computed by
+    earlier stages of a multi-stage recipe, also the largest of their computations."""
+    if plan.stages or any(m.stage is not None for m in plan.models):
+        from .stages import stage_memory
+
+        return _item_memory(plan, item) + stage_memory(plan, item)
+    return _item_memory(plan, item)
+
+
+def _item_memory(plan: Plan, item: WorkItem) -> int:
     t = item.tensor
     numel = prod(t.shape) if item.rows is None else \
         (item.rows[1] - item.rows[0]) * prod(t.shape[1:])
@@ -372,10 +383,16 @@ def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] |
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gc_was_enabled = gc.isenabled()
+    stage_source = None
     gc.disable()  # the loop makes no reference cycles; collections only cost time
     ok = False
     try:
         with TensorReader(pin_memory=any(d.type == "cuda" for d in devices)) as reader:
+            if any(m.stage is not None for m in plan.models):  # computed by earlier stages
+                from .stages import StageSource
+
+                stage_source = reader.sources["stage"] = StageSource(
+                    reader, devices, chunk_elements, options.strict_finite)
             job = _Job(plan, indexes, reader, sink, devices, options.strict_finite)
             items = list(work_items(plan, chunk_elements))
             chunks_left = Counter(item.tensor.name for item in items)
@@ -408,4 +425,5 @@ def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] |
                 raise
     if digests is not None:
         digests.update(sink.digests)
-    return job.warnings + list(getattr(executor, "warnings", []))
+    return (job.warnings + list(getattr(stage_source, "warnings", []))
+            + list(getattr(executor, "warnings", [])))

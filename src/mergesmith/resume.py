@@ -35,6 +35,9 @@ def fingerprint(plan: Plan, chunk_elements: int) -> str:
     tensors and the input files."""
     inputs = []
     for m in plan.models:
+        if getattr(m, "stage", None) is not None:  # computed by an earlier stage
+            inputs.append([str(m.ref), fingerprint(m.stage, chunk_elements)])
+            continue
         files = []
         adapter_files = []
         if m.lora is not None:
@@ -128,7 +131,9 @@ def load_finished(plan: Plan, folder: str, fp: str) -> dict[ItemKey, int] | None
             if name not in tensors:
                 continue
             t = tensors[name]
-            fh = handles.setdefault(t.file, open(os.path.join(folder, t.file), "rb"))
+            fh = handles.get(t.file)
+            if fh is None:  # (setdefault would open the file again for every item)
+                fh = handles[t.file] = open(os.path.join(folder, t.file), "rb")
             got = 0
             for offset, length in t.byte_ranges(rows):
                 got = _crc_of(fh, offset, length, got)

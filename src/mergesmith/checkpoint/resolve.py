@@ -16,6 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import MergeError
 from ..recipe.refs import ModelPath, ModelReference
@@ -42,6 +43,9 @@ class ModelSource:
     pending_download: bool = False
     lora: LoraAdapter | None = None  # applied to the weights as they are read
     _ignore: list[str] = field(default_factory=list, repr=False)
+    stage: Any = None
+    """The plan of the earlier stage this model is computed from (multi-stage recipes);
+    None for a model on disk."""
 
     @property
     def folder(self) -> str:

@@ -19,6 +19,9 @@ def recipe_parents(plan: Any) -> tuple[list[Parent], list[Scores]]:
         name = str(m.ref)
         if m.lora is not None:
             reason = "a LoRA reference (base+adapter): only full model folders are evaluated"
+        elif getattr(m, "stage", None) is not None:
+            reason = ("an intermediate stage, computed as it was read and not written "
+                      "(--keep-intermediates writes it; evaluate it with 'mergesmith eval')")
         elif m.repo_id:
             reason = "a Hugging Face Hub id: only local model folders are evaluated"
         else:

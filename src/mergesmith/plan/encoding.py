@@ -44,7 +44,7 @@ def plan_encodings(d: Draft, donor: int) -> None:
     if d.recipe.output == "adapter":
         raise MergeError(f"{d.recipe.at('out_dtype')}: float8_e4m3fn is a format of merged "
                          "models; 'output: adapter' writes a LoRA adapter")
-    quantized_inputs = any(info.quant is not None
+    quantized_inputs = any(info.quant is not None and info.format != "stage"
                            for s in d.sources for info in s.index.tensors.values())
     block = _block_size(d, donor)
     encoding = BlockFP8(block)
@@ -81,6 +81,7 @@ def _quantized(d: Draft, t: OutputTensor, quantized_inputs: bool) -> bool:
         return False
     if quantized_inputs:
         return any(d.sources[i.model].index.tensors[i.name].quant is not None
+                   and d.sources[i.model].index.tensors[i.name].format != "stage"
                    for i in t.inputs)
     return (t.name.endswith(".weight") and not arch.is_vocab_tensor(t.name)
             and not _NOT_LINEAR.search(t.name))

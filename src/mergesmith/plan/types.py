@@ -120,6 +120,9 @@ class Plan:
     vocab: VocabPlan | None = None
     generation_config: dict[str, Any] | None = None  # patched; None: copied as is
     chat_template: str | None = None
+    stages: tuple[Any, ...] = ()
+    """A multi-stage recipe's stages (``stages.StageInfo``), in order, this plan's last;
+    empty for a recipe of one stage."""
 
     @property
     def seed(self) -> int | None:
