@@ -263,7 +263,7 @@ def test_cli_flag_without_a_value_means_local():
     seen = {}
     import mergesmith.cli as cli_module
 
-    def fake(recipe, out, options, *, quiet, before=None):
+    def fake(recipe, out, options, *, quiet, before=None, **kwargs):
         seen["ray"] = options.ray
 
     mp = pytest.MonkeyPatch()
