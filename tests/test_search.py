@@ -315,11 +315,18 @@ def test_two_ray_workers_same_trials_as_one(setup, tmp_path):
     ray = pytest.importorskip("ray")
     space = recipe_file(tmp_path, space_text(setup, budget=8), "space.yml")
     local = search(space, tmp_path / "local", threads=1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from ray import cluster_utils
+
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 80 << 20})
+    cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
     try:
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
         remote = search(space, tmp_path / "ray", ray="auto", workers=2, threads=1)
     finally:
         ray.shutdown()
+        cluster.shutdown()
     assert same(remote.records) == same(local.records)
     assert same(trials(tmp_path / "ray")) == same(local.records)
 
