@@ -355,3 +355,37 @@ def test_kl_objective(setup, tmp_path):
     assert result.space.objective.direction == "minimize"
     assert all(r["state"] == "complete" for r in result.records), result.records
     assert torch.isfinite(torch.tensor(result.best["score"])) and result.best["score"] >= 0
+
+
+def test_tasks_objective_mean_of_the_metric_and_lm_eval_args(monkeypatch):
+    from mergesmith.evaluate import lm_eval_tasks
+    from mergesmith.search.trial import score_model
+
+    seen = {}
+
+    def fake(folder, tasks, **kwargs):
+        seen.update(kwargs)
+        return {"a": {"acc": 0.5, "acc_norm": 0.25}, "b": {"acc": 0.75}}
+
+    monkeypatch.setattr(lm_eval_tasks, "evaluate_with_lm_eval", fake)
+    spec = {"tasks": ["a", "b"], "metric": "acc", "limit": 10,
+            "lm_eval_args": {"num_fewshot": 5}}
+    assert score_model("folder", "tasks", spec, []) == pytest.approx(0.625)
+    assert seen["extra"] == {"num_fewshot": 5} and seen["limit"] == 10
+    with pytest.raises(MergeError, match="task b has no metric 'acc_norm'"):
+        score_model("folder", "tasks", {**spec, "metric": "acc_norm"}, [])
+
+
+def test_tasks_objective_without_lm_eval_exits_2(setup, tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        import lm_eval  # noqa: F401
+        pytest.skip("lm-eval is installed")
+    except ImportError:
+        pass
+    text = space_text(setup).replace(
+        f"objective: {{python: {setup['objective']}:closeness}}",
+        "objective: {tasks: [arc_easy], metric: acc_norm, lm_eval_args: {num_fewshot: 5}}")
+    r = run_cli("search", str(recipe_file(tmp_path, text, "space.yml")), str(tmp_path / "out"))
+    assert r.returncode == 2 and "lm-eval" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

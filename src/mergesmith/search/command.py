@@ -60,8 +60,13 @@ def search(space: str, out: str, resume: bool, ray_address: str | None, workers:
         width[0] = len(line)
         click.echo("\r" + line + pad, err=True, nl=final)
 
-    result = run_search(space, out, resume=resume, ray=ray_address, workers=workers,
-                        budget=budget, seed=seed, threads=threads, echo=echo)
+    try:
+        result = run_search(space, out, resume=resume, ray=ray_address, workers=workers,
+                            budget=budget, seed=seed, threads=threads, echo=echo)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the finished trials are in {out}/search/trials.jsonl; the "
+                   "same command with --resume continues without running them again", err=True)
+        sys.exit(130)
     if not quiet:
         best = result.best
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
