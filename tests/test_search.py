@@ -129,6 +129,10 @@ search: {objective: {python: tests/conftest.py:x}, budget: 3}
     assert "search" not in filled
     assert space.algorithm == "cmaes" and space.batch == 4 + 4  # 4 + ⌊3 ln 4⌋
     assert space.midpoint()["parameters.lambda"] == pytest.approx(0.1)
+    places = space.places({"parameters.t[1]": 0.25, "parameters.lambda": 0.1,
+                           "parameters.normalize": False, "d": 0.5})
+    assert places["parameters.density[0].value"] == places["parameters.density[1].value"] == 0.5
+    assert space.corner(True)["parameters.normalize"] is False
 
 
 def test_space_documents_are_filled_one_by_one():
@@ -148,6 +152,16 @@ search: {objective: {python: tests/conftest.py:x}, budget: 2, algorithm: random}
     text = space.recipe_text({"first:models[0].parameters.weight": 0.5,
                               "document2:parameters.t": 0.25})
     assert text.count("---") == 1 and "weight: 0.5" in text and "t: 0.25" in text
+
+
+def test_every_choice_end_is_checked(setup, tmp_path):
+    """The recipe is checked at the middle and at both ends of every range, so a bad last
+    choice fails before the first merge too."""
+    text = space_text(setup).replace("dtype: float32", "dtype: float32\n"
+                                     "parameters: {normalize: {choices: [true, maybe]}}")
+    r = run_cli("search", str(recipe_file(tmp_path, text, "space.yml")), str(tmp_path / "out"))
+    assert r.returncode == 2 and "high end" in r.stderr and "normalize" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -204,6 +218,9 @@ def test_search_recovers_hidden_weights(setup, tmp_path):
     assert abs(w[0] - HIDDEN[0]) <= 0.05 and abs(w[1] - HIDDEN[1]) <= 0.05, w
     records = trials(tmp_path / "out")
     assert len(records) == 60 and all(r["state"] == "complete" for r in records)
+    assert records[0]["values"] == {"models[0].parameters.weight": records[0]["params"][
+        "models[0].parameters.weight"], "models[1].parameters.weight": records[0]["params"][
+        "models[1].parameters.weight"]}
     out = tmp_path / "out"
     config = (out / "mergesmith_config.yml").read_text()
     assert "search:" not in config and f"weight: {w[0]}" in config

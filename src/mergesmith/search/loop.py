@@ -97,13 +97,18 @@ def check_space(space: Space) -> list[tuple[str, str]]:
 
     from .trial import load_function
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            report = mergesmith.check(space.recipe_text(space.midpoint()))
-        except MergeError as e:
-            raise MergeError(f"{space.source} (filled at the middle of every range): {e}") \
-                from None
+    points = [("at the middle of every range", space.midpoint()),
+              ("with every range at its low end", space.corner(False)),
+              ("with every range at its high end", space.corner(True))]
+    reports = []
+    for what, values in points:  # the midpoint first: its error is the likeliest typo
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                reports.append(mergesmith.check(space.recipe_text(values)))
+            except MergeError as e:
+                raise MergeError(f"{space.source} (filled {what}): {e}") from None
+    report = reports[0]
     obj = space.objective
     parents: list[tuple[str, str]] = []
     if obj.kind == "python":
@@ -306,6 +311,7 @@ def _search(space: Space, out: str, folder: str, sampler: Any, notes: list[str],
                     t = trials[result["trial"] - n]
                     record = {"trial": t.number, "batch": batch,
                               "params": {k: t.params[k] for k in names},
+                              "values": space.places({k: t.params[k] for k in names}),
                               "state": "complete" if result["error"] is None else "failed",
                               "score": result["score"], "seconds": result["seconds"],
                               "error": result["error"]}

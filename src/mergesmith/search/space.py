@@ -115,6 +115,24 @@ class Space:
     def midpoint(self) -> dict[str, Any]:
         return {d.name: d.midpoint() for d in self.dimensions}
 
+    def corner(self, high: bool) -> dict[str, Any]:
+        """Every range at its low (or high) end; choices at their first (or last) value."""
+        return {d.name: (d.choices[-1 if high else 0] if d.kind == "choice"
+                         else d.high if high else d.low) for d in self.dimensions}
+
+    def places(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Where each value goes: ``{"models[1].parameters.density": 0.4, ...}`` (a
+        shared ``name:`` fills several places)."""
+        out = {}
+        for d in self.dimensions:
+            for index, path in d.places:
+                prefix = ""
+                if len(self.documents) > 1:
+                    name = self.documents[index].get("name")
+                    prefix = f"{name}:" if isinstance(name, str) else f"document{index + 1}:"
+                out[prefix + _path_text(path)] = values[d.name]
+        return out
+
 
 def dump_documents(docs: list[dict[str, Any]]) -> str:
     return "---\n".join(yaml.safe_dump(d, sort_keys=False, allow_unicode=True) for d in docs)
