@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from mergesmith.search import search  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def space(kind: str, work: Path, budget: int, seed: int, workers: int) -> str:
+def space(kind: str, work: Path, budget: int, seed: int, workers: int, algorithm: str) -> str:
     models = "\n".join(
         f"  - model: {work / f'ft_{s}'}\n    parameters: "
         + ("{weight: {range: [0, 1]}}" if kind == "task_arithmetic"
@@ -45,9 +46,18 @@ search:
   objective: {{python: {HERE / 'objective.py'}:validation}}
   direction: maximize
   budget: {budget}
+  algorithm: {algorithm}
   seed: {seed}
   workers: {workers}
 """
+
+
+def label(name: str) -> str:
+    """``models[2].parameters.weight`` → ``sorting weight``; ``parameters.lambda`` → ``λ``."""
+    m = re.fullmatch(r"models\[(\d+)\]\.parameters\.(\w+)", name)
+    if m:
+        return f"{list(SKILLS.values())[int(m[1])]} {m[2]}"
+    return {"parameters.lambda": "λ"}.get(name, name)
 
 
 def main() -> int:
@@ -58,6 +68,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kinds", default="task_arithmetic,ties")
+    ap.add_argument("--algorithm", default="cmaes", choices=("cmaes", "tpe", "random"))
     ap.add_argument("--quick", action="store_true", help="as run.py --quick (50/100 examples)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,9 +80,10 @@ def main() -> int:
     own = {SKILLS[t]: grid[1 + i]["test"][SKILLS[t]] for i, t in enumerate(SKILLS)}
     rows = []
     for kind in args.kinds.split(","):
-        spec = work / f"space-{kind}.yml"
-        spec.write_text(space(kind, work, args.budget, args.seed, args.workers))
-        out = work / f"search-{kind}"
+        tag = kind if args.algorithm == "cmaes" else f"{kind}-{args.algorithm}"
+        spec = work / f"space-{tag}.yml"
+        spec.write_text(space(kind, work, args.budget, args.seed, args.workers, args.algorithm))
+        out = work / f"search-{tag}"
         t0 = time.time()
         result = search(spec, out, resume=out.exists(), threads=args.threads,
                         echo=lambda line, final: print(line, flush=True))
@@ -87,7 +99,8 @@ def main() -> int:
                      "search": scores, "best": result.best, "evaluations": len(result.records),
                      "new": result.new_trials, "seconds": seconds})
         print(json.dumps(rows[-1]), flush=True)
-    (work / "search-results.json").write_text(json.dumps(rows, indent=1))
+    suffix = "" if args.algorithm == "cmaes" else f"-{args.algorithm}"
+    (work / f"search-results{suffix}.json").write_text(json.dumps(rows, indent=1))
     lines = ["| method | how | evaluations | setting | val mean | test: "
              + " | ".join(SKILLS.values()) + " | test mean | gain kept | wall time |",
              "|---|---|---:|---|---:|" + "---:|" * (len(SKILLS) + 3)]
@@ -97,15 +110,15 @@ def main() -> int:
                      f"{g['val']['mean']:.3f} | "
                      + " | ".join(f"{g['test'][k]:.2f}" for k in SKILLS.values())
                      + f" | {g['test']['mean']:.3f} | {100 * g['test']['retained']:.0f} % | |")
-        setting = ", ".join(f"{k.split('parameters.')[-1].replace('models[', 'm[')} "
-                            f"{v:.2f}" for k, v in r["best"]["params"].items())
-        lines.append(f"| {r['method']} | search (cmaes) | {r['evaluations']} | {setting} | "
+        setting = ", ".join(f"{label(k)} {v:.2f}" for k, v in r["best"]["params"].items())
+        lines.append(f"| {r['method']} | search ({args.algorithm}) | {r['evaluations']} | "
+                     f"{setting} | "
                      f"{s['val']['mean']:.3f} | "
                      + " | ".join(f"{s['test'][k]:.2f}" for k in SKILLS.values())
                      + f" | {s['test']['mean']:.3f} | {100 * s['test']['retained']:.0f} % | "
                      f"{r['seconds']:.0f} s |")
     table = "\n".join(lines)
-    (work / "search-results.md").write_text(table + "\n")
+    (work / f"search-results{suffix}.md").write_text(table + "\n")
     print("\n" + table)
     return 0
 

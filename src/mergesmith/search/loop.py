@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -106,8 +107,9 @@ def check_space(space: Space) -> list[tuple[str, str]]:
             warnings.simplefilter("ignore")
             try:
                 reports.append(mergesmith.check(space.recipe_text(values)))
-            except MergeError as e:
-                raise MergeError(f"{space.source} (filled {what}): {e}") from None
+            except MergeError as e:  # line numbers of the filled text would mislead
+                text = re.sub(r" \(<recipe>:\d+\)", "", str(e))
+                raise MergeError(f"{space.source} (filled {what}): {text}") from None
     report = reports[0]
     obj = space.objective
     parents: list[tuple[str, str]] = []
