@@ -172,6 +172,9 @@ def _settings(space: Space) -> dict[str, Any]:
 def _prepare_out(space: Space, out: str, resume: bool) -> str:
     folder = os.path.join(out, "search")
     settings_path = os.path.join(folder, "settings.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MergeError(f"{out} is a file; OUT must be a folder (new, or a search's with "
+                         "--resume)")
     if resume and os.path.exists(settings_path):
         with open(settings_path, encoding="utf-8") as f:
             saved = json.load(f)
