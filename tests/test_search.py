@@ -171,6 +171,7 @@ def test_every_choice_end_is_checked(setup, tmp_path):
     ("extra=  budgett: 3", "search.budgett: unknown key"),
     ("extra=  algorithm: cma", "search.algorithm"),
     ("budget=0", "search.budget: must be a whole number of at least 1"),
+    ("extra=  batch: 3", "search.batch: must be a whole number of at least 4"),
     ("function=missing", "has no function 'missing'"),
 ])
 def test_bad_spaces_exit_2_before_any_merge(setup, tmp_path, change, message):

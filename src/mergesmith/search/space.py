@@ -371,7 +371,9 @@ def parse_space(text: str, source: str = "<space>", *, base_dir: str = ".",
         raise MergeError(f"{source}: nothing to search; write a parameter as "
                          "{range: [lo, hi]} or {choices: [...]}")
     default_batch = cmaes_popsize(len(dimensions)) if algorithm == "cmaes" else 4
-    batch = _int(raw.get("batch", default_batch), "search.batch", 1)
+    # CMA-ES: a population of four at least (fewer: one parent, and its weights divide by 0)
+    batch = _int(raw.get("batch", default_batch), "search.batch",
+                 4 if algorithm == "cmaes" else 1)
     objective = Objective(kind, spec, direction, _objective_label(kind, spec))
     return Space(docs, dimensions, objective, budget, algorithm, seed, workers, batch, text,
                  source)
