@@ -226,7 +226,7 @@ def test_search_recovers_hidden_weights(setup, tmp_path):
     config = (out / "mergesmith_config.yml").read_text()
     assert "search:" not in config and f"weight: {w[0]}" in config
     card = (out / "README.md").read_text()
-    assert "## How this recipe was found" in card and "cmaes" in card
+    assert "## How this recipe was found" in card and "(budget 60; cmaes, seed 1" in card
     for png in ("progress.png", "parameters.png"):
         assert (out / "search" / png).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "search" / "tmp").exists() and not (out / "search" / "best").exists()

@@ -55,9 +55,11 @@ def search_markdown(result: Any) -> str:
     failed = len(records) - len(ok)
     sign = 1 if space.objective.direction == "maximize" else -1
     lines = ["## How this recipe was found", "",
-             f"`mergesmith search` tried {len(records)} candidate recipe(s) "
-             f"({space.algorithm}, seed {space.seed}, batches of {space.batch}"
-             + (f"; {failed} failed" if failed else "") + "), each merged and scored by "
+             f"`mergesmith search` tried {len(records)} candidate recipe(s) (budget "
+             f"{space.budget}; {space.algorithm}, seed {space.seed}, batches of {space.batch}"
+             + (f"; {failed} failed" if failed else "")
+             + f"; {sum(r.get('seconds') or 0 for r in records):.0f} s of merging and "
+             "scoring in all), each merged and scored by "
              f"{space.objective.label} ({space.objective.direction}). The best, trial "
              f"{best['trial']}, scored **{best['score']:.6g}**; its recipe is "
              "`mergesmith_config.yml`.", "",
