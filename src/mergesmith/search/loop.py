@@ -283,7 +283,7 @@ def _search(space: Space, out: str, folder: str, sampler: Any, notes: list[str],
     per_trial = threads or max(1, (os.cpu_count() or 1) // (1 if ray else workers))
     runner: Any = _Ray(workers) if ray else _Local(workers)
     tmp_root = None if ray else os.path.join(os.path.abspath(folder), "tmp")
-    cwd = os.getcwd()
+    cwd = os.getcwd() if ray else None  # a Ray task starts in the driver's folder
     records: list[dict[str, Any]] = []
     start, new = time.perf_counter(), 0
     for note in notes:
