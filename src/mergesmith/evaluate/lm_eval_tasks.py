@@ -232,8 +232,10 @@ def evaluate_with_lm_eval(folder: str, tasks: Sequence[str], *, limit: int | Non
                           include_path: str | None, device: torch.device,
                           dtype: torch.dtype | str, batch_size: int,
                           tokenizer: str | None = None,
-                          progress: bool = False) -> dict[str, dict[str, float]]:
-    """One ``lm_eval.simple_evaluate`` call; returns each task's metrics."""
+                          progress: bool = False,
+                          extra: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """One ``lm_eval.simple_evaluate`` call; returns each task's metrics. ``extra``: more
+    ``simple_evaluate`` arguments (``num_fewshot``, ``gen_kwargs``, ...), passed through."""
     import io
     import logging
 
@@ -252,7 +254,8 @@ def evaluate_with_lm_eval(folder: str, tasks: Sequence[str], *, limit: int | Non
             lm = HFLM(pretrained=folder, tokenizer=tokenizer or folder, device=str(device),
                       dtype=dtype_name, batch_size=batch_size, trust_remote_code=False)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
-                                          task_manager=manager, log_samples=False)
+                                          task_manager=manager, log_samples=False,
+                                          **(extra or {}))
     except MergeError:
         raise
     except Exception as e:  # lm-eval raises many types; all mean the task could not run
