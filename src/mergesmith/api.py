@@ -368,6 +368,10 @@ def check(recipe: RecipeLike, options: Options | None = None, *, stage: str | No
         from .evaluate.after_merge import check_evaluation
 
         p = dataclasses.replace(p, notes=(*p.notes, *check_evaluation(p)))
+    if getattr(p.recipe, "calibration", None) is not None:  # data-aware methods' tokens
+        from .statistics.calibration import check_calibration
+
+        p = dataclasses.replace(p, notes=(*p.notes, *check_calibration(p)))
     n = max(1, options.threads or os.cpu_count() or 1)
     limit = options.memory_limit
     baseline = memory.resident_bytes()
@@ -452,6 +456,10 @@ def _run(recipe: RecipeLike, out: str, options: Options,
         from .evaluate.after_merge import check_evaluation
 
         check_evaluation(p)
+    if getattr(p.recipe, "calibration", None) is not None:  # before any weight is read
+        from .statistics.calibration import check_calibration
+
+        check_calibration(p)
     if p.recipe.output == "adapter":
         if evaluate:
             warnings.warn(f"{p.recipe.evaluate.where}: not run, the output is a LoRA "

@@ -79,6 +79,17 @@ class _Evaluate(_Strict):
     batch_size: Optional[StrictInt] = None
 
 
+class _Calibration(_Strict):
+    text: Optional[str] = None
+    jsonl: Optional[str] = None
+    field: Optional[str] = None
+    chat_template: StrictBool = False
+    max_tokens: Optional[StrictInt] = None
+    max_length: Optional[StrictInt] = None
+    batch_size: Optional[StrictInt] = None
+    seed: Optional[StrictInt] = None
+
+
 class _Recipe(_Strict):
     merge_method: str
     base_model: Any = None
@@ -96,10 +107,11 @@ class _Recipe(_Strict):
     output: Optional[Literal["model", "adapter"]] = None
     output_rank: Optional[StrictInt] = None
     evaluate: Optional[_Evaluate] = None
+    calibration: Optional[_Calibration] = None
     strict: Optional[StrictBool] = None
 
 
-_OWN_BLOCKS = {_Evaluate}
+_OWN_BLOCKS = {_Evaluate, _Calibration}
 """Blocks only mergesmith reads: unknown keys in them are errors, not ignored keys."""
 
 
@@ -216,6 +228,9 @@ class Recipe:
     output: str = "model"  # or "adapter": LoRA inputs merged into a LoRA adapter
     output_rank: int | None = None
     evaluate: EvaluateRecipe | None = None
+    calibration: Any = None
+    """``calibration:``: a :class:`~mergesmith.statistics.calibration.CalibrationSettings`
+    (the data data-aware methods run through the models), or None."""
     strict: bool = False
     text: str = ""
     source: str = "<recipe>"
@@ -347,7 +362,53 @@ def parse_recipe(data: Any, text: str, source: str, positions: dict) -> Recipe:
     r.output_rank = raw.output_rank
     if raw.evaluate is not None:
         r.evaluate = _evaluate(raw.evaluate, r)
+    if raw.calibration is not None:
+        r.calibration = _calibration(raw.calibration, r.at("calibration"),
+                                     lambda key: r.at("calibration", key))
     return r
+
+
+def parse_calibration_block(data: Any, where: str = "calibration") -> Any:
+    """A ``calibration:`` mapping (YAML data) → CalibrationSettings, validated like the
+    recipe's block (used by the API and by ``mergesmith stats --calibration``)."""
+    if isinstance(data, dict) and "calibration" in data and len(data) == 1:
+        data = data["calibration"]
+    try:
+        raw = _Calibration.model_validate(data)
+    except ValidationError as e:
+        raise MergeError(_explain(e, where, {}, _Calibration)) from None
+    return _calibration(raw, where, lambda key: f"{where}.{key}")
+
+
+def _calibration(c: _Calibration, where: str, at: Any) -> Any:
+    from ..statistics.calibration import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_MAX_LENGTH,
+        DEFAULT_MAX_TOKENS,
+        CalibrationSettings,
+    )
+
+    if (c.text is None) == (c.jsonl is None):
+        raise MergeError(f"{where}: give exactly one of 'text: FILE' or 'jsonl: FILE'")
+    if c.field is not None and c.jsonl is None:
+        raise MergeError(f"{at('field')}: 'field' names the JSON key of 'jsonl' lines; "
+                         "it needs 'jsonl'")
+    if c.chat_template and c.jsonl is None:
+        raise MergeError(f"{at('chat_template')}: 'chat_template' applies to 'jsonl' rows "
+                         "with a list of messages")
+    for key, least in (("max_length", 2), ("max_tokens", 2), ("batch_size", 1), ("seed", 0)):
+        value = getattr(c, key)
+        if value is not None and value < least:
+            raise MergeError(f"{at(key)}: must be at least {least} (got {value})")
+    for key in ("text", "jsonl", "field"):
+        if getattr(c, key) == "":
+            raise MergeError(f"{at(key)}: empty")
+    return CalibrationSettings(
+        text=c.text, jsonl=c.jsonl, field_name=c.field, chat_template=c.chat_template,
+        max_tokens=c.max_tokens or DEFAULT_MAX_TOKENS,
+        max_length=c.max_length or DEFAULT_MAX_LENGTH,
+        batch_size=c.batch_size or DEFAULT_BATCH_SIZE,
+        seed=c.seed if c.seed is not None else 0, where=where)
 
 
 def _evaluate(e: _Evaluate, r: Recipe) -> EvaluateRecipe:
