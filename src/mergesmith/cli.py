@@ -657,6 +657,7 @@ def evaluate_command(model: str, text: str | None, jsonl: str | None, field_name
 # the mergekit-yaml subcommand: its module uses the helpers above and registers itself
 from . import mergekit_cli  # noqa: E402,F401
 from .search import command as search_command  # noqa: E402,F401
+from .statistics import command as stats_command  # noqa: E402,F401
 
 
 def main() -> None:

@@ -693,6 +693,7 @@ def compute_statistics(model: Any, calibration_tokens: CalibrationTokens,
     key = c.key(model, calibration_tokens, kinds)
     hit = c.get(key)
     if hit is not None:
+        hit.cached = True  # type: ignore[attr-defined]
         return hit
     meta = {"model": key["model"], "calibration": key["calibration"],
             "settings": json.dumps(key, sort_keys=True)}
@@ -704,4 +705,6 @@ def compute_statistics(model: Any, calibration_tokens: CalibrationTokens,
                     "kinds": sorted(kinds)}
         with open(os.path.join(folder, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
-    return c.open(c.final_path(key, out))
+    stats = c.open(c.final_path(key, out))
+    stats.cached = False  # type: ignore[attr-defined]
+    return stats
