@@ -73,9 +73,8 @@ def empty_parameters() -> Iterator[None]:
 
     def register(module: nn.Module, name: str, param: Any) -> None:
         original(module, name, param)
-        if param is not None:
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
+        if param is not None and param.device.type != "meta":  # a tied one stays itself
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
@@ -198,6 +197,8 @@ def build_skeleton(folder: str, tensor_names: set[str]) -> Skeleton:
     except Exception as e:  # unknown architecture, bad config: one line
         raise MergeError(f"{folder}: transformers cannot build this model for the statistics "
                          f"pass: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
     model.eval()
     parent, attr, layer_list = _layer_list(model)
     layers = list(layer_list)
