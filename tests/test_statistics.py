@@ -121,6 +121,11 @@ def test_gram_and_fisher_equal_the_whole_model(tmp_path):
     assert set(stats.names("fisher")) == set(fisher)
     for name, ref in fisher.items():
         assert_close(stats.fisher(name), ref)
+    # Grams alone (no logits computed, the forward stops at the head's input): the same
+    alone = compute_statistics(folder, tokens, {"gram"}, cache=False, out=str(tmp_path / "g"))
+    assert alone.names("fisher") == [] and set(alone.names("gram")) == set(grams)
+    for name in grams:
+        assert torch.equal(alone.gram(name), stats.gram(name))
     # q/k/v read the same input: one Gram, stored under each name
     q, k = (stats.gram(f"model.layers.1.self_attn.{p}_proj.weight") for p in "qk")
     assert torch.equal(q, k)

@@ -560,6 +560,11 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
         head_params = loader.load(final, requires_grad=fisher)
         outside_linears = _linears(sk.model, final, head_linears)
         collector = GramCollector(outside_linears, device) if gram and outside_linears else None
+        stop = None
+        if not fisher and isinstance(sk.output_embedding, nn.Module):
+            def _stop(module: nn.Module, args: tuple) -> None:
+                raise _StopForward  # no logits (batch × length × vocab) for Grams alone
+            stop = sk.output_embedding.register_forward_pre_hook(_stop)
         fisher_sums: dict[str, torch.Tensor] = {}
         grads_down = stores.new((n, length, hidden_size)) if fisher else None
         tied_grads: list[dict[str, torch.Tensor]] = []
@@ -594,7 +599,10 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             else:
                 rec.final = h
                 with torch.no_grad():
-                    sk.model(inputs_embeds=zeros, attention_mask=mask, use_cache=False)
+                    try:
+                        sk.model(inputs_embeds=zeros, attention_mask=mask, use_cache=False)
+                    except _StopForward:  # the head's input is all a Gram needs
+                        pass
             if collector is not None:
                 collector.flush()
             rec.final = None
@@ -603,6 +611,8 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             collector.write(writer)
             collector.close()
             save(writer, "outside.gram.safetensors")
+        if stop is not None:
+            stop.remove()
         free(final)
         store.close()
 
