@@ -346,6 +346,9 @@ def spill_limit() -> int:
 # ------------------------------------------------------------------ Grams
 
 
+_GRAM_ROWS = 512
+
+
 class GramCollector:
     """Forward pre-hooks on every ``nn.Linear`` of a module: Σ x xᵀ (float64) over the
     tokens whose ``mask`` is 1. Linears fed the same tensor (q/k/v) share one sum."""
@@ -379,14 +382,18 @@ class GramCollector:
                         raise MergeError("statistics: linear layers share inputs "
                                          "differently from batch to batch")
             mask = self.mask
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            if (mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape)
+                    and not bool(mask.all())):
                 rows = x[mask.to(x.device).bool()]
             else:
                 rows = x.reshape(-1, x.shape[-1])
-            rows = rows.to(self.device, torch.float64)
             entry = self.groups.setdefault(key, [None, 0])
-            g = rows.T @ rows
-            entry[0] = g if entry[0] is None else entry[0] + g
+            if entry[0] is None:
+                entry[0] = torch.zeros((rows.shape[1], rows.shape[1]), dtype=torch.float64,
+                                       device=self.device)
+            for start in range(0, rows.shape[0], _GRAM_ROWS):  # float64 copies stay small
+                part = rows[start:start + _GRAM_ROWS].to(self.device, torch.float64)
+                entry[0].addmm_(part.T, part)
             entry[1] += rows.shape[0]
 
     def write(self, writer: StatisticsWriter) -> None:
@@ -491,6 +498,7 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
         writer.save(path, meta)
         files.append(path)
 
+    return_freed_memory()
     try:
         # 1. the embeddings, and how the model calls its layers
         first = sk.first_slots()
@@ -549,7 +557,9 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
                 collector.write(writer)
                 collector.close()
                 save(writer, f"layer-{li:05d}.gram.safetensors")
+                collector = writer = None  # type: ignore[assignment]
             free(slots)
+            return_freed_memory()
             store = nxt
             if progress:
                 progress(f"layer {li + 1}/{len(sk.layers)}")
@@ -611,6 +621,7 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             collector.write(writer)
             collector.close()
             save(writer, "outside.gram.safetensors")
+            collector = writer = None  # type: ignore[assignment]
         if stop is not None:
             stop.remove()
         free(final)
@@ -644,6 +655,8 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
                     writer.add_fisher(name, s / n_batches)
                 save(writer, f"layer-{li:05d}.fisher.safetensors")
                 free(slots)
+                writer = None  # type: ignore[assignment]
+                return_freed_memory()
                 grads.close()
                 inputs.close()
                 grads = below
@@ -681,6 +694,20 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
         loader.close()
         stores.close()
     return PassResult(files, len(sk.layers), tokens.tokens)
+
+
+def return_freed_memory() -> None:
+    """Large buffers (layers, Grams, hidden states) go back to the OS when freed: a fixed
+    glibc mmap threshold (128 KiB; glibc's default one grows after each large free, and the
+    heap then fragments into a resident set that creeps up layer by layer), and a trim.
+    The merge engine sets its own threshold when it starts (``keep_freed_memory``).
+    No-op off glibc."""
+    from ..memory import _libc_function, release_free_memory
+
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    release_free_memory()
 
 
 def _add_square(sums: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
