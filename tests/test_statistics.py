@@ -316,3 +316,22 @@ def test_stats_command_computes_then_finds_in_the_cache(tmp_path):
     out = tmp_path / "artefact"
     third = CliRunner().invoke(cli, [*args[:-1], "--out", str(out), "-q"])
     assert third.exit_code == 0 and (out / "manifest.json").exists()
+
+
+def test_regmean_plusplus_folder_loads_in_transformers(tmp_path):
+    from conftest import load_model
+
+    from mergesmith.statistics.sequential import write_regmean_plusplus
+
+    folders = [tiny_lm(tmp_path / "a", 0), tiny_lm(tmp_path / "b", 1)]
+    tokens = calib(tmp_path, folders[0], max_tokens=64, max_length=32)
+    out = tmp_path / "merged"
+    shards = write_regmean_plusplus(folders, [0.5, 0.5], None, tokens, str(out),
+                                    shard_bytes=40_000)
+    assert len(shards) > 1
+    merged = dict(regmean_plusplus_merge(folders, [0.5, 0.5], None, tokens))
+    written = load_model(out)
+    assert set(written) == set(merged)
+    assert all(torch.equal(written[k], merged[k]) for k in merged)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model(tokens.input_ids[:1]).logits.isfinite().all()

@@ -239,3 +239,54 @@ def regmean_plusplus_merge(models: list[Any], weights: list[float] | None,
     finally:
         for m in ms + ([base_m] if base_m else []):
             m.loader.close()
+
+
+def write_regmean_plusplus(models: list[Any], weights: list[float] | None, base: Any | None,
+                           calibration_tokens: CalibrationTokens, out: str, *,
+                           alpha: float = 0.9, device: str | torch.device = "cpu",
+                           out_dtype: torch.dtype | None = None,
+                           shard_bytes: int = 2 << 30) -> list[str]:
+    """Run :func:`regmean_plusplus_merge` and write a model folder ``out`` (safetensors
+    shards of about ``shard_bytes`` written as layers finish, an index, and the first
+    model's config, generation config and tokenizer files) — until the engine runs
+    ``regmean_plusplus`` as a recipe method. Returns the shard file names."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    first, _ = _source(models[0])
+    pending: dict[str, torch.Tensor] = {}
+    size = 0
+    shards: list[dict[str, torch.Tensor] | str] = []
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(pending, os.path.join(out, name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map.update({k: name for k in pending})
+            pending, size = {}, 0
+
+    weight_map: dict[str, str] = {}
+    for name, tensor in regmean_plusplus_merge(models, weights, base, calibration_tokens,
+                                               alpha=alpha, device=device,
+                                               out_dtype=out_dtype):
+        pending[name] = tensor.contiguous().cpu()
+        size += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    names = [s for s in shards if isinstance(s, str)]
+    total = sum(os.path.getsize(os.path.join(out, n)) for n in names)
+    with open(os.path.join(out, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    from ..evaluate.cache import _CONTENT_FILES
+
+    for side in (*_CONTENT_FILES, "generation_config.json", "chat_template.jinja"):
+        path = os.path.join(first, side)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out, side))
+    return names
