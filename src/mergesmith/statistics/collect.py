@@ -624,7 +624,16 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             collector = writer = None  # type: ignore[assignment]
         if stop is not None:
             stop.remove()
+        head_written: set[str] = set()
+        if fisher_sums:  # the head's own tensors now; tied ones wait for the embeddings
+            writer = StatisticsWriter()
+            for name, total in fisher_sums.items():
+                writer.add_fisher(name, total / n_batches)
+            save(writer, "head.fisher.safetensors")
+            head_written |= set(fisher_sums)
+            fisher_sums, writer = {}, None  # type: ignore[assignment]
         free(final)
+        head_params = {}
         store.close()
 
         # 4. Fisher: backward through the layers, last to first, then the embeddings
@@ -679,6 +688,9 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
                 rec.first_input = None
                 rec.calls = [None] * rec.n_layers
                 for name, p in emb_params.items():
+                    if name in head_written:  # the final norm: used (and done) by the head
+                        p.grad = None
+                        continue
                     g = p.grad if p.grad is not None else torch.zeros_like(p)
                     if name in tied_grads[k]:
                         g = g + tied_grads[k][name]
@@ -711,7 +723,7 @@ def return_freed_memory() -> None:
 
 
 def _add_square(sums: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
-    sq = g.detach().to(torch.float64).square()
+    sq = g.detach().to(torch.float32).square()  # float32 sums: tables are vocab × hidden
     sums[name] = sq if name not in sums else sums[name] + sq
 
 
