@@ -502,7 +502,7 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
     try:
         # 1. the embeddings, and how the model calls its layers
         first = sk.first_slots()
-        emb_params = loader.load(first, requires_grad=fisher)
+        emb_params = loader.load(first, requires_grad=False)
         store: HiddenStore | None = None
         layer_inputs: list[HiddenStore] = []
         for b in batches:
@@ -529,9 +529,9 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             rec.first_input = None
             rec.calls = [None] * rec.n_layers
         assert store is not None and hidden_size is not None
-        if not fisher:
-            free(first)
-            emb_params = {}
+        emb_names = set(emb_params)
+        free(first)  # read again for the Fisher of the embeddings, at the very end
+        emb_params = {}
 
         # 2. the decoder layers, first to last
         for li, layer in enumerate(sk.layers):
@@ -600,7 +600,7 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
                 shared = {}
                 for name, p in head_params.items():
                     g = p.grad if p.grad is not None else torch.zeros_like(p)
-                    if name in sk.tied and name in emb_params:
+                    if name in sk.tied and name in emb_names:
                         shared[name] = g.detach().clone()
                     else:
                         _add_square(fisher_sums, name, g)
@@ -672,6 +672,7 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
                 if progress:
                     progress(f"backward {len(sk.layers) - li}/{len(sk.layers)}")
             # the embedding stage: recompute it with gradients
+            emb_params = loader.load(first, requires_grad=True)
             for k, b in enumerate(batches):
                 ids = tokens.input_ids[b].to(device)
                 mask = tokens.attention_mask[b].to(device)
