@@ -590,12 +590,30 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             if fisher:
                 labels = ids.masked_fill(mask == 0, -100)
                 h.requires_grad_(True)
-                rec.final = h
-                with torch.enable_grad():
-                    loss = sk.model(inputs_embeds=zeros, attention_mask=mask, labels=labels,
-                                    use_cache=False).loss
-                    loss.backward()
-                assert grads_down is not None and h.grad is not None
+                # The batch's loss is the mean over its predicted tokens: one sequence at a
+                # time, each loss weighted by its share of them, the gradients add up to
+                # the batch's exactly — with one sequence's logits in memory, not the batch's.
+                predicted = (labels[:, 1:] != -100).sum(dim=1)
+                total = int(predicted.sum())
+                for r in range(ids.shape[0]):
+                    rec.final = h[r:r + 1]
+                    if collector is not None:
+                        collector.mask = tokens.attention_mask[b][r:r + 1]
+                    row = dict(inputs_embeds=zeros[r:r + 1], attention_mask=mask[r:r + 1],
+                               use_cache=False)
+                    if int(predicted[r]) > 0:
+                        with torch.enable_grad():
+                            loss = sk.model(**row, labels=labels[r:r + 1]).loss
+                            (loss * (int(predicted[r]) / total)).backward()
+                        del loss
+                    elif collector is not None:  # nothing to predict: the Gram only
+                        with torch.no_grad():
+                            sk.model(**row)
+                    if collector is not None:
+                        collector.flush()
+                if h.grad is None:
+                    h.grad = torch.zeros_like(h)
+                assert grads_down is not None
                 grads_down[b] = h.grad
                 shared = {}
                 for name, p in head_params.items():
