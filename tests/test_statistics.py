@@ -335,3 +335,21 @@ def test_regmean_plusplus_folder_loads_in_transformers(tmp_path):
     assert all(torch.equal(written[k], merged[k]) for k in merged)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model(tokens.input_ids[:1]).logits.isfinite().all()
+
+
+def test_regmean_plusplus_other_tensors_by_task_arithmetic_with_a_base(tmp_path):
+    from conftest import LLAMA, random_tensors
+    from safetensors.torch import load_file
+
+    base_t = random_tensors(LLAMA, 0)
+    folders = [tiny_lm(tmp_path / "b", 1, base=base_t, scale=0.05),
+               tiny_lm(tmp_path / "c", 2, base=base_t, scale=0.05)]
+    base = tiny_lm(tmp_path / "base", 0)
+    tokens = calib(tmp_path, folders[0], max_tokens=64, max_length=32)
+    out = dict(regmean_plusplus_merge(folders, [0.7, 0.3], base, tokens))
+    read = [load_file(str(f / "model.safetensors")) for f in (base, *folders)]
+    for name in ("model.norm.weight", "model.layers.1.input_layernorm.weight",
+                 "model.embed_tokens.weight"):
+        b, x, y = (t[name].double() for t in read)
+        expected = b + 0.7 * (x - b) + 0.3 * (y - b)
+        assert_close(out[name], expected, rel=1e-7)  # float64 sums, rounded to float32
