@@ -6,6 +6,7 @@ sequential pass against a direct in-memory implementation; ``mergesmith stats``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -353,3 +354,26 @@ def test_regmean_plusplus_other_tensors_by_task_arithmetic_with_a_base(tmp_path)
         b, x, y = (t[name].double() for t in read)
         expected = b + 0.7 * (x - b) + 0.3 * (y - b)
         assert_close(out[name], expected, rel=1e-7)  # float64 sums, rounded to float32
+
+
+def test_statistics_cost_from_the_config():
+    import tempfile
+
+    from conftest import LLAMA
+
+    from mergesmith.statistics.collect import statistics_cost
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tiny_lm(Path(tmp) / "a", 0)
+        cost = statistics_cost(folder, 1000, {"gram"})
+        h, inter, v = LLAMA["hidden_size"], LLAMA["intermediate_size"], 64
+        assert cost.hidden_bytes == 4 * 1000 * h
+        assert cost.gram_bytes == 8 * (3 * h * h + h * h + 2 * h * h + inter * inter)
+        kv = LLAMA["num_key_value_heads"] * LLAMA["head_dim"]
+        layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+        assert cost.layer_bytes == 4 * max(layer, v * h + h)  # a decoder layer, or the head
+        stats = compute_statistics(folder, calib(Path(tmp), folder), {"gram"}, cache=False,
+                                   out=str(Path(tmp) / "out"))
+        stored = sum(math.prod(stats.gram(n).shape) for n in stats.names("gram")) * 4
+        assert cost.disk_bytes == stored
+        assert statistics_cost(folder, 1000, {"gram", "fisher"}).memory > cost.memory

@@ -43,6 +43,7 @@ Fisher also the gradients of one layer and of the hidden states.
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import os
 import shutil
@@ -777,3 +778,59 @@ def compute_statistics(model: Any, calibration_tokens: CalibrationTokens,
     stats = c.open(c.final_path(key, out))
     stats.cached = False  # type: ignore[attr-defined]
     return stats
+
+
+@dataclass
+class StatisticsCost:
+    """What a statistics pass of one model costs (from config.json and the checkpoint's
+    index; no weight is read). ``memory``: the design's budget terms, in bytes."""
+
+    layer_bytes: int  # the largest of a decoder layer / the outside tensors a stage loads, fp32
+    hidden_bytes: int  # calibration hidden states, fp32
+    gram_bytes: int  # one layer's Grams, float64 (an upper bound: shared inputs counted apart)
+    disk_bytes: int  # the artefact
+    flops: float  # forward + Gram products (+ backward for Fisher), multiply-adds × 2
+    extra_fisher_bytes: int = 0  # every layer's stored input, one sequence's logits ×3
+
+    @property
+    def memory(self) -> int:
+        return 2 * (self.layer_bytes + self.hidden_bytes + self.gram_bytes) \
+            + self.extra_fisher_bytes
+
+
+def statistics_cost(source: Any, tokens: int, kinds: set[str] | frozenset[str] = frozenset(
+        {"gram"}), max_length: int = 512) -> StatisticsCost:
+    """The cost of :func:`compute_statistics` for ``source`` (a folder or ModelSource) on
+    ``tokens`` calibration tokens, for ``check``-style estimates."""
+    from ..checkpoint import index_folder
+
+    index = index_folder(os.fspath(source)) if isinstance(source, (str, os.PathLike)) \
+        else source.index
+    sk = build_skeleton(index.folder, set(index.tensors))
+    numel = {s.name: math.prod(s.shape) for slots in sk.layer_slots for s in slots}
+    layer = max((sum(math.prod(s.shape) for s in slots) for slots in sk.layer_slots),
+                default=0)
+    first = sum(math.prod(s.shape) for s in {s.name: s for s in sk.first_slots()}.values())
+    final = sum(math.prod(s.shape) for s in {s.name: s for s in sk.final_slots()}.values())
+    hidden = int(getattr(sk.config, "hidden_size", 0) or 0)
+    grams_per_layer = []
+    total_gram_elems = 0
+    for li, layer_mod in enumerate(sk.layers):
+        ins = [m.in_features for m in _linears(layer_mod, sk.layer_slots[li], set()).values()]
+        grams_per_layer.append(sum(i * i for i in ins))
+        total_gram_elems += sum(i * i for i in ins)
+    head = _linears(sk.model, sk.final_slots(), sk.tied)
+    head_gram = sum(m.in_features ** 2 for m in head.values())
+    total_gram_elems += head_gram
+    params = sum(numel.values()) + first + final
+    flops = 2.0 * tokens * params + 2.0 * tokens * total_gram_elems
+    disk = 4 * total_gram_elems if "gram" in kinds else 0
+    extra = 0
+    if "fisher" in kinds:
+        disk += 4 * params
+        flops += 4.0 * tokens * params  # a second forward and the backward
+        vocab = int(getattr(sk.config, "vocab_size", 0) or 0)
+        extra = 4 * len(sk.layers) * tokens * hidden + 3 * 4 * max_length * vocab \
+            + 2 * 4 * final
+    return StatisticsCost(4 * max(layer, first, final), 4 * tokens * hidden,
+                          8 * max(grams_per_layer + [head_gram]), disk, flops, extra)
