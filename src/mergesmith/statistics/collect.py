@@ -43,8 +43,8 @@ Fisher also the gradients of one layer and of the hidden states.
 from __future__ import annotations
 
 import contextlib
-import math
 import json
+import math
 import os
 import shutil
 import tempfile
