@@ -183,9 +183,15 @@ class _Job:
         return self._compute(item)
 
     def _call(self, t: OutputTensor, xs: Sequence[torch.Tensor],
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The method on inputs ``xs`` (rows ``rows`` of the tensor; None: all of it)."""
+        stats = self.plan.statistics.get(t.name)
+        if stats is not None:  # data-aware methods: each input's statistics, these rows
+            stats = [None if s is None else s.restrict(rows) for s in stats]
         return self.bound[t.name](xs, t.params, t.model_params, tensor_name=t.name,
-                                  compute_dtype=self.compute_dtype, generator=generator)
+                                  compute_dtype=self.compute_dtype, generator=generator,
+                                  statistics=stats)
 
     def _compute(self, item: WorkItem) -> int:
         t = item.tensor
@@ -221,7 +227,7 @@ class _Job:
             else:
                 xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one at a time
             generator = bound.generator(self.plan.seed, t.name, self.device, item.rows)
-            result = self._call(t, xs, generator)
+            result = self._call(t, xs, generator, item.rows)
             if result.device.type != "cpu":
                 result = result.to("cpu")
         self._check_finite(t, item, result)
@@ -244,7 +250,8 @@ class _Job:
             else:
                 xs = [self._prepare(r[start:end]) for r in raws]
             block = out[start:end]
-            block.copy_(self._call(t, xs))  # the one rounding
+            first = 0 if item.rows is None else item.rows[0]
+            block.copy_(self._call(t, xs, rows=(first + start, first + end)))  # one rounding
             if finite and block.is_floating_point():  # NaN/Inf, also from the rounding
                 finite = bool(torch.isfinite(block.sum()))
         if not finite:
