@@ -237,6 +237,12 @@ def test_regmean_check_estimates_and_lists_statistics(regmean_models):
                          for k in ("ft_a", "ft_b")]}
     report = mergesmith.check(recipe)
     assert report.dense.factorizations == 7 * LLAMA["num_hidden_layers"] + 1  # + lm_head
+    from mergesmith.execute import WorkItem, item_memory
+
+    p = report.plan
+    down = next(t for t in p.tensors if t.name == "model.layers.0.mlp.down_proj.weight")
+    cols = LLAMA["intermediate_size"]
+    assert item_memory(p, WorkItem(down, None)) >= 2 * 4 * cols ** 2 + 4 * 8 * cols ** 2
 
 
 def test_regmean_errors_before_reading_weights(regmean_models, tmp_path):

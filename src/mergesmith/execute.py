@@ -120,12 +120,26 @@ def _item_memory(plan: Plan, item: WorkItem) -> int:
     out = t.dtype.itemsize * numel + (item.nbytes if t.encoding is not None else 0)
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
     how = plan.bound(t).spec.scheduling
+    if how.statistics and t.name in plan.statistics:
+        out += _statistics_memory(t, numel, how.statistics)
     if how.lazy_inputs:  # the base, one expert and the method's working buffers
         return int(max(raw) + (2 + how.temp_buffers) * width * numel + out)
     if how.raw_inputs and not (t.elementwise and item.rows is not None):
         # inputs held as stored, one float32 task vector at a time, the result
         return int(sum(raw) + (1 + how.temp_buffers) * width * numel + out)
     return int(max(raw) + (len(t.inputs) + how.temp_buffers) * width * numel + out)
+
+
+def _statistics_memory(t: OutputTensor, numel: int, kinds: frozenset[str]) -> int:
+    """What a data-aware method holds besides the weights: the inputs' Grams as stored
+    (float32 ``[in, in]``) and four float64 ones for the solve (a scaled Gram, their sum,
+    its Cholesky factor, ``Σ WᵢG'ᵢ``-sized products); or the inputs' Fishers (float32, the
+    chunk's size) and the weighted sums."""
+    n = len(t.inputs)
+    if "gram" in kinds and len(t.shape) == 2:
+        cols = t.shape[1]
+        return n * 4 * cols * cols + 4 * 8 * max(cols * cols, numel)
+    return (n + 2) * 4 * numel
 
 
 class _LazyInputs(Sequence):
