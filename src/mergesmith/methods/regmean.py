@@ -109,10 +109,11 @@ def regmean(m: MergeInputs) -> torch.Tensor:
     For a weight `Wᵢ` (`[out, in]`) with input Gram `Gᵢ = Σ x xᵀ` over model i's
     calibration tokens, `W* = (Σ wᵢ Wᵢ G'ᵢ)(Σ wᵢ G'ᵢ)⁻¹` with `G'ᵢ = α Gᵢ + (1 − α)
     diag(Gᵢ)`: with `α = 1` the least-squares solution of all models' regression problems
-    at once (`min Σ ‖Xᵢ Wᵀ − Xᵢ Wᵢᵀ‖²`); smaller `α` shrinks the cross terms, moving towards
-    a per-input-feature weighted average (the paper's default is 0.9). Solved in float64
-    (Cholesky); a singular `Σ G'ᵢ` gets a small ridge that moves `W*` towards the weighted
-    average in the directions no calibration input reached.
+    at once (`min Σ ‖Xᵢ Wᵀ − Xᵢ Wᵢᵀ‖²`); smaller `α` shrinks the cross terms, moving
+    towards a per-input-feature weighted average (default 0.9; the paper tunes α per
+    setting). Solved in float64 (Cholesky); a singular `Σ G'ᵢ` gets a small ridge that
+    moves `W*` towards the weighted average in the directions no calibration input
+    reached.
 
     Which tensors: every 2-D tensor whose Gram is in every model's statistics (the
     weights of linear layers: attention and MLP projections, and the LM head when the
@@ -128,7 +129,7 @@ def regmean(m: MergeInputs) -> torch.Tensor:
     Memory per tensor: the Grams are `[in, in]` in float64 for the solve (for a 4096×11008
     down projection, ~1 GB per model), so whole tensors, not row chunks.
 
-    RegMean++ (`regmean_plusplus`, arXiv 2508.03121) solves the same system with each
+    RegMean++ (`regmean_plusplus`, 2025) solves the same system with each
     layer's Grams taken from the inputs the *already merged* previous layers produce; it
     needs the sequential statistics pass and is a separate method."""
     idx = [i for i in range(len(m.model_params)) if i != m.base_index]
