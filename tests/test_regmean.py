@@ -103,6 +103,19 @@ def test_regmean_one_model_returns_itself():
                                rtol=1e-10, atol=1e-10)
 
 
+def test_lambda_scales_the_merged_task_vector_from_the_base():
+    ws, grams = _problem(6, 3)
+    stats = [Stats(grams[0]), Stats(grams[1]), None]
+    plain = call("regmean", ws[:2], stats[:2], {"alpha": 0.9})
+    scaled = call("regmean", ws, stats, {"alpha": 0.9, "lambda": 1.5}, weights=[1, 1, 0],
+                  base_index=2)
+    torch.testing.assert_close(scaled, ws[2] + 1.5 * (plain - ws[2]))
+    fs = [Stats(fisher=g[:5].abs()) for g in grams[:2]]
+    plain = call("fisher", ws[:2], fs)
+    scaled = call("fisher", ws, fs + [None], {"lambda": 0.5}, weights=[1, 1, 0], base_index=2)
+    torch.testing.assert_close(scaled, ws[2] + 0.5 * (plain - ws[2]))
+
+
 def test_regmean_equal_grams_and_alpha_zero_diagonal_are_averages():
     ws, grams = _problem(2, 3)
     same = call("regmean", ws, [Stats(grams[0])] * 3, {"alpha": 0.7}, weights=[1, 2, 1])

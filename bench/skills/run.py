@@ -152,8 +152,9 @@ GRID = {
     "task_arithmetic+lines": [{"lambda": 1.0, "lines_alpha": a, "lines_beta": b}
                               for a, b in ((0.3, 0.4), (0.2, 0.6), (0.4, 0.3))],
     # data-aware: statistics of each specialist on calibration data of its own skill
-    "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
-    "fisher": [{"fisher_normalize": v} for v in (True, False)],
+    # (λ scales the merged task vector from the base: 1 is the papers' methods)
+    "regmean": [{"alpha": a, "lambda": v} for a in (0.5, 0.9, 1.0) for v in (1.0, 1.5)],
+    "fisher": [{"fisher_normalize": n, "lambda": v} for n in (True, False) for v in (1.0, 1.5)],
     # HOOK: RegMean++ (statistics from the already-merged previous layers) is computed by
     # the statistics side's sequential pass; run only where the method is registered
     "regmean_plusplus": [{"alpha": a} for a in (0.5, 0.9)],

@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 
 from .registry import BasePolicy, MergeInputs, Param, merge_method
-from .regmean import LAMBDA, NORMALIZE, STATISTICS, WEIGHT, check_weights, fallback_average
+from .regmean import (
+    LAMBDA,
+    NORMALIZE,
+    STATISTICS,
+    WEIGHT,
+    check_weights,
+    fallback_average,
+    scale_from_base,
+)
 
 
 @merge_method(
@@ -54,8 +62,9 @@ def fisher(m: MergeInputs) -> torch.Tensor:
     Tensors without a Fisher in any model's statistics are merged like `regmean`'s
     non-linear tensors: the weighted average (with a `base_model`,
     `x₀ + λ·Σ wᵢ(xᵢ − x₀)`, divided by `Σ wᵢ` when `normalize`). The base model is never
-    part of the Fisher average. Element-wise: large tensors are merged in row chunks,
-    reading only those rows of the Fishers."""
+    part of the Fisher average; with one, `lambda` scales the merged task vector,
+    `x₀ + λ·(x* − x₀)` (an extension; 1 by default). Element-wise: large tensors are
+    merged in row chunks, reading only those rows of the Fishers."""
     idx = [i for i in range(len(m.model_params)) if i != m.base_index]
     stats = m.statistics
     if stats is None or any(stats[i] is None for i in idx):
@@ -71,4 +80,4 @@ def fisher(m: MergeInputs) -> torch.Tensor:
         else:
             num.addcmul_(f, x)
             den.add_(f)
-    return num.div_(den)
+    return scale_from_base(m, num.div_(den))

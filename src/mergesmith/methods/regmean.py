@@ -31,8 +31,9 @@ NORMALIZE = Param("normalize", bool, True,
                       "by the sum of the weights (their weighted average; false: task "
                       "arithmetic)")
 LAMBDA = Param("lambda", float, 1.0,
-               doc="with a base: scale of the combined task vector of the tensors without "
-                   "statistics")
+               doc="with a base: the result is x₀ + λ·(merge − x₀), for every tensor (1: the "
+                   "paper's merge; like task arithmetic's λ for n models, λ > 1 moves "
+                   "further from the base than the average does)")
 
 
 def fallback_average(m: MergeInputs) -> torch.Tensor:
@@ -121,7 +122,10 @@ def regmean(m: MergeInputs) -> torch.Tensor:
     the paper, which averages the parameters it cannot regress: the weighted average
     `Σ wᵢxᵢ / Σ wᵢ`; with a `base_model`, `x₀ + λ·Σ wᵢ(xᵢ − x₀)` divided by `Σ wᵢ` when
     `normalize` (the default: again the weighted average; `normalize: false` gives task
-    arithmetic). The base model is never part of the regression.
+    arithmetic). The base model is never part of the regression: RegMean is invariant to
+    it (`W* = x₀ + (Σ wᵢτᵢG'ᵢ)(Σ wᵢG'ᵢ)⁻¹`, a Gram-weighted average of the task vectors),
+    so with a base, `lambda` scales that merged task vector, `x₀ + λ·(W* − x₀)`, as task
+    arithmetic's λ does (an extension; `λ = 1`, the default, is the paper's method).
 
     Statistics: each model's calibration-input Grams (`mergesmith stats`, or the recipe's
     `calibration:` block), found by the planner before any weight is read; a Gram in some
@@ -140,4 +144,14 @@ def regmean(m: MergeInputs) -> torch.Tensor:
     grams = [stats[i].gram() for i in idx]
     merged = regmean_solve(tensors, grams, alpha=m.params["alpha"],
                            coefficients=[m.model_params[i]["weight"] for i in idx])
-    return merged.to(torch.promote_types(m.compute_dtype, tensors[0].dtype))
+    return scale_from_base(m, merged.to(torch.promote_types(m.compute_dtype,
+                                                            tensors[0].dtype)))
+
+
+def scale_from_base(m: MergeInputs, merged: torch.Tensor) -> torch.Tensor:
+    """With a base and ``lambda`` ≠ 1: ``x₀ + λ·(merged − x₀)``."""
+    lam = m.params["lambda"]
+    if m.base_index is None or lam == 1.0:
+        return merged
+    base = m.base.to(merged.dtype)
+    return merged.sub_(base).mul_(lam).add_(base)
