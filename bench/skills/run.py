@@ -151,7 +151,74 @@ GRID = {
     # LiNeS: λ grows with depth from lines_alpha (first layer) to lines_alpha + lines_beta
     "task_arithmetic+lines": [{"lambda": 1.0, "lines_alpha": a, "lines_beta": b}
                               for a, b in ((0.3, 0.4), (0.2, 0.6), (0.4, 0.3))],
+    # data-aware: statistics of each specialist on calibration data of its own skill
+    # (λ scales the merged task vector from the base: 1 is the papers' methods)
+    "regmean": [{"alpha": a, "lambda": v} for a in (0.5, 0.9, 1.0) for v in (1.0, 1.5)],
+    "fisher": [{"fisher_normalize": n, "lambda": v} for n in (True, False) for v in (1.0, 1.5)],
+    # HOOK: RegMean++ (statistics from the already-merged previous layers) is computed by
+    # the statistics side's sequential pass; run only where the method is registered
+    "regmean_plusplus": [{"alpha": a} for a in (0.5, 0.9)],
 }
+
+STATISTICS = {"regmean": "gram", "regmean_plusplus": "gram", "fisher": "fisher"}
+"""Methods that read statistics, and which kind (``statistics: PATH`` per model)."""
+
+CALIBRATION_SEED = 555
+"""Seed of the calibration examples: the specialists' training distribution (their skill
+at length 5–6), disjoint from the validation (777) and test (12345) seeds."""
+
+
+def collect_statistics(folder: Path, tag: str, kind: str, out: Path, n: int = 256) -> Path:
+    """The statistics artefact of one specialist on ``n`` calibration examples of its own
+    skill (what RegMean and Fisher merging assume: each model's data): ``gram`` — Σ x xᵀ of
+    the input of every ``nn.Linear`` at the non-padding positions (forward hooks on the
+    whole model, float64); ``fisher`` — the empirical diagonal Fisher, mean over examples
+    of the squared gradient of the answer's loss (one backward pass per example)."""
+    from mergesmith.statistics.store import StatisticsWriter
+
+    if out.exists():
+        return out
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    rng = random.Random(CALIBRATION_SEED + ord(tag))
+    pairs = [example(tag, rng, 5, 6) for _ in range(n)]
+    writer = StatisticsWriter()
+    if kind == "gram":
+        grams: dict[str, torch.Tensor] = {}
+        tokens: dict[str, int] = {}
+        keep: list[torch.Tensor] = []  # the batch's non-padding positions
+
+        def hook(name: str):
+            def collect(module, args, output):
+                x = args[0].reshape(-1, args[0].shape[-1])[keep[0]].double()
+                grams[name] = grams.get(name, 0) + x.T @ x
+                tokens[name] = tokens.get(name, 0) + x.shape[0]
+            return collect
+
+        handles = [m.register_forward_hook(hook(name + ".weight"))
+                   for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            for start in range(0, n, 64):
+                x, _ = batch(pairs[start:start + 64])
+                keep[:] = [(x != PAD).reshape(-1)]
+                model(input_ids=x)
+        for h in handles:
+            h.remove()
+        for name, gram in grams.items():
+            writer.add_gram(name, gram, tokens[name])
+    else:
+        fisher = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        for pair in pairs:
+            x, y = batch([pair])
+            model.zero_grad()
+            model(input_ids=x, labels=y).loss.backward()
+            for name, p in model.named_parameters():
+                if p.grad is not None:
+                    fisher[name].add_(p.grad.detach() ** 2)
+        for name, f in fisher.items():
+            writer.add_fisher(name, f / n)
+    writer.save(out, {"calibration": f"skill {tag}, {n} examples, seed {CALIBRATION_SEED}"})
+    return out
 
 
 def main() -> int:
@@ -198,16 +265,27 @@ def main() -> int:
     for tag in SKILLS:
         results.append({"model": f"specialist: {SKILLS[tag]}", "settings": "",
                         **evaluate(work / f"ft_{SKILLS[tag]}", n_val, n_test)})
+    from mergesmith.methods import all_methods
+
     for method in args.methods.split(","):
+        if method.split("+")[0] not in all_methods():
+            print(f"{method}: not a registered method here, skipped", flush=True)
+            continue
+        kind = STATISTICS.get(method)
+        stats = {t: collect_statistics(work / f"ft_{SKILLS[t]}", t, kind,
+                                       work / "statistics" / f"{kind}_{SKILLS[t]}.safetensors")
+                 for t in SKILLS} if kind else {}
         for settings in GRID[method]:
             per_model = {k: v for k, v in settings.items() if k in ("density",)}
             shared = {k: v for k, v in settings.items() if k not in per_model}
             spec = get_method(method.split("+")[0])
             weight = {"weight": 1.0} if spec.param("weight") is not None else {}
             models = [{"model": str(work / f"ft_{SKILLS[t]}")} for t in SKILLS]
-            for m in models:
-                if weight or per_model:
+            for t, m in zip(SKILLS, models):
+                if weight or per_model or stats:
                     m["parameters"] = {**weight, **per_model}
+                if stats:
+                    m["parameters"]["statistics"] = str(stats[t])
             recipe = {"merge_method": spec.name, "base_model": str(base_dir), "models": models,
                       "parameters": shared, "seed": 0}
             out = work / "merged"

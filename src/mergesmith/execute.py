@@ -120,12 +120,26 @@ def _item_memory(plan: Plan, item: WorkItem) -> int:
     out = t.dtype.itemsize * numel + (item.nbytes if t.encoding is not None else 0)
     width = torch.promote_types(plan.options.compute_dtype, t.dtype).itemsize
     how = plan.bound(t).spec.scheduling
+    if how.statistics and t.name in plan.statistics:
+        out += _statistics_memory(t, numel, how.statistics)
     if how.lazy_inputs:  # the base, one expert and the method's working buffers
         return int(max(raw) + (2 + how.temp_buffers) * width * numel + out)
     if how.raw_inputs and not (t.elementwise and item.rows is not None):
         # inputs held as stored, one float32 task vector at a time, the result
         return int(sum(raw) + (1 + how.temp_buffers) * width * numel + out)
     return int(max(raw) + (len(t.inputs) + how.temp_buffers) * width * numel + out)
+
+
+def _statistics_memory(t: OutputTensor, numel: int, kinds: frozenset[str]) -> int:
+    """What a data-aware method holds besides the weights: the inputs' Grams as stored
+    (float32 ``[in, in]``) and four float64 ones for the solve (a scaled Gram, their sum,
+    its Cholesky factor, ``Σ WᵢG'ᵢ``-sized products); or the inputs' Fishers (float32, the
+    chunk's size) and the weighted sums."""
+    n = len(t.inputs)
+    if "gram" in kinds and len(t.shape) == 2:
+        cols = t.shape[1]
+        return n * 4 * cols * cols + 4 * 8 * max(cols * cols, numel)
+    return (n + 2) * 4 * numel
 
 
 class _LazyInputs(Sequence):
@@ -183,9 +197,15 @@ class _Job:
         return self._compute(item)
 
     def _call(self, t: OutputTensor, xs: Sequence[torch.Tensor],
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The method on inputs ``xs`` (rows ``rows`` of the tensor; None: all of it)."""
+        stats = self.plan.statistics.get(t.name)
+        if stats is not None:  # data-aware methods: each input's statistics, these rows
+            stats = [None if s is None else s.restrict(rows) for s in stats]
         return self.bound[t.name](xs, t.params, t.model_params, tensor_name=t.name,
-                                  compute_dtype=self.compute_dtype, generator=generator)
+                                  compute_dtype=self.compute_dtype, generator=generator,
+                                  statistics=stats)
 
     def _compute(self, item: WorkItem) -> int:
         t = item.tensor
@@ -221,7 +241,7 @@ class _Job:
             else:
                 xs = [self._prepare(self._read(i, item)) for i in t.inputs]  # one at a time
             generator = bound.generator(self.plan.seed, t.name, self.device, item.rows)
-            result = self._call(t, xs, generator)
+            result = self._call(t, xs, generator, item.rows)
             if result.device.type != "cpu":
                 result = result.to("cpu")
         self._check_finite(t, item, result)
@@ -244,7 +264,8 @@ class _Job:
             else:
                 xs = [self._prepare(r[start:end]) for r in raws]
             block = out[start:end]
-            block.copy_(self._call(t, xs))  # the one rounding
+            first = 0 if item.rows is None else item.rows[0]
+            block.copy_(self._call(t, xs, rows=(first + start, first + end)))  # one rounding
             if finite and block.is_floating_point():  # NaN/Inf, also from the rounding
                 finite = bool(torch.isfinite(block.sum()))
         if not finite:

@@ -148,15 +148,17 @@ class BoundMethod:
 
     def __call__(self, tensors: Sequence[torch.Tensor], params: Mapping[str, Any],
                  model_params: Sequence[Mapping[str, Any]], *, tensor_name: str,
-                 compute_dtype: torch.dtype, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+                 compute_dtype: torch.dtype, generator: torch.Generator | None = None,
+                 statistics: Sequence[Any] | None = None) -> torch.Tensor:
         """Run the method on one tensor (or row chunk). ``tensors`` are in recipe order,
         upcast to ``compute_dtype`` except for ``raw_inputs`` methods, which get them as
-        stored and upcast pieces themselves."""
+        stored and upcast pieces themselves. ``statistics``: one entry per input for
+        data-aware methods (see ``MergeInputs.statistics``)."""
         return self.spec.fn(MergeInputs(
             tensors=tensors,
             base_index=self.base_index, params=params, model_params=list(model_params),
-            tensor_name=tensor_name, generator=generator, compute_dtype=compute_dtype))
+            tensor_name=tensor_name, generator=generator, compute_dtype=compute_dtype,
+            statistics=statistics))
 
 
 class MappingLookup:

@@ -38,7 +38,7 @@ Notation: `x₀` the base, `xᵢ` the other inputs in recipe order, `wᵢ` their
 `δᵢ = xᵢ − x₀` task vectors.
 """
 
-_KIND = {float: "number", bool: "boolean", int: "integer"}
+_KIND = {float: "number", bool: "boolean", int: "integer", str: "string"}
 _SCOPE = {Scope.SHARED: "per tensor", Scope.INPUT: "per model (base included)",
           Scope.NON_BASE: "per model"}
 _BASE = {BasePolicy.REQUIRED: "required", BasePolicy.OPTIONAL: "optional",

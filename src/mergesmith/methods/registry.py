@@ -64,7 +64,8 @@ class Param:
         return self.scope is not Scope.SHARED
 
     def describe(self) -> str:
-        kind = {float: "number", bool: "boolean", int: "integer"}.get(self.type, self.type.__name__)
+        kind = {float: "number", bool: "boolean", int: "integer",
+                str: "string"}.get(self.type, self.type.__name__)
         who = "per model" if self.per_model else "per tensor"
         shown = {True: "true", False: "false", None: "unset"}.get(self.default, self.default) \
             if isinstance(self.default, (bool, type(None))) else self.default
@@ -90,6 +91,12 @@ class MergeInputs:
     """Methods declared with ``raw_inputs`` get ``tensors`` in their stored dtype and
     upcast (piece by piece) to this. Built only by
     :meth:`mergesmith.methods.contract.BoundMethod.__call__`."""
+    statistics: Sequence[Any] | None = None
+    """Methods declared with ``statistics`` (data-aware: RegMean, Fisher): one entry per
+    input, in recipe order, with ``gram()``, ``fisher()`` and ``tokens()`` reading that
+    input tensor's statistics (``fisher()`` of this chunk's rows), or ``None`` for the
+    whole list when the tensor has none (the method then falls back, e.g. to an average;
+    the planner decides and checks which tensors have them)."""
 
     @property
     def base(self) -> torch.Tensor:
@@ -148,6 +155,8 @@ class Scheduling:
     lazy_inputs: bool = False
     random: bool = False
     temp_buffers: float = 2.0
+    statistics: frozenset[str] = frozenset()
+    """Statistics the method reads besides the weights (``gram``, ``fisher``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,6 +280,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (),
                  differences: str = "", check: CheckFn | None = None,
                  raw_inputs: bool = False, seconds_per_gb: float = 1.0,
                  lazy_inputs: bool = False, compute: ComputeFn | None = None,
+                 statistics: Sequence[str] = (),
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
@@ -298,6 +308,9 @@ def merge_method(name: str, *, params: Sequence[Param] = (),
       the time estimate. For methods whose cost is not proportional to bytes.
     * ``check(tensor_name, params, model_params, base_index)``: validates resolved parameters
       at plan time (before any data is read); raise MergeError.
+    * ``statistics``: kinds of calibration statistics the method reads (``"gram"``,
+      ``"fisher"``): the planner finds every input model's statistics artefact, checks which
+      tensors have them, and the engine hands them over as ``inputs.statistics``.
     * ``differences``: where the method knowingly differs from mergekit (for the docs).
 
     The docstring's first paragraph is the summary shown by ``mergesmith methods``; the rest
@@ -315,7 +328,8 @@ def merge_method(name: str, *, params: Sequence[Param] = (),
                               min_non_base=min_non_base, max_non_base=max_non_base),
             scheduling=Scheduling(elementwise=elementwise, raw_inputs=raw_inputs,
                                   lazy_inputs=lazy_inputs, random=random,
-                                  temp_buffers=temp_buffers),
+                                  temp_buffers=temp_buffers,
+                                  statistics=frozenset(statistics)),
             cost=Cost(seconds_per_gb=seconds_per_gb, compute=compute),
             docs=Docs(summary=summary.replace("\n", " "), description=description.strip(),
                       reference=reference, differences=inspect.cleandoc(differences)),

@@ -14,9 +14,9 @@ from .layers import plan_recipe
 from .layout import check_unique, layout, processing_order
 from .parameters import check_parameter_names
 from .recipe_view import donor_ref
+from .statistics import plan_statistics
 from .types import Plan
 from .vocabulary import plan_chat_template, plan_vocabulary
-
 
 GGUF_FILENAME = "model.gguf"
 """The file a GGUF output is built as in ``OUT.partial/`` (then renamed to ``OUT``)."""
@@ -47,6 +47,7 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
             raise
         more = f" (and {len(ignored) - 1} more ignored)" if len(ignored) > 1 else ""
         raise MergeError(f"{e}. Perhaps because of: {ignored[0]}{more}") from None
+    statistics = plan_statistics(d)  # data-aware methods: before any weight is read
     plan_encodings(d, donor)
     config = output_config(d, donor)
     ordered = processing_order(d.outputs, d.sources, donor)
@@ -64,4 +65,4 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
                 tensors=tuple(tensors), shards=tuple(shards), config=config, options=options,
                 read_dtype=recipe.dtype, notes=tuple(d.notes), warnings=tuple(d.warnings),
                 layer_maps=d.layer_maps, vocab=d.vocab, generation_config=d.generation_config,
-                chat_template=d.chat_template)
+                chat_template=d.chat_template, statistics=statistics)

@@ -123,6 +123,10 @@ class Plan:
     stages: tuple[Any, ...] = ()
     """A multi-stage recipe's stages (``stages.StageInfo``), in order, this plan's last;
     empty for a recipe of one stage."""
+    statistics: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Data-aware methods: output tensor name → per input, the statistics it is merged with
+    (``plan.statistics.TensorStatistics``; None at the base); tensors not listed have
+    none."""
 
     @property
     def seed(self) -> int | None:

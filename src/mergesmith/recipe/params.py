@@ -206,4 +206,8 @@ def coerce(value: Any, kind: type, name: str) -> Any:
             if f.is_integer():
                 return int(f)
         raise MergeError(f"parameter '{name}' expects an integer, got {value!r}")
+    if kind is str:  # paths (e.g. a statistics artefact): taken as written
+        if isinstance(value, str) and value.strip():
+            return value
+        raise MergeError(f"parameter '{name}' expects a path or name (a string), got {value!r}")
     raise TypeError(f"unsupported parameter type {kind!r}")

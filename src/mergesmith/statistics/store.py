@@ -105,9 +105,28 @@ class Statistics:
         t = self._get(name + TOKENS)
         return 0 if t is None else int(t.item())
 
-    def fisher(self, name: str) -> Any:
-        """Diagonal Fisher of tensor ``name`` (None if absent)."""
-        return self._get(name + FISHER)
+    def fisher(self, name: str, rows: tuple[int, int] | None = None) -> Any:
+        """Diagonal Fisher of tensor ``name`` (None if absent); ``rows``: only rows
+        ``start:end`` of it (read alone, for a row chunk of the merge)."""
+        if rows is None:
+            return self._get(name + FISHER)
+        from safetensors import safe_open
+
+        path = self._where.get(name + FISHER)
+        if path is None:
+            return None
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice(name + FISHER)[rows[0]:rows[1]]
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """Shape of a stored key (e.g. ``NAME::gram``) without reading it (None if absent)."""
+        from safetensors import safe_open
+
+        path = self._where.get(key)
+        if path is None:
+            return None
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
 
     def names(self, kind: str) -> list[str]:
         """Tensor names that have statistics of ``kind`` (``gram`` or ``fisher``)."""

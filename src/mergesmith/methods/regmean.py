@@ -1,0 +1,157 @@
+"""RegMean (Jin et al., ICLR 2023): merge linear layers so that they answer every model's
+calibration inputs as that model did, in closed form from the inputs' Gram matrices.
+
+The math of one layer is ``regmean_math.regmean_solve``; this module is the method: which
+tensors get it, what the others get, and what it costs. The statistics (``NAME::gram`` of
+every input model) reach the method through ``MergeInputs.statistics``, planned by
+``mergesmith.plan.statistics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import MergeError
+from .linalg import NO_WORK, DenseWork, product_work
+from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
+from .regmean_math import regmean_solve
+
+STATISTICS = Param("statistics", str, None, Scope.NON_BASE,
+                   "statistics artefact of the model (a file from `mergesmith stats`, or a "
+                   "folder holding `<model folder name>.safetensors`); default: computed "
+                   "from the recipe's calibration: block")
+WEIGHT = Param("weight", float, 1.0, Scope.NON_BASE,
+               "the model's coefficient: scales its Gram matrix (RegMean) or Fisher, and its "
+               "share of the average of the other tensors")
+NORMALIZE = Param("normalize", bool, True,
+                  doc="with a base: divide the task vectors of the tensors without statistics "
+                      "by the sum of the weights (their weighted average; false: task "
+                      "arithmetic)")
+LAMBDA = Param("lambda", float, 1.0,
+               doc="with a base: the result is x₀ + λ·(merge − x₀), for every tensor (1: the "
+                   "paper's merge; like task arithmetic's λ for n models, λ > 1 moves "
+                   "further from the base than the average does)")
+
+
+def fallback_average(m: MergeInputs) -> torch.Tensor:
+    """Tensors merged without statistics: with a base, ``x₀ + λ·Σ wᵢ(xᵢ − x₀)`` (divided by
+    ``Σ wᵢ`` when ``normalize``); without one, the weighted average ``Σ wᵢxᵢ / Σ wᵢ``. With
+    the defaults (``normalize``, ``λ = 1``) both are the weighted average of the models."""
+    others = [i for i in range(len(m.model_params)) if i != m.base_index]
+    weights = [m.model_params[i]["weight"] for i in others]
+    if m.base_index is None:
+        acc = torch.mul(m.tensors[others[0]], weights[0])
+        for i, w in zip(others[1:], weights[1:]):
+            acc.add_(m.tensors[i], alpha=w)
+        return acc.div_(sum(weights))
+    base = m.base
+    acc = torch.zeros_like(base)
+    for i, w in zip(others, weights):
+        acc.add_(torch.sub(m.tensors[i], base), alpha=w)
+    if m.params["normalize"]:
+        acc.div_(sum(weights))
+    return acc.mul_(m.params["lambda"]).add_(base)
+
+
+def check_weights(method: str):
+    def check(name: str, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
+              base_index: int | None) -> None:
+        weights = [p["weight"] for k, p in enumerate(model_params) if k != base_index]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise MergeError(f"{method}: the weights of tensor '{name}' must be ≥ 0 with a "
+                             f"positive sum (got {weights}): they scale positive "
+                             "semi-definite statistics; change the weights")
+        alpha = params.get("alpha")
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
+            raise MergeError(f"{method}: alpha must be in [0, 1] (tensor '{name}', got "
+                             f"{alpha:g})")
+    return check
+
+
+def _regmean_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
+    """Per model ``Wᵢ·G'ᵢ`` (float64), one Cholesky of ``Σ G'ᵢ`` and the triangular solves
+    (weight matrices only; ``check`` does not know which have Grams: all 2-D but
+    embeddings)."""
+    from ..arch import is_vocab_tensor
+
+    if len(shape) != 2 or is_vocab_tensor(name) and not name.endswith("lm_head.weight"):
+        return NO_WORK
+    out, cols = shape
+    cholesky = DenseWork(cols ** 3 / 3.0 * 2, factorizations=1)
+    return (product_work(out, cols, cols, float64=True) * tasks + cholesky
+            + product_work(out, cols, cols, float64=True) * 2)
+
+
+@merge_method(
+    "regmean",
+    base=BasePolicy.OPTIONAL,
+    params=[WEIGHT, Param("alpha", float, 0.9,
+                          doc="off-diagonal scale of each Gram matrix, αG + (1−α)·diag(G) "
+                              "(1: exact least squares; smaller: towards averaging)"),
+            NORMALIZE, LAMBDA, STATISTICS],
+    min_non_base=1,
+    statistics=("gram",),
+    check=check_weights("regmean"),
+    temp_buffers=6.0,
+    seconds_per_gb=2.0,
+    compute=_regmean_work,
+    reference="https://arxiv.org/abs/2212.09849",
+    differences="Not in mergekit. Grams come from statistics artefacts (a calibration: "
+                "block or `statistics:` per model); the ridge fallback for singular Grams "
+                "moves W* towards the weighted average where no input reached.",
+)
+def regmean(m: MergeInputs) -> torch.Tensor:
+    """RegMean: per linear layer, the weight that best reproduces every model's outputs on
+    its own calibration inputs (closed form from the inputs' Gram matrices).
+
+    For a weight `Wᵢ` (`[out, in]`) with input Gram `Gᵢ = Σ x xᵀ` over model i's
+    calibration tokens, `W* = (Σ wᵢ Wᵢ G'ᵢ)(Σ wᵢ G'ᵢ)⁻¹` with `G'ᵢ = α Gᵢ + (1 − α)
+    diag(Gᵢ)`: with `α = 1` the least-squares solution of all models' regression problems
+    at once (`min Σ ‖Xᵢ Wᵀ − Xᵢ Wᵢᵀ‖²`); smaller `α` shrinks the cross terms, moving
+    towards a per-input-feature weighted average (default 0.9; the paper tunes α per
+    setting). Solved in float64 (Cholesky); a singular `Σ G'ᵢ` gets a small ridge that
+    moves `W*` towards the weighted average in the directions no calibration input
+    reached.
+
+    Which tensors: every 2-D tensor whose Gram is in every model's statistics (the
+    weights of linear layers: attention and MLP projections, and the LM head when the
+    statistics include it). All others — embeddings, norms, biases — are merged as in
+    the paper, which averages the parameters it cannot regress: the weighted average
+    `Σ wᵢxᵢ / Σ wᵢ`; with a `base_model`, `x₀ + λ·Σ wᵢ(xᵢ − x₀)` divided by `Σ wᵢ` when
+    `normalize` (the default: again the weighted average; `normalize: false` gives task
+    arithmetic). The base model is never part of the regression: RegMean is invariant to
+    it (`W* = x₀ + (Σ wᵢτᵢG'ᵢ)(Σ wᵢG'ᵢ)⁻¹`, a Gram-weighted average of the task vectors),
+    so with a base, `lambda` scales that merged task vector, `x₀ + λ·(W* − x₀)`, as task
+    arithmetic's λ does (an extension; `λ = 1`, the default, is the paper's method).
+
+    Statistics: each model's calibration-input Grams (`mergesmith stats`, or the recipe's
+    `calibration:` block), found by the planner before any weight is read; a Gram in some
+    models and not others, or of the wrong size, is an error naming model and tensor.
+    Memory per tensor: the Grams are `[in, in]` in float64 for the solve (for a 4096×11008
+    down projection, ~1 GB per model), so whole tensors, not row chunks.
+
+    RegMean++ (`regmean_plusplus`, 2025) solves the same system with each
+    layer's Grams taken from the inputs the *already merged* previous layers produce; it
+    needs the sequential statistics pass and is a separate method."""
+    idx = [i for i in range(len(m.model_params)) if i != m.base_index]
+    stats = m.statistics
+    if stats is None or any(stats[i] is None for i in idx):
+        return fallback_average(m)
+    tensors = [m.tensors[i] for i in idx]
+    grams = [stats[i].gram() for i in idx]
+    merged = regmean_solve(tensors, grams, alpha=m.params["alpha"],
+                           coefficients=[m.model_params[i]["weight"] for i in idx])
+    return scale_from_base(m, merged.to(torch.promote_types(m.compute_dtype,
+                                                            tensors[0].dtype)))
+
+
+def scale_from_base(m: MergeInputs, merged: torch.Tensor) -> torch.Tensor:
+    """With a base and ``lambda`` ≠ 1: ``x₀ + λ·(merged − x₀)``."""
+    lam = m.params["lambda"]
+    if m.base_index is None or lam == 1.0:
+        return merged
+    base = m.base.to(merged.dtype)
+    return merged.sub_(base).mul_(lam).add_(base)

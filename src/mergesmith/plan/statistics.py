@@ -1,0 +1,186 @@
+"""Planning the statistics of a data-aware merge (RegMean, Fisher): which artefact holds each
+input model's statistics, which output tensors have them, and checks before any weight is
+read.
+
+Where a model's statistics come from (the provider seam):
+
+1. its ``statistics`` parameter (per model, or top level): a statistics artefact
+   (``mergesmith.statistics.store``), or a folder holding ``<model folder name>.safetensors``;
+   several values (e.g. per-tensor filters naming several files) are read as one;
+2. otherwise :func:`calibration_statistics`, which computes them from the recipe's
+   ``calibration:`` block (**the one place the calibration pass is connected**).
+
+Per output tensor, a method declaring ``statistics={"gram"}`` gets them for 2-D tensors
+whose Gram exists in every merged model's artefact (a Gram in some models but not in
+others is an error naming the model and the tensor), ``{"fisher"}`` for tensors whose
+Fisher exists in every model; the other tensors go to the method without statistics (it
+falls back to an average, see the methods' docs). The result is
+``Plan.statistics``: output tensor name → one :class:`TensorStatistics` per input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import MergeError
+from ..statistics.store import FISHER, GRAM, Statistics
+from .draft import Draft
+from .types import OutputTensor
+
+
+@dataclass(frozen=True)
+class TensorStatistics:
+    """The statistics of one input tensor (``name`` in its model), read when asked."""
+
+    source: Statistics
+    name: str
+    rows: tuple[int, int] | None = None
+    fisher_scale: float = 1.0
+    """The Fisher is multiplied by this (its model's normalisation, 1 when off)."""
+
+    def gram(self) -> Any:
+        return self.source.gram(self.name)
+
+    def tokens(self) -> int:
+        return self.source.tokens(self.name)
+
+    def fisher(self) -> Any:
+        f = self.source.fisher(self.name, self.rows)
+        return f if f is None or self.fisher_scale == 1.0 else f.mul_(self.fisher_scale)
+
+    def restrict(self, rows: tuple[int, int] | None) -> TensorStatistics:
+        """The same for rows ``start:end`` of the tensor (a row chunk of the merge)."""
+        if rows is None:
+            return self
+        if self.rows is not None:
+            rows = (self.rows[0] + rows[0], self.rows[0] + rows[1])
+        return TensorStatistics(self.source, self.name, rows, self.fisher_scale)
+
+
+STATISTICS_PARAM = "statistics"
+"""The per-model parameter naming a precomputed statistics artefact."""
+
+
+def calibration_statistics(d: Draft, model: int, kinds: Collection[str]) -> Statistics:
+    """Statistics of model ``model`` computed from the recipe's ``calibration:`` block.
+
+    HOOK (issue 22): this is where the calibration pass is connected — load the block's
+    tokens with the model's tokenizer and call
+    ``mergesmith.statistics.compute_statistics(folder, tokens, kinds=kinds, cache=True)``.
+    Until then, a model without a ``statistics`` artefact is an error."""
+    ref = d.refs[model]
+    method = d.spec.name
+    raise MergeError(
+        f"merge method '{method}' needs statistics ({', '.join(sorted(kinds))}) of model "
+        f"'{ref}' on calibration data: add a calibration: block to the recipe, or give the "
+        f"model 'parameters: {{statistics: PATH}}' naming a precomputed statistics artefact "
+        "(mergesmith stats)")
+
+
+def _open(d: Draft, model: int, values: Collection[str]) -> Statistics:
+    paths = []
+    for value in sorted(values):
+        path = os.path.abspath(os.path.expanduser(value))
+        if os.path.isdir(path):
+            folder = os.path.basename(os.path.normpath(d.sources[model].folder))
+            path = os.path.join(path, folder + ".safetensors")
+        if not os.path.isfile(path):
+            raise MergeError(f"model '{d.refs[model]}': statistics artefact '{path}' (from "
+                             f"'{STATISTICS_PARAM}: {value}') does not exist; compute it "
+                             "with mergesmith stats or fix the path")
+        paths.append(path)
+    try:
+        return Statistics(paths)
+    except Exception as e:  # not safetensors, or another format
+        raise MergeError(f"model '{d.refs[model]}': cannot read the statistics artefact "
+                         f"{', '.join(paths)}: {e}") from None
+
+
+def _fisher_scale(stats: Statistics) -> float:
+    """1 / the L2 norm of the model's whole diagonal Fisher (FusionBench's and MergeLM's
+    ``normalize_fisher_weight``): models whose gradients differ in scale weigh alike."""
+    total = 0.0
+    for name in stats.names("fisher"):
+        f = stats.fisher(name).double()
+        total += float((f * f).sum())
+    return 1.0 / total ** 0.5 if total > 0 else 1.0
+
+
+def plan_statistics(d: Draft) -> dict[str, tuple[TensorStatistics, ...]]:
+    """Find and check the statistics of every output tensor of a data-aware method (see
+    the module docs); nothing for other methods."""
+    kinds = d.spec.scheduling.statistics
+    mine = [t for t in d.outputs if t.method == d.spec.name and not t.copied]
+    if not kinds or not mine:
+        return {}
+    named: dict[int, set[str]] = {}
+    for t in mine:
+        for k, (inp, p) in enumerate(zip(t.inputs, t.model_params)):
+            if k == t.base_index:
+                continue
+            named.setdefault(inp.model, set())
+            if p.get(STATISTICS_PARAM):
+                named[inp.model].add(p[STATISTICS_PARAM])
+    sources = {m: _open(d, m, values) if values else calibration_statistics(d, m, kinds)
+               for m, values in named.items()}
+    scales: dict[int, float] = {}
+    if "fisher" in kinds and any(t.params.get("fisher_normalize") for t in mine):
+        scales = {m: _fisher_scale(s) for m, s in sources.items()}
+    out: dict[str, tuple[TensorStatistics, ...]] = {}
+    kind = "gram" if "gram" in kinds else "fisher"
+    skipped = 0
+    for t in mine:
+        found = _tensor_statistics(d, t, kind, sources,
+                                   scales if t.params.get("fisher_normalize") else {})
+        if found is None:
+            skipped += 1
+        else:
+            out[t.name] = found
+    if skipped:
+        what = ("no input Gram matrix (not a linear layer's weight: embeddings, norms, "
+                "biases)" if kind == "gram" else "no diagonal Fisher")
+        d.notes.append(f"{d.spec.name}: {len(out)} tensors merged with their {kind} "
+                       f"statistics; {skipped} have {what} and are averaged (see "
+                       f"`mergesmith methods {d.spec.name}`)")
+    return out
+
+
+def _tensor_statistics(d: Draft, t: OutputTensor, kind: str, sources: dict[int, Statistics],
+                       scales: dict[int, float]) -> tuple[TensorStatistics, ...] | None:
+    if t.reindex or t.stack or t.expert_parts:
+        return None  # rows re-indexed to a new vocabulary / stacked experts: averaged
+    if kind == "gram" and len(t.shape) != 2:
+        return None
+    suffix = GRAM if kind == "gram" else FISHER
+    want = (t.shape[1], t.shape[1]) if kind == "gram" else tuple(t.shape)
+    entries: list[TensorStatistics | None] = []
+    have, lack = [], []
+    for k, inp in enumerate(t.inputs):
+        if k == t.base_index:
+            entries.append(None)
+            continue
+        stats = sources[inp.model]
+        shape = stats.shape(inp.name + suffix)
+        if shape is None:
+            lack.append(d.refs[inp.model])
+            entries.append(None)
+            continue
+        if tuple(shape) != want:
+            raise MergeError(f"model '{d.refs[inp.model]}': the {kind} statistics of tensor "
+                             f"'{inp.name}' have shape {list(shape)}, expected {list(want)}; "
+                             "the artefact was computed for another model — recompute it "
+                             "for this one")
+        have.append(d.refs[inp.model])
+        entries.append(TensorStatistics(stats, inp.name, None, scales.get(inp.model, 1.0)))
+    if not have:
+        return None
+    if lack:
+        raise MergeError(f"merge method '{d.spec.name}': model '{lack[0]}' has no {kind} "
+                         f"statistics for tensor '{t.name}' while '{have[0]}' has; compute "
+                         "every model's statistics on the same calibration data (same "
+                         "calibration: block, or artefacts from mergesmith stats with the "
+                         "same settings)")
+    return tuple(entries)  # type: ignore[arg-type]
