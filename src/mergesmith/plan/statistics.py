@@ -65,19 +65,35 @@ STATISTICS_PARAM = "statistics"
 
 
 def calibration_statistics(d: Draft, model: int, kinds: Collection[str]) -> Statistics:
-    """Statistics of model ``model`` computed from the recipe's ``calibration:`` block.
-
-    HOOK (issue 22): this is where the calibration pass is connected — load the block's
-    tokens with the model's tokenizer and call
-    ``mergesmith.statistics.compute_statistics(folder, tokens, kinds=kinds, cache=True)``.
-    Until then, a model without a ``statistics`` artefact is an error."""
+    """Statistics of model ``model`` computed from the recipe's ``calibration:`` block (the
+    same tokens through every model: tokenized with each model's tokenizer, which must
+    agree), from the statistics cache when already computed. Planning needs them (which
+    tensors have a Gram, their shapes), so ``check`` computes and caches them too."""
     ref = d.refs[model]
     method = d.spec.name
-    raise MergeError(
-        f"merge method '{method}' needs statistics ({', '.join(sorted(kinds))}) of model "
-        f"'{ref}' on calibration data: add a calibration: block to the recipe, or give the "
-        f"model 'parameters: {{statistics: PATH}}' naming a precomputed statistics artefact "
-        "(mergesmith stats)")
+    settings = getattr(d.recipe, "calibration", None)
+    if settings is None:
+        raise MergeError(
+            f"merge method '{method}' needs statistics ({', '.join(sorted(kinds))}) of model "
+            f"'{ref}' on calibration data: add a calibration: block to the recipe, or give "
+            f"the model 'parameters: {{statistics: PATH}}' naming a precomputed statistics "
+            "artefact (mergesmith stats)")
+    from ..statistics.calibration import common_tokens
+    from ..statistics.collect import compute_statistics
+
+    key = id(settings)
+    cached = _TOKENS.get(key)
+    if cached is None or cached[0] is not settings:
+        folders = [(str(r), s.folder) for r, s in zip(d.refs, d.sources)
+                   if getattr(s, "stage", None) is None]
+        cached = _TOKENS[key] = (settings, common_tokens(settings, folders))
+    device = "cpu" if d.options.device in ("auto", "cpu") else d.options.device
+    return compute_statistics(d.sources[model], cached[1], kinds=set(kinds), device=device,
+                              cache=True)
+
+
+_TOKENS: dict[int, tuple[Any, Any]] = {}
+"""Calibration tokens per recipe block while planning (tokenized once for all models)."""
 
 
 def _open(d: Draft, model: int, values: Collection[str]) -> Statistics:
