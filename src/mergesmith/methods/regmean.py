@@ -135,7 +135,8 @@ def regmean(m: MergeInputs) -> torch.Tensor:
 
     RegMean++ (`regmean_plusplus`, 2025) solves the same system with each
     layer's Grams taken from the inputs the *already merged* previous layers produce; it
-    needs the sequential statistics pass and is a separate method."""
+    needs the sequential statistics pass: for now the Python function
+    `mergesmith.statistics.sequential.write_regmean_plusplus`, not yet a recipe method."""
     idx = [i for i in range(len(m.model_params)) if i != m.base_index]
     stats = m.statistics
     if stats is None or any(stats[i] is None for i in idx):
