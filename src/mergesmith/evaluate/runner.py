@@ -178,6 +178,24 @@ def _pct(x: float | None) -> str:
 # ------------------------------------------------------------------ text
 
 
+def jsonl_field_values(content: str, label: str, field_name: str, option: str
+                       ) -> Iterator[tuple[int, Any]]:
+    """(line number, value of ``field_name``) for each non-blank JSON Lines row of
+    ``content``; a row that is not JSON or lacks the field is a MergeError naming
+    ``label:line`` and the ``option`` that chooses the field."""
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise MergeError(f"{label}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or field_name not in obj:
+            raise MergeError(f"{label}:{n}: no field '{field_name}' (choose the field with "
+                             f"{option})")
+        yield n, obj[field_name]
+
+
 def read_texts(text: str | None = None, jsonl: str | None = None,
                field_name: str = "text") -> tuple[list[str], str]:
     """The documents to evaluate on, and a short description of where they come from."""
@@ -200,17 +218,7 @@ def read_texts(text: str | None = None, jsonl: str | None = None,
             raise MergeError(f"evaluation text {path} is empty")
         return [content], path
     docs = []
-    for n, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise MergeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or field_name not in obj:
-            raise MergeError(f"{path}:{n}: no field '{field_name}' (choose the field with "
-                             "--field)")
-        value = obj[field_name]
+    for n, value in jsonl_field_values(content, path, field_name, "--field"):
         if not isinstance(value, str):
             raise MergeError(f"{path}:{n}: field '{field_name}' is "
                              f"{type(value).__name__}, expected a string")

@@ -138,19 +138,11 @@ def read_documents(s: CalibrationSettings) -> list[Any]:
         if not content.strip():
             raise MergeError(f"{s.where}: calibration file {shown} is empty")
         return [content]
+    from ..evaluate.runner import jsonl_field_values
+
     docs: list[Any] = []
     name = s.field
-    for n, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise MergeError(f"{s.where}: {shown}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or name not in obj:
-            raise MergeError(f"{s.where}: {shown}:{n}: no field '{name}' (choose it with "
-                             "'field:')")
-        value = obj[name]
+    for n, value in jsonl_field_values(content, f"{s.where}: {shown}", name, "'field:'"):
         if s.chat_template:
             if not (isinstance(value, list) and value and all(
                     isinstance(m, dict) and "role" in m and "content" in m for m in value)):
