@@ -273,9 +273,15 @@ class RayExecutor:
                     if self.on_task:
                         self.on_task(reported, len(refs), min(len(nodes), len(outstanding)))
         except BaseException:
-            for ref in refs[reported:]:  # Ctrl-C or an error: stop the rest (a finished
-                try:                      # task's cancel does nothing); OUT.partial stays
-                    ray.cancel(ref, force=True)
+            # Ctrl-C or an error: stop the tasks not finished yet; OUT.partial stays. Not
+            # finished ones only, and not force=True: cancelling a task whose completion is
+            # arriving can crash Ray's driver-side task manager (seen in tests).
+            unreported = refs[reported:]
+            _, running = (ray.wait(unreported, num_returns=len(unreported), timeout=0)
+                          if unreported else ([], []))
+            for ref in running:
+                try:
+                    ray.cancel(ref, force=False)
                 except Exception:  # noqa: BLE001 - already finished or gone
                     pass
             raise
