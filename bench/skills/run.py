@@ -155,10 +155,15 @@ GRID = {
     # (λ scales the merged task vector from the base: 1 is the papers' methods)
     "regmean": [{"alpha": a, "lambda": v} for a in (0.5, 0.9, 1.0) for v in (1.0, 1.5)],
     "fisher": [{"fisher_normalize": n, "lambda": v} for n in (True, False) for v in (1.0, 1.5)],
-    # HOOK: RegMean++ (statistics from the already-merged previous layers) is computed by
-    # the statistics side's sequential pass; run only where the method is registered
-    "regmean_plusplus": [{"alpha": a} for a in (0.5, 0.9)],
+    # RegMean++ needs the same calibration tokens through every model (a calibration:
+    # block, MIXED_CALIBRATION); "regmean@mixed" is RegMean on those same tokens, to compare
+    "regmean_plusplus": [{"alpha": a, "lambda": v} for a in (0.5, 0.9, 1.0) for v in (1.0, 1.5)],
+    "regmean@mixed": [{"alpha": a, "lambda": v} for a in (0.5, 0.9, 1.0) for v in (1.0, 1.5)],
 }
+
+MIXED = {"regmean_plusplus", "regmean@mixed"}
+"""Methods run with the recipe's ``calibration:`` block on a mixed set: 256 examples of each
+skill (the calibration seeds below), one JSON line each, every model sees the same tokens."""
 
 STATISTICS = {"regmean": "gram", "regmean_plusplus": "gram", "fisher": "fisher"}
 """Methods that read statistics, and which kind (``statistics: PATH`` per model)."""
@@ -221,6 +226,35 @@ def collect_statistics(folder: Path, tag: str, kind: str, out: Path, n: int = 25
     return out
 
 
+def save_tokenizer(folder: Path) -> None:
+    """The character vocabulary as a tokenizer (ids of ``CHARS``, pad, EOS appended after
+    each document as in training), so a ``calibration:`` block can tokenize text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(CHARS)} | {"<pad>": PAD, "</s>": EOS}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", EOS)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<pad>").save_pretrained(folder)
+
+
+def mixed_calibration(work: Path, n: int = 256) -> dict:
+    """The ``calibration:`` block of the MIXED methods (writes the JSON Lines file once)."""
+    path = work / "calibration.jsonl"
+    if not path.exists():
+        rows = []
+        for tag in SKILLS:
+            rng = random.Random(CALIBRATION_SEED + ord(tag))
+            rows += [json.dumps({"text": p + a}) for p, a in
+                     (example(tag, rng, 5, 6) for _ in range(n))]
+        path.write_text("\n".join(rows) + "\n")
+    return {"jsonl": str(path), "field": "text", "max_tokens": 16384, "max_length": 64,
+            "batch_size": 16, "seed": 0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-skills"))
@@ -268,17 +302,22 @@ def main() -> int:
     from mergesmith.methods import all_methods
 
     for method in args.methods.split(","):
-        if method.split("+")[0] not in all_methods():
+        if method.split("+")[0].split("@")[0] not in all_methods():
             print(f"{method}: not a registered method here, skipped", flush=True)
             continue
-        kind = STATISTICS.get(method)
+        calibration = None
+        if method in MIXED:
+            for folder in [base_dir, *(work / f"ft_{SKILLS[t]}" for t in SKILLS)]:
+                save_tokenizer(folder)
+            calibration = mixed_calibration(work)
+        kind = None if calibration else STATISTICS.get(method)
         stats = {t: collect_statistics(work / f"ft_{SKILLS[t]}", t, kind,
                                        work / "statistics" / f"{kind}_{SKILLS[t]}.safetensors")
                  for t in SKILLS} if kind else {}
         for settings in GRID[method]:
             per_model = {k: v for k, v in settings.items() if k in ("density",)}
             shared = {k: v for k, v in settings.items() if k not in per_model}
-            spec = get_method(method.split("+")[0])
+            spec = get_method(method.split("+")[0].split("@")[0])
             weight = {"weight": 1.0} if spec.param("weight") is not None else {}
             models = [{"model": str(work / f"ft_{SKILLS[t]}")} for t in SKILLS]
             for t, m in zip(SKILLS, models):
@@ -288,6 +327,8 @@ def main() -> int:
                     m["parameters"]["statistics"] = str(stats[t])
             recipe = {"merge_method": spec.name, "base_model": str(base_dir), "models": models,
                       "parameters": shared, "seed": 0}
+            if calibration:
+                recipe["calibration"] = calibration
             out = work / "merged"
             shutil.rmtree(out, ignore_errors=True)
             mergesmith.run(recipe, out, threads=args.threads)

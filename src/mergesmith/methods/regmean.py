@@ -133,10 +133,8 @@ def regmean(m: MergeInputs) -> torch.Tensor:
     Memory per tensor: the Grams are `[in, in]` in float64 for the solve (for a 4096×11008
     down projection, ~1 GB per model), so whole tensors, not row chunks.
 
-    RegMean++ (`regmean_plusplus`, 2025) solves the same system with each
-    layer's Grams taken from the inputs the *already merged* previous layers produce; it
-    needs the sequential statistics pass: for now the Python function
-    `mergesmith.statistics.sequential.write_regmean_plusplus`, not yet a recipe method."""
+    RegMean++ (`regmean_plusplus`) solves the same system with each layer's Grams
+    taken from the inputs the *already merged* previous layers produce."""
     idx = [i for i in range(len(m.model_params)) if i != m.base_index]
     stats = m.statistics
     if stats is None or any(stats[i] is None for i in idx):
@@ -156,3 +154,47 @@ def scale_from_base(m: MergeInputs, merged: torch.Tensor) -> torch.Tensor:
         return merged
     base = m.base.to(merged.dtype)
     return merged.sub_(base).mul_(lam).add_(base)
+
+
+ALPHA = Param("alpha", float, 0.9,
+              doc="off-diagonal scale of each Gram matrix, αG + (1−α)·diag(G) "
+                  "(1: exact least squares; smaller: towards averaging)")
+
+
+@merge_method(
+    "regmean_plusplus",
+    base=BasePolicy.OPTIONAL,
+    params=[WEIGHT, ALPHA, NORMALIZE, LAMBDA],
+    min_non_base=1,
+    statistics=("gram", "merged_gram"),
+    check=check_weights("regmean_plusplus"),
+    temp_buffers=6.0,
+    seconds_per_gb=2.0,
+    compute=_regmean_work,
+    reference="https://arxiv.org/abs/2508.03121",
+    differences="Not in mergekit. Needs a calibration: block; the Grams are computed with "
+                "the plan (a sequential pass over the layers, cached), not read from "
+                "`mergesmith stats` artefacts.",
+)
+def regmean_plusplus(m: MergeInputs) -> torch.Tensor:
+    """RegMean++: RegMean with each layer's input Grams taken on the hidden states of the
+    already merged earlier layers, so a layer is fitted to the inputs it will see in the
+    merged model.
+
+    Same closed form and parameters as `regmean` (`W* = (Σ wᵢ Wᵢ G'ᵢ)(Σ wᵢ G'ᵢ)⁻¹`,
+    `alpha`, `normalize`, `lambda`; other tensors by the weighted average or, with a base,
+    task arithmetic). The difference is where `Gᵢ` comes from: the calibration tokens go
+    through the *merged* embeddings and merged layers `< l`; model i's own layer `l` runs
+    on those hidden states, and the inputs of its linear layers give `Gᵢ` (inside the
+    layer, `o_proj`/`down_proj` inputs come from model i's own earlier sublayers). The
+    head's Gram is on the merged final hidden states through each model's final norm.
+
+    Needs a `calibration:` block (its Grams depend on the merge, so artefacts from
+    `mergesmith stats` do not apply) and a whole-model recipe of one architecture (no
+    slices; use `regmean` for those). Planning runs the sequential pass once — each layer
+    merged with the same work items the merge then runs, so the output equals the pass's
+    merge — and caches the Grams per (models, calibration tokens, parameters) in the
+    statistics cache: `check` pays for the pass once, the merge reuses it. Cost: about one
+    forward pass of the calibration tokens through every model and the merged model, plus
+    the Gram products and one merge of the linear layers."""
+    return regmean(m)

@@ -14,7 +14,7 @@ from .layers import plan_recipe
 from .layout import check_unique, layout, processing_order
 from .parameters import check_parameter_names
 from .recipe_view import donor_ref
-from .statistics import plan_statistics
+from .statistics import MERGED_GRAM, plan_merged_grams, plan_statistics
 from .types import Plan
 from .vocabulary import plan_chat_template, plan_vocabulary
 
@@ -61,8 +61,11 @@ def make_plan(recipe: Recipe, models: dict[ModelReference, ModelSource],
         why = "--strict" if options.strict else recipe.at("strict")
         raise MergeError(f"{d.warnings[0]}{more}. {why}: warnings are errors; fix the recipe "
                          "or drop strict mode")
-    return Plan(recipe=recipe, method=d.spec, models=d.sources, donor=donor,
-                tensors=tuple(tensors), shards=tuple(shards), config=config, options=options,
-                read_dtype=recipe.dtype, notes=tuple(d.notes), warnings=tuple(d.warnings),
-                layer_maps=d.layer_maps, vocab=d.vocab, generation_config=d.generation_config,
-                chat_template=d.chat_template, statistics=statistics)
+    p = Plan(recipe=recipe, method=d.spec, models=d.sources, donor=donor,
+             tensors=tuple(tensors), shards=tuple(shards), config=config, options=options,
+             read_dtype=recipe.dtype, notes=tuple(d.notes), warnings=tuple(d.warnings),
+             layer_maps=d.layer_maps, vocab=d.vocab, generation_config=d.generation_config,
+             chat_template=d.chat_template, statistics=statistics)
+    if MERGED_GRAM in d.spec.scheduling.statistics:  # RegMean++: a sequential pass
+        p = plan_merged_grams(p, d)
+    return p

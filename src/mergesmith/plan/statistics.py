@@ -130,7 +130,7 @@ def plan_statistics(d: Draft) -> dict[str, tuple[TensorStatistics, ...]]:
     the module docs); nothing for other methods."""
     kinds = d.spec.scheduling.statistics
     mine = [t for t in d.outputs if t.method == d.spec.name and not t.copied]
-    if not kinds or not mine:
+    if not kinds or not mine or MERGED_GRAM in kinds:  # RegMean++: plan_merged_grams
         return {}
     named: dict[int, set[str]] = {}
     for t in mine:
@@ -200,3 +200,184 @@ def _tensor_statistics(d: Draft, t: OutputTensor, kind: str, sources: dict[int, 
                          "calibration: block, or artefacts from mergesmith stats with the "
                          "same settings)")
     return tuple(entries)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ RegMean++ (merged_gram)
+
+MERGED_GRAM = "merged_gram"
+"""The statistics kind of RegMean++: Grams of each model's linear inputs where each decoder
+layer's input is the hidden states of the *merged* earlier layers. They depend on the merge
+itself, so they are computed with the plan, by a sequential pass that merges layer by layer
+with the plan's own work items (``plan_merged_grams``)."""
+
+
+class _LiveGram:
+    """A Gram of the sequential pass, as the engine will read it back from the artefact
+    (rounded to float32)."""
+
+    def __init__(self, gram: Any, count: int) -> None:
+        self._gram, self._count = gram.to(dtype=__import__("torch").float32), int(count)
+
+    def gram(self) -> Any:
+        return self._gram
+
+    def tokens(self) -> int:
+        return self._count
+
+    def restrict(self, rows: tuple[int, int] | None) -> _LiveGram:
+        return self
+
+
+def _calibration_tokens(d: Draft, why: str) -> Any:
+    settings = getattr(d.recipe, "calibration", None)
+    if settings is None:
+        raise MergeError(why)
+    from ..statistics.calibration import common_tokens
+
+    key = id(settings)
+    cached = _TOKENS.get(key)
+    if cached is None or cached[0] is not settings:
+        folders = [(str(r), s.folder) for r, s in zip(d.refs, d.sources)
+                   if getattr(s, "stage", None) is None]
+        cached = _TOKENS[key] = (settings, common_tokens(settings, folders))
+    return cached[1]
+
+
+def _merge_digest(p: Any, mine: list[OutputTensor], fingerprints: list[str]) -> str:
+    """Everything the merged hidden states depend on besides the calibration tokens."""
+    import hashlib
+    import json
+
+    what = {"models": fingerprints, "compute": str(p.options.compute_dtype),
+            "read": str(p.read_dtype), "seed": p.seed,
+            "tensors": [[t.name, str(t.dtype), t.base_index, [i.model for i in t.inputs],
+                         t.params, list(t.model_params)] for t in mine]}
+    text = json.dumps(what, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan_merged_grams(p: Any, d: Draft) -> Any:
+    """RegMean++: run (or find in the statistics cache) the sequential pass for plan ``p``
+    and return it with ``statistics`` reading the resulting per-model Gram artefacts.
+
+    The pass carries the calibration tokens through the merged model: for each decoder
+    layer every model's own layer runs on the merged hidden states (its linear inputs'
+    Grams collected), the layer's tensors are merged by the plan's own work items with
+    those Grams, and the merged layer gives the next hidden states. The engine then merges
+    with the stored Grams — the same numbers, so the output equals the pass's merge."""
+    import contextlib
+    import dataclasses
+    import json
+
+    from ..statistics.cache import COMPUTE, StatsCache, source_fingerprint
+    from ..statistics.store import FORMAT
+
+    name = d.spec.name
+    mine = [t for t in p.tensors if t.method == name and not t.copied]
+    for t in mine:
+        odd = next((i for i in t.inputs if i.name != t.name), None)
+        if odd is not None or t.reindex or t.stack or t.expert_parts:
+            raise MergeError(
+                f"merge method '{name}' merges whole models of one architecture layer by "
+                f"layer; output tensor '{t.name}' is made from "
+                + (f"'{odd.name}'" if odd is not None else "re-indexed or stacked rows")
+                + " (slices, layer ranges or a new vocabulary): use 'regmean' for such recipes")
+    if not mine:
+        return p
+    tokens = _calibration_tokens(
+        d, f"merge method '{name}' needs calibration data: its Grams are taken on the "
+           "merged model's hidden states of calibration tokens; add a calibration: block")
+    regressed = sorted({i.model for t in mine for k, i in enumerate(t.inputs)
+                        if k != t.base_index})
+    fingerprints = [source_fingerprint(s) for s in d.sources]
+    digest = _merge_digest(p, mine, fingerprints)
+    cache = StatsCache()
+    keys = {m: {"model": fingerprints[m], "calibration": tokens.fingerprint, "kinds": ["gram"],
+                MERGED_GRAM: digest, "position": m, "compute": COMPUTE, "format": FORMAT}
+            for m in regressed}
+    found = {m: cache.get(k) for m, k in keys.items()}
+    if any(s is None for s in found.values()):
+        with contextlib.ExitStack() as stack:
+            folders = {m: stack.enter_context(cache.building(keys[m])) for m in regressed}
+            files = _merged_gram_pass(p, d, mine, regressed, tokens, folders)
+            for m in regressed:
+                manifest = {"key": keys[m], "files": files[m], "kinds": ["gram"],
+                            "tokens": tokens.tokens}
+                with open(f"{folders[m]}/manifest.json", "w", encoding="utf-8") as f:
+                    json.dump(manifest, f, indent=1)
+        found = {m: cache.get(k) for m, k in keys.items()}
+        if any(s is None for s in found.values()):  # cache disabled or unwritable
+            raise MergeError(f"merge method '{name}': the statistics cache "
+                             f"{cache.folder} could not be written; set "
+                             "MERGESMITH_STATS_CACHE to a writable folder")
+        d.notes.append(f"{name}: Grams taken on the merged model's hidden states (sequential "
+                       "pass over the layers, cached)")
+    else:
+        d.notes.append(f"{name}: Grams of the merged model's hidden states from the "
+                       "statistics cache")
+    sources = {m: s for m, s in found.items() if s is not None}
+    out: dict[str, tuple[TensorStatistics, ...]] = {}
+    for t in mine:
+        entry = _tensor_statistics(d, t, "gram", sources, {})
+        if entry is not None:
+            out[t.name] = entry
+    return dataclasses.replace(p, statistics=out, notes=tuple(d.notes))
+
+
+def _merged_gram_pass(p: Any, d: Draft, mine: list[OutputTensor], regressed: list[int],
+                      tokens: Any, folders: dict[int, str]) -> dict[int, list[str]]:
+    """The sequential pass (``statistics.sequential``) with the plan's work items as the
+    merge; writes each model's Grams, one file per layer, into ``folders``."""
+    import dataclasses
+
+    import torch
+
+    from ..checkpoint.reader import TensorReader
+    from ..execute import WorkItem, _Job
+    from ..stages import _Capture
+    from ..statistics.sequential import regmean_plusplus_merge
+    from ..statistics.store import StatisticsWriter
+
+    by_name = {t.name: t for t in mine}
+    others = {t.name: t for t in p.tensors}
+    live: dict[str, tuple[Any, ...]] = {}
+    plan = dataclasses.replace(p, statistics=live)
+    device = torch.device("cpu" if p.options.device in ("auto", "cpu") else p.options.device)
+    files: dict[int, list[str]] = {m: [] for m in regressed}
+    step = iter(range(1 << 30))
+    with TensorReader() as reader:
+        capture = _Capture()
+        job = _Job(plan, [m.ensure_local() for m in p.models], reader, capture, [device])
+
+        def merge(names: list[str], grams: list[dict[str, tuple[Any, int]]] | None
+                  ) -> dict[str, torch.Tensor]:
+            if grams is not None:
+                label = f"layer-{next(step):05d}.gram.safetensors"
+                for m, g in zip(regressed, grams):
+                    writer = StatisticsWriter()
+                    for n, (gram, count) in g.items():
+                        writer.add_gram(n, gram, count)
+                    writer.save(f"{folders[m]}/{label}")
+                    files[m].append(label)
+            values = {}
+            for n in dict.fromkeys(names):
+                t = by_name.get(n) or others.get(n)
+                if t is None:  # not in the output (e.g. a tied head's alias): first model's
+                    values[n] = job.reader.read(p.models[regressed[0]].index.tensors[n])
+                    continue
+                if grams is not None and t.name in by_name and len(t.shape) == 2 and all(
+                        n in g for g in grams):
+                    pos = {m: k for k, m in enumerate(regressed)}
+                    live[n] = tuple(None if k == t.base_index else
+                                    _LiveGram(*grams[pos[i.model]][n])
+                                    for k, i in enumerate(t.inputs))
+                job._compute(WorkItem(t, None))
+                values[n] = capture.take()
+                live.pop(n, None)
+            return values
+
+        sources = [p.models[m] for m in regressed]
+        for _ in regmean_plusplus_merge(sources, None, None, tokens, device=device,
+                                        merge=merge):
+            pass
+    return files

@@ -21,7 +21,7 @@ checkpoint's dtype).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,6 +41,11 @@ from .collect import (
     build_skeleton,
     free,
 )
+
+
+MergeFn = Callable[[list[str], "list[dict[str, tuple[torch.Tensor, int]]] | None"],
+                   dict[str, torch.Tensor]]
+"""``merge(names, grams)`` of :func:`regmean_plusplus_merge`."""
 
 
 def _source(model: Any) -> tuple[str, Any]:
@@ -72,12 +77,20 @@ def regmean_plusplus_merge(models: list[Any], weights: list[float] | None,
                            base: Any | None, calibration_tokens: CalibrationTokens,
                            alpha: float = 0.9, device: str | torch.device = "cpu",
                            out_dtype: torch.dtype | None = None,
+                           merge: MergeFn | None = None,
                            ) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge ``models`` (folders or ModelSources of one architecture) with RegMean++;
     yields ``(checkpoint tensor name, merged tensor)`` layer by layer (embeddings first,
     then each decoder layer's tensors, then the final norm and head, then any checkpoint
     tensor that is no parameter). Tensors come in ``out_dtype`` (default: the first
-    model's stored dtype of each tensor)."""
+    model's stored dtype of each tensor).
+
+    ``merge(names, grams)`` replaces the merge of a group of tensors (the recipe method's
+    engine does this, so that the hidden states carried on are exactly its output):
+    ``grams`` holds per model ``{weight name: (Σ x xᵀ float64, tokens)}`` of the group's
+    linear layers (None for groups without: embeddings, the rest); it returns every name's
+    merged tensor in its output dtype. ``weights``, ``base`` and ``alpha`` are then
+    unused."""
     from ..methods.regmean_math import regmean_solve
 
     if not models:
@@ -133,7 +146,8 @@ def regmean_plusplus_merge(models: list[Any], weights: list[float] | None,
     try:
         # embeddings (and whatever else precedes the first layer)
         first = sk.first_slots()
-        first_values = plain([s.name for s in first])
+        first_values = (plain([s.name for s in first]) if merge is None
+                        else merge([s.name for s in first], None))
         merged.loader.load(first, {k: v.float() for k, v in first_values.items()})
         yield from emit(first_values)
         emitted |= set(first_values)
@@ -178,19 +192,23 @@ def regmean_plusplus_merge(models: list[Any], weights: list[float] | None,
                         _run_layer(m.sk.layers[li], store[b].to(device), call)
                         collector.flush()
                 collector.close()
-                grams.append({name: g for key, (g, _) in collector.groups.items()
+                grams.append({name: (g, count) for key, (g, count) in collector.groups.items()
                               for name in key})
-                tensors.append(values)
+                tensors.append(values if merge is None else {})
                 free(slots)
-            linear = set(grams[0])
-            values = plain([nm for nm in names if nm not in linear])
-            for name in dict.fromkeys(nm for nm in names if nm in linear):
-                values[name] = regmean_solve([t[name] for t in tensors],
-                                             [g[name] for g in grams], alpha=alpha,
-                                             coefficients=weights)
+            if merge is not None:
+                values = merge(names, grams)
+            else:
+                linear = set(grams[0])
+                values = plain([nm for nm in names if nm not in linear])
+                for name in dict.fromkeys(nm for nm in names if nm in linear):
+                    values[name] = regmean_solve([t[name] for t in tensors],
+                                                 [g[name][0] for g in grams], alpha=alpha,
+                                                 coefficients=weights)
             del grams, tensors
             slots = sk.layer_slots[li]
-            merged.loader.load(slots, {k: v.to(dtype_of(k)).float() for k, v in values.items()})
+            merged.loader.load(slots, {k: (v if merge is not None else v.to(dtype_of(k))).float()
+                                       for k, v in values.items()})
             with torch.no_grad():
                 for b in batches:
                     call = calls[_signature(tokens.attention_mask[b])][li]
@@ -221,21 +239,24 @@ def regmean_plusplus_merge(models: list[Any], weights: list[float] | None,
                     collector.flush()
             m.sk.recorder.final = None
             collector.close()
-            head_grams.append({name: g for key, (g, _) in collector.groups.items()
-                               for name in key})
+            head_grams.append({name: (g, count) for key, (g, count)
+                               in collector.groups.items() for name in key})
             free(m_final)
         names = [s.name for s in final if s.name not in emitted]
-        linear = set(head_grams[0])
-        values = plain([nm for nm in names if nm not in linear])
-        for name in dict.fromkeys(nm for nm in names if nm in linear):
-            values[name] = regmean_solve([m.loader.read(name) for m in ms],
-                                         [g[name] for g in head_grams], alpha=alpha,
-                                         coefficients=weights)
+        if merge is not None:
+            values = merge(names, head_grams)
+        else:
+            linear = set(head_grams[0])
+            values = plain([nm for nm in names if nm not in linear])
+            for name in dict.fromkeys(nm for nm in names if nm in linear):
+                values[name] = regmean_solve([m.loader.read(name) for m in ms],
+                                             [g[name][0] for g in head_grams], alpha=alpha,
+                                             coefficients=weights)
         yield from emit(values)
         emitted |= set(values)
         store.close()
         rest = [name for name in merged.index.tensors if name not in emitted]
-        yield from emit(plain(rest))
+        yield from emit(plain(rest) if merge is None else merge(rest, None))
     finally:
         for m in ms + ([base_m] if base_m else []):
             m.loader.close()
