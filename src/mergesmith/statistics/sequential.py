@@ -269,8 +269,8 @@ def write_regmean_plusplus(models: list[Any], weights: list[float] | None, base:
                            shard_bytes: int = 2 << 30) -> list[str]:
     """Run :func:`regmean_plusplus_merge` and write a model folder ``out`` (safetensors
     shards of about ``shard_bytes`` written as layers finish, an index, and the first
-    model's config, generation config and tokenizer files) — until the engine runs
-    ``regmean_plusplus`` as a recipe method. Returns the shard file names."""
+    model's config, generation config and tokenizer files), outside the engine (recipes use
+    ``merge_method: regmean_plusplus``). Returns the shard file names."""
     import json
     import shutil
 
