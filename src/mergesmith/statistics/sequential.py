@@ -42,7 +42,6 @@ from .collect import (
     free,
 )
 
-
 MergeFn = Callable[[list[str], "list[dict[str, tuple[torch.Tensor, int]]] | None"],
                    dict[str, torch.Tensor]]
 """``merge(names, grams)`` of :func:`regmean_plusplus_merge`."""
