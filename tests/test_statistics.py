@@ -132,6 +132,27 @@ def test_gram_and_fisher_equal_the_whole_model(tmp_path):
     assert torch.equal(q, k)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_head_stage_in_pieces_of_a_sequence(tmp_path, monkeypatch, kind):
+    """The Fisher pass's head stage runs on pieces of each sequence (HEAD_POSITIONS
+    predictions each): Grams and Fisher still equal the whole model's — every position's
+    Gram once, every prediction's loss once, with a padded tail (llama) and a tied head
+    (qwen2)."""
+    monkeypatch.setattr(collect, "HEAD_POSITIONS", 7)  # 48 positions: 7 pieces, uneven
+    folder = tiny_lm(tmp_path / "a", 0) if kind == "llama" else hf_model(tmp_path, kind)
+    tokens = calib(tmp_path, folder)
+    assert tokens.input_ids.shape[1] > 7 * 3
+    stats = compute_statistics(folder, tokens, {"gram", "fisher"}, cache=False,
+                               out=str(tmp_path / "out"))
+    grams, fisher, _ = whole_model(folder, tokens)
+    for name in stats.names("gram"):
+        assert_close(stats.gram(name), grams[name])
+        assert stats.tokens(name) == tokens.tokens
+    assert "model.embed_tokens.weight" in stats.names("fisher")  # the head's input side
+    for name in stats.names("fisher"):
+        assert_close(stats.fisher(name), fisher[name])
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "gemma"])
 def test_other_architectures_layer_by_layer(tmp_path, kind):
     """No name tables: Qwen2 (biases, tied head), Gemma (scaled embeddings, its own

@@ -61,6 +61,9 @@ from .store import Statistics, StatisticsWriter
 
 KINDS = ("gram", "fisher")
 SPILL_ENV = "MERGESMITH_STATS_SPILL"
+HEAD_POSITIONS = 128
+"""Predictions per piece of the Fisher pass's head stage: its logits, log-probabilities and
+their gradient are ``3 × (HEAD_POSITIONS + 1) × vocab × 4`` bytes."""
 DEFAULT_SPILL_BYTES = 2 << 30
 
 
@@ -283,33 +286,62 @@ def free(slots: list[Slot]) -> None:
 
 
 class HiddenStore:
-    """``[n_seq, length, hidden]`` float32: in memory, or memory-mapped from a temporary
-    file (``folder``) when given."""
+    """``[n_seq, length, hidden]`` float32: in memory, or in a temporary file (``folder``)
+    read and written by rows with ``pread``/``pwrite`` — not memory-mapped, so spilled
+    hidden states live in the page cache, not in the process's resident set."""
 
     def __init__(self, shape: tuple[int, ...], folder: str | None) -> None:
-        self.path = None
+        self.path: str | None = None
+        self.shape = tuple(shape)
+        self._row = 4
+        for d in shape[1:]:
+            self._row *= d
         if folder is None:
-            self.data = torch.zeros(shape, dtype=torch.float32)
+            self.data: torch.Tensor | None = torch.zeros(shape, dtype=torch.float32)
         else:
-            import numpy as np
+            self.data = None
+            self._fd, self.path = tempfile.mkstemp(dir=folder, prefix="hidden-", suffix=".f32")
+            os.ftruncate(self._fd, self._row * shape[0])
 
-            fd, self.path = tempfile.mkstemp(dir=folder, prefix="hidden-", suffix=".f32")
-            os.close(fd)
-            self._mm = np.memmap(self.path, dtype=np.float32, mode="w+", shape=shape)
-            self.data = torch.from_numpy(self._mm)
+    def _span(self, rows: slice) -> tuple[int, int]:
+        start, stop, step = rows.indices(self.shape[0])
+        assert step == 1, "hidden states are read and written in runs of whole sequences"
+        return start, stop
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.data[rows]
+        if self.data is not None:
+            return self.data[rows]
+        start, stop = self._span(rows)
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=torch.float32)
+        view = memoryview(out.numpy()).cast("B")
+        done, offset = 0, start * self._row
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: short read")
+            done += n
+        return out
 
     def __setitem__(self, rows: slice, value: torch.Tensor) -> None:
-        self.data[rows] = value.detach().to("cpu", torch.float32)
+        value = value.detach().to("cpu", torch.float32)
+        if self.data is not None:
+            self.data[rows] = value
+            return
+        start, stop = self._span(rows)
+        view = memoryview(value.contiguous().numpy()).cast("B")
+        assert len(view) == (stop - start) * self._row
+        done, offset = 0, start * self._row
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], offset + done)
 
     def close(self) -> None:
-        self.data = None  # type: ignore[assignment]
+        self.data = None
         if self.path is not None:
-            self._mm = None
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+            self.path = None
 
 
 class _Stores:
@@ -422,11 +454,62 @@ def _linears(module: nn.Module, slots: list[Slot], exclude: set[str]) -> dict[st
 # ------------------------------------------------------------------ the pass
 
 
+class _HeadGradient:
+    """The untied LM head weight's gradient, accumulated in place (``dlogitsᵀ · x`` per
+    backward pass) instead of by autograd, which allocates a new vocabulary × hidden
+    gradient on every backward and adds it to the one held: one table fewer at the peak."""
+
+    def __init__(self, head: nn.Linear, name: str) -> None:
+        self.name, self.weight = name, head.weight
+        self.weight.requires_grad_(False)
+        self.acc: torch.Tensor | None = None
+        self._handle = head.register_forward_hook(self._forward)
+
+    def _forward(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if not out.requires_grad:
+            return
+        x = args[0].detach()
+
+        def backward(g: torch.Tensor) -> None:
+            if self.acc is None:
+                self.acc = torch.zeros_like(self.weight)
+            self.acc.addmm_(g.reshape(-1, g.shape[-1]).T.to(self.acc.dtype),
+                            x.reshape(-1, x.shape[-1]).to(self.acc.dtype))
+
+        out.register_hook(backward)
+
+    def take(self) -> torch.Tensor:
+        """This batch's gradient (zeros if nothing was predicted); the next starts anew."""
+        acc, self.acc = self.acc, None
+        return acc if acc is not None else torch.zeros_like(self.weight)
+
+    def close(self) -> None:
+        self._handle.remove()
+        self.weight = self.acc = None  # type: ignore[assignment]
+
+
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
     """One decoder layer on one batch, called as the model calls it."""
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _sequence_call(value: Any, r: int, size: int) -> Any:
+    """A layer call recorded for a batch of ``size`` sequences, for its sequence ``r``
+    alone: tensors of two or more dimensions whose first is the batch (attention masks,
+    per-sequence position embeddings) sliced; the rest (shared positions, flags) as is."""
+    if size == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[r:r + 1] if value.dim() >= 2 and value.shape[0] == size else value
+    if isinstance(value, tuple):
+        return tuple(_sequence_call(v, r, size) for v in value)
+    if isinstance(value, list):
+        return [_sequence_call(v, r, size) for v in value]
+    if isinstance(value, dict):
+        return {k: _sequence_call(v, r, size) for k, v in value.items()}
+    return value
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -569,6 +652,12 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
         # 3. final norm, LM head, loss
         final = sk.final_slots()
         head_params = loader.load(final, requires_grad=fisher)
+        head_grad = None
+        if fisher and isinstance(sk.output_embedding, nn.Linear):
+            for s in final:
+                if (s.module is sk.output_embedding and s.attr == "weight"
+                        and not (s.name in sk.tied and s.name in emb_names)):
+                    head_grad = _HeadGradient(sk.output_embedding, s.name)
         outside_linears = _linears(sk.model, final, head_linears)
         collector = GramCollector(outside_linears, device) if gram and outside_linears else None
         stop = None
@@ -591,34 +680,46 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             if fisher:
                 labels = ids.masked_fill(mask == 0, -100)
                 h.requires_grad_(True)
-                # The batch's loss is the mean over its predicted tokens: one sequence at a
-                # time, each loss weighted by its share of them, the gradients add up to
-                # the batch's exactly — with one sequence's logits in memory, not the batch's.
-                predicted = (labels[:, 1:] != -100).sum(dim=1)
-                total = int(predicted.sum())
+                # The batch's loss is the mean over its predicted tokens. The head stage is
+                # position-wise (final norm, LM head, loss), so it runs on pieces of one
+                # sequence — HEAD_POSITIONS predictions each, plus the next position for
+                # the last one's label (its Gram is counted by the next piece) — each loss
+                # weighted by its share of the predictions: the gradients add up to the
+                # batch's exactly, with a piece's logits in memory, not the batch's.
+                total = int((labels[:, 1:] != -100).sum())
                 for r in range(ids.shape[0]):
-                    rec.final = h[r:r + 1]
-                    if collector is not None:
-                        collector.mask = tokens.attention_mask[b][r:r + 1]
-                    row = dict(inputs_embeds=zeros[r:r + 1], attention_mask=mask[r:r + 1],
-                               use_cache=False)
-                    if int(predicted[r]) > 0:
-                        with torch.enable_grad():
-                            loss = sk.model(**row, labels=labels[r:r + 1]).loss
-                            (loss * (int(predicted[r]) / total)).backward()
-                        del loss
-                    elif collector is not None:  # nothing to predict: the Gram only
-                        with torch.no_grad():
-                            sk.model(**row)
-                    if collector is not None:
-                        collector.flush()
+                    for lo in range(0, max(1, length - 1), HEAD_POSITIONS):
+                        hi = min(lo + HEAD_POSITIONS + 1, length)
+                        rec.final = h[r:r + 1, lo:hi]
+                        piece = labels[r:r + 1, lo:hi]
+                        count = int((piece[:, 1:] != -100).sum())
+                        if collector is not None:
+                            gram_mask = tokens.attention_mask[b][r:r + 1, lo:hi].clone()
+                            if hi < length:
+                                gram_mask[:, -1] = 0  # the next piece's first position
+                            collector.mask = gram_mask
+                        row = dict(inputs_embeds=zeros[r:r + 1, lo:hi],
+                                   attention_mask=mask[r:r + 1, lo:hi], use_cache=False)
+                        if count > 0:
+                            with torch.enable_grad():
+                                loss = sk.model(**row, labels=piece).loss
+                                (loss * (count / total)).backward()
+                            del loss
+                        elif collector is not None:  # nothing to predict: the Gram only
+                            with torch.no_grad():
+                                sk.model(**row)
+                        if collector is not None:
+                            collector.flush()
                 if h.grad is None:
                     h.grad = torch.zeros_like(h)
                 assert grads_down is not None
                 grads_down[b] = h.grad
                 shared = {}
                 for name, p in head_params.items():
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    if head_grad is not None and name == head_grad.name:
+                        g = head_grad.take()
+                    else:
+                        g = p.grad if p.grad is not None else torch.zeros_like(p)
                     if name in sk.tied and name in emb_names:
                         shared[name] = g.detach().clone()
                     else:
@@ -643,17 +744,21 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             collector = writer = None  # type: ignore[assignment]
         if stop is not None:
             stop.remove()
+        if head_grad is not None:
+            head_grad.close()
+            head_grad = None
+        free(final)  # before writing: the head's weight and its Fisher are the largest tables
+        head_params = {}
+        store.close()
+        return_freed_memory()
         head_written: set[str] = set()
         if fisher_sums:  # the head's own tensors now; tied ones wait for the embeddings
             writer = StatisticsWriter()
             for name, total in fisher_sums.items():
-                writer.add_fisher(name, total / n_batches)
+                writer.add_fisher(name, total.div_(n_batches))
             save(writer, "head.fisher.safetensors")
             head_written |= set(fisher_sums)
             fisher_sums, writer = {}, None  # type: ignore[assignment]
-        free(final)
-        head_params = {}
-        store.close()
 
         # 4. Fisher: backward through the layers, last to first, then the embeddings
         if fisher:
@@ -668,19 +773,25 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
                 sums: dict[str, torch.Tensor] = {}
                 for b in batches:
                     call = calls[_signature(tokens.attention_mask[b])][li]
-                    x = inputs[b].to(device).requires_grad_(True)
-                    with torch.enable_grad():
-                        out = _run_layer(layer, x, call)
-                        torch.autograd.backward(out, grads[b].to(device))
-                    assert x.grad is not None
-                    below[b] = x.grad
+                    size = b.stop - b.start
+                    # one sequence at a time (the layer's gradients add up over them): the
+                    # activations autograd keeps are one sequence's, not the batch's
+                    for r in range(size):
+                        one = slice(b.start + r, b.start + r + 1)
+                        x = inputs[one].to(device).requires_grad_(True)
+                        with torch.enable_grad():
+                            out = _run_layer(layer, x, _sequence_call(call, r, size))
+                            torch.autograd.backward(out, grads[one].to(device))
+                        assert x.grad is not None
+                        below[one] = x.grad
+                        del x, out
                     for name, p in params.items():
                         g = p.grad if p.grad is not None else torch.zeros_like(p)
                         _add_square(sums, name, g)
                         p.grad = None
                 writer = StatisticsWriter()
                 for name, s in sums.items():
-                    writer.add_fisher(name, s / n_batches)
+                    writer.add_fisher(name, s.div_(n_batches))
                 save(writer, f"layer-{li:05d}.fisher.safetensors")
                 free(slots)
                 writer = None  # type: ignore[assignment]
@@ -719,7 +830,7 @@ def statistics_pass(source: Any, tokens: CalibrationTokens, kinds: set[str], out
             grads.close()
             writer = StatisticsWriter()
             for name, s in fisher_sums.items():
-                writer.add_fisher(name, s / n_batches)
+                writer.add_fisher(name, s.div_(n_batches))
             save(writer, "outside.fisher.safetensors")
             free(first)
     finally:
@@ -743,8 +854,16 @@ def return_freed_memory() -> None:
 
 
 def _add_square(sums: dict[str, torch.Tensor], name: str, g: torch.Tensor) -> None:
-    sq = g.detach().to(torch.float32).square()  # float32 sums: tables are vocab × hidden
-    sums[name] = sq if name not in sums else sums[name] + sq
+    """``sums[name] += g²`` in float32, squaring ``g`` in place (callers drop it): no
+    tensor-sized temporaries — for an LM head, gradient, square and old and new sum would
+    be four vocabulary × hidden tables at once."""
+    g = g.detach()
+    sq = g.to(torch.float32) if g.dtype != torch.float32 else g
+    sq.mul_(sq)  # float32 sums: tables are vocab × hidden
+    if name in sums:
+        sums[name].add_(sq)
+    else:
+        sums[name] = sq
 
 
 def compute_statistics(model: Any, calibration_tokens: CalibrationTokens,
@@ -830,7 +949,7 @@ def statistics_cost(source: Any, tokens: int, kinds: set[str] | frozenset[str] =
         disk += 4 * params
         flops += 4.0 * tokens * params  # a second forward and the backward
         vocab = int(getattr(sk.config, "vocab_size", 0) or 0)
-        extra = 4 * len(sk.layers) * tokens * hidden + 3 * 4 * max_length * vocab \
-            + 2 * 4 * final
+        extra = 4 * len(sk.layers) * tokens * hidden \
+            + 3 * 4 * min(max_length, HEAD_POSITIONS + 1) * vocab + 2 * 4 * final
     return StatisticsCost(4 * max(layer, first, final), 4 * tokens * hidden,
                           8 * max(grams_per_layer + [head_gram]), disk, flops, extra)

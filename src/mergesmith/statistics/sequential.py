@@ -172,7 +172,7 @@ def regmean_plusplus_merge(models: list[Any], weights: list[float] | None,
             rec.first_input, rec.calls = None, [None] * rec.n_layers
         free(first)
         assert store is not None
-        hidden = store.data.shape[-1]
+        hidden = store.shape[-1]
 
         # the decoder layers
         for li in range(len(sk.layers)):
