@@ -535,6 +535,13 @@ def demo(directory: str, overwrite: bool, debug: bool) -> None:
 @friendly
 def methods(name: str | None, markdown: bool) -> None:
     """List merge methods and their parameters (or show one method)."""
+    from . import method_catalogue as catalogue
+
+    entries = None if markdown else catalogue.load()  # built-ins: no torch import
+    if entries is not None and (name is None or any(e["name"] == name for e in entries)):
+        chosen = [e for e in entries if name is None or e["name"] == name]
+        click.echo("\n".join(catalogue.lines(chosen)))
+        return
     from .methods import all_methods, get_method
 
     specs = [get_method(name)] if name else list(all_methods().values())
@@ -543,13 +550,7 @@ def methods(name: str | None, markdown: bool) -> None:
 
         click.echo(render_markdown(specs), nl=False)
         return
-    for spec in specs:
-        click.echo(f"{spec.name}  (base: {spec.contract.base.value})")
-        if spec.docs.summary:
-            click.echo(f"  {spec.docs.summary}")
-        for p in spec.params:
-            click.echo(f"    {p.describe()}{': ' + p.doc if p.doc else ''}")
-        click.echo("")
+    click.echo("\n".join(catalogue.lines([catalogue.entry(s) for s in specs])))
 
 
 class _GreedyParents(click.Command):
