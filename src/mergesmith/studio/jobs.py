@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,8 @@ class Job:
         d = asdict(self)
         d.update(out=self.out, eta=self.eta(), published=os.path.isdir(self.out),
                  partial=os.path.isdir(self.out + ".partial"))
+        m = re.search(r"^merge_method:\s*(\S+)", self.recipe, re.M)
+        d["method"] = m.group(1) if m else ("moe" if self.moe else None)
         if not full:
             d.pop("recipe")
         if full and self.status == "done":
