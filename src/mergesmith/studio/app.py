@@ -265,14 +265,14 @@ def create_app(config: StudioConfig) -> Starlette:
         try:
             return JSONResponse(await run_in_threadpool(files.model_summary, config, ref))
         except PathRefused as e:
-            return error(str(e), 403 if "outside" in str(e) else 404)
+            return error(str(e), e.status)
 
     async def list_dir(request: Request) -> Response:
         path = request.query_params.get("path") or config.workdir
         try:
             real = config.confine(path)
         except PathRefused as e:
-            return error(str(e), 403 if "outside" in str(e) else 404)
+            return error(str(e), e.status)
         if not os.path.isdir(real):
             return error(f"{path}: not a folder", 400)
         entries = []
@@ -288,7 +288,7 @@ def create_app(config: StudioConfig) -> Starlette:
         try:
             real = config.confine(path)
         except PathRefused as e:
-            return error(str(e), 403 if "outside" in str(e) else 404)
+            return error(str(e), e.status)
         if not os.path.isfile(real):
             return error(f"{path}: not a file", 400)
         return FileResponse(real)
@@ -365,7 +365,7 @@ def create_app(config: StudioConfig) -> Starlette:
         try:
             refs = [_model_ref(config, m) for m in [base, *others]]
         except PathRefused as e:
-            return error(str(e), 403 if "outside" in str(e) else 404)
+            return error(str(e), e.status)
 
         def work() -> dict[str, Any]:
             from ..tools.inspect_models import inspect_models
@@ -398,7 +398,7 @@ def create_app(config: StudioConfig) -> Starlette:
             text_path = config.confine(text)
             parents = [_model_ref(config, p) for p in data.get("parents", [])]
         except PathRefused as e:
-            return error(str(e), 403 if "outside" in str(e) else 404)
+            return error(str(e), e.status)
 
         def work() -> dict[str, Any]:
             from ..evaluate.runner import evaluate
@@ -422,7 +422,7 @@ def create_app(config: StudioConfig) -> Starlette:
         try:
             real = config.confine(path)
         except PathRefused as e:
-            return error(str(e), 403 if "outside" in str(e) else 404)
+            return error(str(e), e.status)
         if os.path.isdir(real):
             candidate = os.path.join(real, "search", "trials.jsonl")
             real = candidate if os.path.exists(candidate) else os.path.join(real, "trials.jsonl")
@@ -484,5 +484,5 @@ def _model_ref(config: StudioConfig, ref: str) -> str:
     folder = files.hub_snapshot(ref)
     if folder is None:
         raise PathRefused(f"{ref}: not a folder under the allowed roots, nor a model in the "
-                          "Hugging Face cache")
+                          "Hugging Face cache", 404)
     return folder

@@ -83,11 +83,11 @@ def model_summary(config: StudioConfig, ref: str) -> dict[str, Any]:
         kind = "hub"
         if folder is None:
             raise PathRefused(f"{ref}: not a folder under the allowed roots, nor a model in "
-                              "the Hugging Face cache")
+                              "the Hugging Face cache", 404)
     try:
         index = index_folder(folder)
     except MergeError as e:
-        raise PathRefused(str(e)) from None
+        raise PathRefused(str(e), 400) from None
     cfg = index.config or {}
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     dtypes: dict[str, int] = {}

@@ -222,10 +222,14 @@ class JobManager:
             cmd.append("--moe")
         error = None
         cancelled_seen = False
+        # the worker imports this very mergesmith, wherever the studio was imported from
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+        path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, bufsize=1,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                         "PYTHONPATH": path})
         except OSError as e:
             with self.lock:
                 self._finish(job, "failed", f"cannot start the merge: {e}")

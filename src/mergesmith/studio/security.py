@@ -20,7 +20,12 @@ TOKEN_COOKIE = "mergesmith_studio_token"
 
 
 class PathRefused(Exception):
-    """A path outside the allowed roots (or not a path at all)."""
+    """A path outside the allowed roots or not a path at all (HTTP 403), or a path inside
+    them that does not exist (404)."""
+
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def is_local(host: str) -> bool:
@@ -64,7 +69,7 @@ class StudioConfig:
             raise PathRefused(f"{path}: outside the folders the studio may read "
                               f"(--workdir and --allow: {', '.join(self.roots)})")
         if must_exist and not os.path.exists(real):
-            raise PathRefused(f"{path}: not found")
+            raise PathRefused(f"{path}: not found", 404)
         return real
 
     def allowed(self, path: str) -> bool:
