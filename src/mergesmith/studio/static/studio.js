@@ -92,7 +92,7 @@ function renderCheck(r) {
   let html = `<div class="ok-box" id="check-ok">ok: the recipe is valid — <b>${esc(p.method)}</b></div>
     <div class="stats">
       <div class="stat"><b>${p.tensors}</b><span>output tensors</span></div>
-      <div class="stat"><b>${p.copied}</b><span>copied as is</span></div>
+      <div class="stat"><b>${p.copied}</b><span>buffers copied as is</span></div>
       <div class="stat"><b>${p.shards}</b><span>output file(s)</span></div>
       <div class="stat"><b>${fmtBytes(p.bytes_read)}</b><span>to read</span></div>
       <div class="stat"><b>${fmtBytes(p.bytes_written)}</b><span>to write</span></div>
