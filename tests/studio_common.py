@@ -7,13 +7,25 @@ from pathlib import Path
 
 from conftest import LLAMA, random_tensors, write_model
 
+TEXT = ("the cat sat on the mat. a dog ran to the park with a red ball, and the cat "
+        "watched it go. then it rained: 12 drops, 34 drops! who knows?\n") * 3
+
 
 def build_models(root: Path) -> dict[str, Path]:
-    """base, ft_a, ft_b (float32, 3 layers) under ``root/models``."""
+    """base, ft_a, ft_b (float32, 3 layers, a character tokenizer) under ``root/models``."""
+    from test_evaluate import char_tokenizer
+
     base = random_tensors(LLAMA, 0)
-    return {"base": write_model(root / "models" / "base", base),
-            "ft_a": write_model(root / "models" / "ft_a", random_tensors(LLAMA, 1, base)),
-            "ft_b": write_model(root / "models" / "ft_b", random_tensors(LLAMA, 2, base))}
+    models = {"base": write_model(root / "models" / "base", base),
+              "ft_a": write_model(root / "models" / "ft_a", random_tensors(LLAMA, 1, base,
+                                                                           scale=0.05)),
+              "ft_b": write_model(root / "models" / "ft_b", random_tensors(LLAMA, 2, base,
+                                                                           scale=0.05))}
+    tokenizer = char_tokenizer()
+    for folder in models.values():
+        tokenizer.save_pretrained(folder)
+    (root / "eval.txt").write_text(TEXT)
+    return models
 
 
 def task_arithmetic(m: dict[str, Path], b: str = "ft_b") -> str:

@@ -22,7 +22,8 @@ from mergesmith.studio import StudioConfig, create_app  # noqa: E402
 
 
 @pytest.fixture
-def studio(tmp_path):
+def studio(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESMITH_EVAL_CACHE", str(tmp_path / "eval-cache"))
     models = build_models(tmp_path / "work")
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -326,10 +327,20 @@ def test_eval_validation(studio):
     assert r.status_code == 403
     r = client.post(f"/api/runs/{run_id}/eval", json={"text": "nothing.txt"})
     assert r.status_code == 404
-    (models["base"].parent / "eval.txt").write_text("hello world")
-    r = client.post(f"/api/runs/{run_id}/eval", json={"text": "models/eval.txt",
+    r = client.post(f"/api/runs/{run_id}/eval", json={"text": "eval.txt",
                                                       "parents": [str(outside)]})
     assert r.status_code == 403
+    r = client.post(f"/api/runs/{run_id}/eval", json={
+        "text": "eval.txt", "parents": [str(models["ft_a"]), "models/ft_b"]})
+    assert r.status_code == 200, r.text
+    report = r.json()["report"]
+    assert report["model"]["perplexity"] > 1
+    assert [p["folder"] for p in report["parents"]] == [str(models["ft_a"]),
+                                                        str(models["ft_b"])]
+    assert all(p["kl"] >= 0 and 0 <= p["top1"] <= 1 for p in report["parents"])
+    assert "perplexity" in r.json()["table"]
+    assert os.path.exists(os.path.join(client.get(f"/api/runs/{run_id}").json()["folder"],
+                                       "eval.json"))
 
 
 def test_trials(studio):

@@ -42,6 +42,8 @@ def server(tmp_path_factory):
     import uvicorn
 
     root = tmp_path_factory.mktemp("studio")
+    saved = os.environ.get("MERGESMITH_EVAL_CACHE")
+    os.environ["MERGESMITH_EVAL_CACHE"] = str(root / "eval-cache")  # a fresh eval cache
     models = build_models(root / "work")
     (root / "outside").mkdir()
     (root / "outside" / "secret.txt").write_text("secret")
@@ -64,6 +66,10 @@ def server(tmp_path_factory):
            "config": config}
     srv.should_exit = True
     thread.join(10)
+    if saved is None:
+        os.environ.pop("MERGESMITH_EVAL_CACHE", None)
+    else:
+        os.environ["MERGESMITH_EVAL_CACHE"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +160,14 @@ def test_merge_runs_to_done_and_equals_mergesmith_run(page, server, tmp_path):
     expect(page.locator("#run-checksums")).to_contain_text("sha256")
     expect(page.locator("#run-numbers")).to_contain_text("30/30 tensors")
     expect(page.locator("#runs-table")).to_contain_text("done")
+    models = server["models"]
+    expect(page.locator("#eval-parents")).to_have_value(
+        "\n".join(str(models[k]) for k in ("base", "ft_a", "ft_b")))
+    page.fill("#eval-text", "eval.txt")
+    page.click("#eval-run")
+    expect(page.locator("#eval-table")).to_contain_text("perplexity")
+    expect(page.locator("#eval-table tr")).to_have_count(5)  # header, the merge, 3 parents
+    expect(page.locator("#eval-result svg rect")).to_have_count(4)
     screenshot(page, "run-done")
     (tmp_path / "recipe.yml").write_text(recipe)
     (tmp_path / "cli").mkdir()

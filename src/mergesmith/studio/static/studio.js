@@ -256,6 +256,13 @@ function renderRun(run) {
       <details open><summary>Checksums</summary><pre id="run-checksums">${esc(run.checksums || "")}</pre></details>
       <details><summary>Model card</summary><pre id="run-card">${esc(run.model_card || "")}</pre></details>`;
     $("#eval-panel").classList.remove("hidden");
+    const parents = $("#eval-parents");
+    if (run.recipe && parents.dataset.run !== run.id) { // the recipe's models, by default
+      parents.dataset.run = run.id;
+      const found = [...run.recipe.matchAll(/(?:^|[\s{,-])(?:model|base_model):\s*([^\s,}\]#]+)/g)].map((m) => m[1]);
+      parents.value = [...new Set(found)].join("\n");
+      $("#eval-result").innerHTML = "";
+    }
   }
   if (run.recipe) html += `<details><summary>Recipe</summary><pre>${esc(run.recipe)}</pre><button id="run-edit">Open in editor</button></details>`;
   $("#run-panel").innerHTML = html;
