@@ -671,10 +671,13 @@ def evaluate_command(model: str, text: str | None, jsonl: str | None, field_name
 @click.option("--token", default=None, metavar="TEXT",
               help="The token to require [default: none on a local --host, a random one "
                    "otherwise].")
+@click.option("--online", is_flag=True,
+              help="Let recipes name Hub models that are not in the cache (downloaded when "
+                   "merged) [default: offline, HF_HUB_OFFLINE=1: cached Hub models only].")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @friendly
 def studio(port: int, host: str, no_browser: bool, workdir: str, allow: tuple[str, ...],
-           token: str | None, debug: bool) -> None:
+           token: str | None, online: bool, debug: bool) -> None:
     """A local web app: write recipes (templates, live checking, method docs), see the
     plan and layer map, merge with live progress (Cancel, Resume), inspect models and
     compare the merge with its parents.
@@ -694,6 +697,8 @@ def studio(port: int, host: str, no_browser: bool, workdir: str, allow: tuple[st
     except ImportError as e:
         raise MergeError(f"the studio needs {e.name}: pip install 'mergesmith[studio]'") \
             from None
+    if not online:  # before huggingface_hub is imported: it reads this once
+        os.environ["HF_HUB_OFFLINE"] = "1"
     from .studio.command import serve
     from .studio.security import StudioConfig
 

@@ -293,7 +293,7 @@ function barChart(pairs, label) {
     const y = 18 + i * bh, bw = (w - 200) * v / max;
     s += `<text x="0" y="${y + 14}">${esc(String(name).slice(-24))}</text><rect x="160" y="${y}" width="${bw}" height="${bh - 6}" fill="#2f6fed"/><text x="${164 + bw}" y="${y + 13}">${v.toFixed(3)}</text>`;
   });
-  return s + "</svg>";
+  return `<div class="chart">${s}</svg></div>`;
 }
 
 // ---------------------------------------------------------------- inspect & trials
