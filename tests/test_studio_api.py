@@ -192,6 +192,8 @@ def test_other_origins_and_hosts_refused(studio):
     assert client.post("/api/check", json={"recipe": "x"},
                        headers={"origin": "http://localhost:9999"}).status_code == 403
     assert client.get("/api/info", headers={"sec-fetch-site": "cross-site"}).status_code == 403
+    assert client.get("/api/info", headers={"sec-fetch-site": "same-site"}).status_code == 403
+    assert client.get("/api/info", headers={"sec-fetch-site": "same-origin"}).status_code == 200
     assert client.get("/api/info", headers={"origin": "http://testserver"}).status_code == 200
     r = client.get("/api/info", headers={"host": "evil.example"})
     assert r.status_code == 421  # DNS rebinding: a page of evil.example resolving to us

@@ -61,8 +61,9 @@ class Guard:
                                 "from its own page")
         elif problem is None and origin == "null":
             problem = (403, "origin null refused")
-        if problem is None and headers.get("sec-fetch-site") == "cross-site":
-            problem = (403, "cross-site request refused")
+        if problem is None and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+            # same-site: another port of this host is another origin (another app)
+            problem = (403, f"{headers['sec-fetch-site']} request refused")
         set_cookie = False
         if problem is None and self.config.token is not None:
             supplied = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)

@@ -39,6 +39,7 @@ class Job:
     tensors: int = 0
     error: str | None = None
     resumes: int = 0
+    resume_next: bool = False  # the next start continues OUT.partial
     version: int = 0  # bumped on every change (the event stream sends changes)
 
     @property
@@ -87,7 +88,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.queue: queue.Queue[tuple[str, bool] | None] = queue.Queue()
+        self.queue: queue.Queue[str | None] = queue.Queue()
         self.proc: subprocess.Popen | None = None
         self.current: str | None = None
         self._cancel: set[str] = set()
@@ -106,7 +107,7 @@ class JobManager:
         job = Job(job_id, recipe, folder, moe=moe)
         with self.lock:
             self.jobs[job_id] = job
-        self.queue.put((job_id, False))
+        self.queue.put(job_id)
         return job
 
     def cancel(self, job_id: str) -> Job:
@@ -131,8 +132,9 @@ class JobManager:
                                  "run can be resumed")
             job.status, job.error, job.finished = "queued", None, None
             job.resumes += 1
+            job.resume_next = True
             self._bump(job)
-        self.queue.put((job_id, True))
+        self.queue.put(job_id)
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -203,11 +205,11 @@ class JobManager:
             item = self.queue.get()
             if item is None:
                 return
-            job_id, resume = item
             with self.lock:
-                job = self.jobs.get(job_id)
+                job = self.jobs.get(item)
                 if job is None or job.status != "queued":
-                    continue
+                    continue  # cancelled while queued, or already run (queued twice)
+                resume, job.resume_next = job.resume_next, False
                 job.status, job.started = "running", time.time()
                 job.bytes = job.tensors = 0
                 self._bump(job)
