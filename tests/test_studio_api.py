@@ -252,7 +252,17 @@ def test_merge_streams_progress_to_done_and_equals_run(studio, tmp_path):
         assert again.get(f"/api/runs/{run_id}").json()["status"] == "done"
 
 
-def test_queue_cancel_failure_and_resume(studio, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_ignored():
+    """SIGINT ignored, as in a background job of a shell: children inherit it."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_queue_cancel_failure_and_resume(studio, tmp_path, monkeypatch, sigint_ignored):
     client, config, models, _ = studio
     shutil.copytree(models["ft_b"], tmp_path / "work" / "models" / "ft_x")
     monkeypatch.setenv("MERGESMITH_STUDIO_ITEM_DELAY", "0.3")  # a merge slow enough to cancel

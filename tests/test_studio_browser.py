@@ -29,6 +29,7 @@ from mergesmith.studio import StudioConfig, create_app  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "studio"
 TIMEOUT = 90_000  # ms: generous, for slow CI machines; the waits end as soon as text shows
+expect.set_options(timeout=TIMEOUT)  # expect's own default is 5 s
 
 
 def free_port() -> int:

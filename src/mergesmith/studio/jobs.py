@@ -264,7 +264,7 @@ class JobManager:
             self.proc = self.current = None
             cancelled = job.id in self._cancel or cancelled_seen
             self._cancel.discard(job.id)
-            if rc == 0 and not cancelled:
+            if rc == 0:  # finished before the cancel reached it: the output is published
                 self._finish(job, "done")
             elif cancelled:
                 self._finish(job, "cancelled", "cancelled: nothing was published; the "

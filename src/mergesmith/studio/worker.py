@@ -21,7 +21,10 @@ def emit(**event: Any) -> None:
 def main(argv: list[str]) -> int:
     recipe, out = argv[0], argv[1]
     resume, moe = "--resume" in argv, "--moe" in argv
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # TERM: as interruptible as INT
+    # Cancel is SIGINT: handled even when the studio was started with SIGINT ignored (a
+    # background job of a shell), which a child inherits; TERM stops it the same way
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     delay = float(os.environ.get("MERGESMITH_STUDIO_ITEM_DELAY", "0") or 0)  # tests: slow down
     import warnings
 
