@@ -66,6 +66,7 @@ def cli() -> None:
       mergesmith methods              list merge methods and their parameters
       mergesmith verify OUT           re-check a merged folder against its checksums
       mergesmith inspect BASE A B     compare task vectors, suggest merge methods
+      mergesmith studio               a local web app: edit, check, merge, inspect
       mergesmith mergekit-yaml CONFIG OUT [mergekit flags]
                                       a mergekit-yaml command line, unchanged
     """
@@ -653,6 +654,57 @@ def evaluate_command(model: str, text: str | None, jsonl: str | None, field_name
         click.echo(json_module.dumps(report.to_dict(), indent=2))
     else:
         click.echo(report.table())
+
+
+@cli.command(epilog=EPILOG)
+@click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True,
+              help="Port to listen on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but a local address requires a token, "
+                   "printed at start (open the printed URL).")
+@click.option("--no-browser", is_flag=True, help="Do not open a browser tab.")
+@click.option("--workdir", default="studio-work", show_default=True, type=click.Path(),
+              help="Folder of the runs (WORKDIR/runs/ID/merged), the history and reports; "
+                   "also readable, and relative recipe paths start there.")
+@click.option("--allow", multiple=True, type=click.Path(exists=True, file_okay=False),
+              metavar="DIR", help="Another folder the studio may read (model roots); repeat "
+                                  "for several. Nothing outside these and --workdir is read.")
+@click.option("--token", default=None, metavar="TEXT",
+              help="The token to require [default: none on a local --host, a random one "
+                   "otherwise].")
+@click.option("--online", is_flag=True,
+              help="Let recipes name Hub models that are not in the cache (downloaded when "
+                   "merged) [default: offline, HF_HUB_OFFLINE=1: cached Hub models only].")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@friendly
+def studio(port: int, host: str, no_browser: bool, workdir: str, allow: tuple[str, ...],
+           token: str | None, online: bool, debug: bool) -> None:
+    """A local web app: write recipes (templates, live checking, method docs), see the
+    plan and layer map, merge with live progress (Cancel, Resume), inspect models and
+    compare the merge with its parents.
+
+    Served on 127.0.0.1 by default and offline (every asset ships with the package).
+    Files are read only under --workdir and the --allow folders; requests from other
+    web sites are refused. Needs the extra: pip install 'mergesmith[studio]'.
+
+    \b
+    Example:
+      mergesmith studio --allow ./models
+      mergesmith studio --host 0.0.0.0 --port 8080 --no-browser   # prints a token
+    """
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MergeError(f"the studio needs {e.name}: pip install 'mergesmith[studio]'") \
+            from None
+    if not online:  # before huggingface_hub is imported: it reads this once
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from .studio.command import serve
+    from .studio.security import StudioConfig
+
+    serve(StudioConfig(workdir=workdir, allow=list(allow), host=host, port=port, token=token),
+          open_browser=not no_browser, echo=click.echo)
 
 
 # the mergekit-yaml subcommand: its module uses the helpers above and registers itself
