@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-bench"))
     ap.add_argument("--size-gb", type=float, default=2.0)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--mergesmith", default="/work/main/.venv/bin/mergesmith")
+    ap.add_argument("--mergesmith", default=os.environ.get("MERGESMITH") or str(
+        Path(__file__).resolve().parents[1] / ".venv" / "bin" / "mergesmith"))
     args = ap.parse_args()
     ms = shlex.split(args.mergesmith)
     models = args.workdir / "models" / f"{args.size_gb:g}gb"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -82,7 +83,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mergesmith-bench"))
     ap.add_argument("--size-gb", type=float, default=0.5)
-    ap.add_argument("--mergesmith", default="/work/main/.venv/bin/mergesmith")
+    ap.add_argument("--mergesmith", default=os.environ.get("MERGESMITH") or str(
+        Path(__file__).resolve().parents[1] / ".venv" / "bin" / "mergesmith"))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--scaling-methods", default="iso_c,tsv_m",

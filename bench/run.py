@@ -39,10 +39,20 @@ import yaml
 HERE = Path(__file__).resolve().parent
 MAKE_MODELS = HERE / "make_models.py"
 FLOOR = HERE / "floor.py"
-DEFAULT_MERGESMITH = "/work/main/.venv/bin/mergesmith"
-DEFAULT_MERGEKIT = "/root/mkvenv/bin/mergekit-yaml"
-METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "slerp")
-RANDOM_METHODS = {"dare_ties"}
+# Commands: $MERGESMITH, else this checkout's venv (REPO/.venv), else `mergesmith` on PATH;
+# mergekit from $MERGEKIT_VENV (a venv with mergekit 0.1.5), else `mergekit-yaml` on PATH.
+DEFAULT_MERGESMITH = os.environ.get("MERGESMITH") or (
+    str(HERE.parent / ".venv" / "bin" / "mergesmith")
+    if (HERE.parent / ".venv" / "bin" / "mergesmith").exists() else "mergesmith")
+DEFAULT_MERGEKIT = (str(Path(os.environ["MERGEKIT_VENV"]) / "bin" / "mergekit-yaml")
+                    if os.environ.get("MERGEKIT_VENV") else shutil.which("mergekit-yaml"))
+METHODS = ("task_arithmetic", "linear", "ties", "dare_ties", "breadcrumbs", "della", "slerp",
+           "model_stock")
+ALIASES = {"mergekit": METHODS}
+"""``--methods mergekit``: every method of the speed table (mergekit's own methods)."""
+RANDOM_METHODS = {"dare_ties", "della"}
+FLOOR_METHODS = {"task_arithmetic", "linear", "ties", "dare_ties", "slerp"}
+"""Methods the naive torch floor (floor.py merge) implements; the others have no torch row."""
 TOOLS = ("mergesmith", "mergekit", "read", "write", "torch")
 TIME_FIELDS = {
     "Elapsed (wall clock) time (h:mm:ss or m:ss)": "wall_s",
@@ -72,6 +82,15 @@ def make_recipe(method: str, base: Path, finetunes: list[Path]) -> dict:
         recipe = {"merge_method": method, "models": entries()}
     elif method in ("ties", "dare_ties"):
         recipe = {"merge_method": method, "base_model": str(base), "models": entries(density=0.5)}
+    elif method == "breadcrumbs":
+        recipe = {"merge_method": method, "base_model": str(base),
+                  "models": entries(density=0.9, gamma=0.01)}
+    elif method == "della":
+        recipe = {"merge_method": method, "base_model": str(base),
+                  "models": entries(density=0.5, epsilon=0.1), "parameters": {"lambda": 1.0}}
+    elif method == "model_stock":
+        recipe = {"merge_method": method, "base_model": str(base),
+                  "models": [{"model": str(ft)} for ft in finetunes]}
     elif method == "slerp":
         recipe = {
             "merge_method": method,
@@ -299,7 +318,7 @@ def bench_row(args, size: float, method: str, n_ft: int, models_dir: Path, env: 
         "read": [sys.executable, str(FLOOR), "read", *map(str, files)],
         "write": [sys.executable, str(FLOOR), "write", str(out / "write.bin"), str(out_bytes)],
         "torch": [sys.executable, str(FLOOR), "merge", str(recipe_path), str(out / "torch"),
-                  "--seed", "0", *threads],
+                  "--seed", "0", *threads] if method in FLOOR_METHODS else None,
     }
     out_dirs = {"mergesmith": out / "mergesmith", "mergekit": out / "mergekit", "torch": out / "torch"}
     runs: dict[str, list[dict]] = {tool: [] for tool, cmd in commands.items() if cmd}
@@ -340,7 +359,7 @@ def bench_row(args, size: float, method: str, n_ft: int, models_dir: Path, env: 
             "ms_mk_wall": ratio(ms.get("wall_s"), mk.get("wall_s")),
             "ms_mk_rss": ratio(ms.get("max_rss_mb"), mk.get("max_rss_mb")),
             "ms_io_wall": ratio(ms.get("wall_s"), io_floor),
-            "ms_torch_wall": ratio(ms.get("wall_s"), stats["torch"]["wall_s"]),
+            "ms_torch_wall": ratio(ms.get("wall_s"), stats.get("torch", {}).get("wall_s")),
         },
         "runs": [r for rs in runs.values() for r in rs],
     }
@@ -449,12 +468,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--torch-floor", choices=("always", "first", "never"), default="always",
                     help="run the naive torch merge every repeat, only in the first, or never")
     ap.add_argument("--methods", default="task_arithmetic",
-                    help=f"comma list of {', '.join(METHODS)} (default task_arithmetic)")
+                    help=f"comma list of {', '.join(METHODS)}, or 'mergekit' for all of them "
+                         "(default task_arithmetic)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per tool and row (default 3)")
     ap.add_argument("--mergesmith", default=DEFAULT_MERGESMITH, metavar="CMD",
                     help=f"mergesmith command (default {DEFAULT_MERGESMITH})")
-    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT if Path(DEFAULT_MERGEKIT).exists() else None,
-                    metavar="CMD", help=f"mergekit-yaml command (default {DEFAULT_MERGEKIT} if present)")
+    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT if DEFAULT_MERGEKIT and Path(
+                    DEFAULT_MERGEKIT).exists() else None, metavar="CMD",
+                    help="mergekit-yaml command (default $MERGEKIT_VENV/bin/mergekit-yaml, else "
+                         "mergekit-yaml on PATH)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit")
     ap.add_argument("--threads", type=int, metavar="N", help="passed to mergesmith (and the torch floor)")
     ap.add_argument("--seed", type=int, default=0, help="seed for the synthetic models (default 0)")
@@ -464,7 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="results Markdown (default WORKDIR/results.md)")
     args = ap.parse_args(argv)
     args.size_gb = parse_sizes(args.size_gb or ["0.5,2"])
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = [m for a in args.methods.split(",") if a.strip()
+                    for m in ALIASES.get(a.strip(), (a.strip(),))]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")

@@ -5,8 +5,8 @@ Gram matrices).
 
     PYTHONPATH=src python bench/stats_memory.py [MODEL] [--tokens 2048] [--kinds gram]
 
-MODEL defaults to /work/benchw/moe/models/base (a 0.5 GB bf16 Llama-shaped model with a
-tokenizer). The calibration text is generated (deterministic words). Three whole
+MODEL: a model folder with a tokenizer, e.g. the 0.5 GB bf16 Llama-shaped base that
+``bench/moe.py`` makes (``WORKDIR/models/base``, with a byte-level tokenizer). The calibration text is generated (deterministic words). Three whole
 processes run under ``/usr/bin/time -v``: the imports alone (the interpreter, torch,
 transformers: the floor any statistics process pays), then ``mergesmith stats`` twice
 (the second run finds the artefact in a fresh cache: its RSS is the floor plus reading
@@ -31,7 +31,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEFAULT_MODEL = "/work/benchw/moe/models/base"
 MIB = 1 << 20
 
 
@@ -65,7 +64,7 @@ def budget(config: dict, tokens: int) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
