@@ -28,7 +28,7 @@ def studio(tmp_path, monkeypatch):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("secret")
-    config = StudioConfig(workdir=str(tmp_path / "work"))
+    config = StudioConfig(workdir=str(tmp_path / "work"), extra_hosts=["testserver"])
     with TestClient(create_app(config)) as client:
         yield client, config, models, outside
 

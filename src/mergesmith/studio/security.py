@@ -87,7 +87,7 @@ class StudioConfig:
         name = name.strip("[]") if name.startswith("[") else name
         if not is_local(self.host):
             return True  # bound to a public name: the token protects it
-        return is_local(name) or name in self.extra_hosts or name == "testserver"
+        return is_local(name) or name in self.extra_hosts
 
     def token_ok(self, supplied: str | None) -> bool:
         if self.token is None:
