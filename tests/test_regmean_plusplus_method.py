@@ -163,3 +163,26 @@ models:
     assert proc.returncode == 2, proc.stderr
     assert "calibration" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_stage_as_input_is_refused(tmp_path):
+    models = _models(tmp_path, 2)
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    recipe = recipe_file(tmp_path, f"""name: avg
+merge_method: linear
+models:
+  - model: {models[0]}
+    parameters: {{weight: 0.5}}
+  - model: {models[1]}
+    parameters: {{weight: 0.5}}
+---
+merge_method: regmean_plusplus
+models:
+  - model: avg
+  - model: {models[1]}
+calibration: {CALIB % text}
+""")
+    proc = run_cli("check", str(recipe))
+    assert proc.returncode == 2, proc.stderr
+    assert "earlier stage" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -284,6 +284,12 @@ def plan_merged_grams(p: Any, d: Draft) -> Any:
                 + " (slices, layer ranges or a new vocabulary): use 'regmean' for such recipes")
     if not mine:
         return p
+    staged = next((r for r, s in zip(d.refs, d.sources) if getattr(s, "stage", None)), None)
+    if staged is not None:
+        raise MergeError(f"merge method '{name}' runs its models layer by layer through "
+                         f"transformers and cannot take '{staged}', an earlier stage's output "
+                         "computed on the fly; run that stage on its own first (mergesmith run "
+                         "--stage) and name its output folder")
     tokens = _calibration_tokens(
         d, f"merge method '{name}' needs calibration data: its Grams are taken on the "
            "merged model's hidden states of calibration tokens; add a calibration: block")
