@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import torch
 
@@ -176,6 +177,8 @@ class _Job:
         self.bound = {t.name: plan.bound(t) for t in plan.tensors if not t.copied}
         self.strict_finite = strict_finite
         self.warnings: list[str] = []
+        self._statistic_values: dict[str, Any] = {}
+        self._statistic_locks: dict[str, threading.Lock] = {}
 
     @property
     def device(self) -> torch.device:
@@ -205,7 +208,28 @@ class _Job:
             stats = [None if s is None else s.restrict(rows) for s in stats]
         return self.bound[t.name](xs, t.params, t.model_params, tensor_name=t.name,
                                   compute_dtype=self.compute_dtype, generator=generator,
-                                  statistics=stats)
+                                  statistics=stats, statistic=self._statistic(t))
+
+    def _statistic(self, t: OutputTensor) -> Any:
+        """A row-chunked tensor's whole-tensor statistic (``TensorStatistic``): computed
+        once, by the first chunk that needs it, streaming the inputs in the method's row
+        blocks (a few numbers are kept; other chunks of the tensor wait for them)."""
+        how = self.bound[t.name].spec.scheduling.statistic
+        if how is None or not t.elementwise:
+            return None
+        with self._device_lock:
+            lock = self._statistic_locks.setdefault(t.name, threading.Lock())
+        with lock:
+            if t.name not in self._statistic_values:
+                step, state = how.rows(tuple(t.shape)), None
+                base_index = self.bound[t.name].base_index
+                for start in range(0, t.shape[0], step):
+                    block = WorkItem(t, (start, min(start + step, t.shape[0])))
+                    xs = [self._prepare(self._read(i, block)) for i in t.inputs]
+                    state = how.accumulate(state, xs, base_index)
+                    del xs
+                self._statistic_values[t.name] = how.finish(state, t.params)
+            return self._statistic_values[t.name]
 
     def _compute(self, item: WorkItem) -> int:
         t = item.tensor

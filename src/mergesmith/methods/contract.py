@@ -131,9 +131,15 @@ class BoundMethod:
         except MergeError as e:
             raise lookup.invalid(e, p, k) from None
 
-    def whole_tensors(self, params: Mapping[str, Any]) -> bool:
-        """Whether this tensor needs whole tensors (not row chunks) with these parameters."""
-        return not self.spec.scheduling.elementwise or any(
+    def whole_tensors(self, params: Mapping[str, Any],
+                      shape: tuple[int, ...] | None = None) -> bool:
+        """Whether this tensor needs whole tensors (not row chunks) with these parameters
+        (and this shape: a method with a streamed ``statistic`` takes row chunks where its
+        blocks fit the shape)."""
+        how = self.spec.scheduling
+        chunked = how.elementwise or (how.statistic is not None and shape is not None
+                                      and how.statistic.rows(tuple(shape)) > 0)
+        return not chunked or any(
             e.whole_tensor is not None and e.whole_tensor(params) for e in self.spec.extensions)
 
     # -- the call ----------------------------------------------------------------
@@ -149,7 +155,8 @@ class BoundMethod:
     def __call__(self, tensors: Sequence[torch.Tensor], params: Mapping[str, Any],
                  model_params: Sequence[Mapping[str, Any]], *, tensor_name: str,
                  compute_dtype: torch.dtype, generator: torch.Generator | None = None,
-                 statistics: Sequence[Any] | None = None) -> torch.Tensor:
+                 statistics: Sequence[Any] | None = None, statistic: Any = None
+                 ) -> torch.Tensor:
         """Run the method on one tensor (or row chunk). ``tensors`` are in recipe order,
         upcast to ``compute_dtype`` except for ``raw_inputs`` methods, which get them as
         stored and upcast pieces themselves. ``statistics``: one entry per input for
@@ -158,7 +165,7 @@ class BoundMethod:
             tensors=tensors,
             base_index=self.base_index, params=params, model_params=list(model_params),
             tensor_name=tensor_name, generator=generator, compute_dtype=compute_dtype,
-            statistics=statistics))
+            statistics=statistics, statistic=statistic))
 
 
 class MappingLookup:

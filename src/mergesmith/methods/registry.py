@@ -91,6 +91,10 @@ class MergeInputs:
     """Methods declared with ``raw_inputs`` get ``tensors`` in their stored dtype and
     upcast (piece by piece) to this. Built only by
     :meth:`mergesmith.methods.contract.BoundMethod.__call__`."""
+    statistic: Any = None
+    """Methods declared with a ``statistic`` (:class:`TensorStatistic`): its value for the
+    whole tensor when the engine merges row chunks; None when the method gets whole
+    tensors (it computes the statistic itself)."""
     statistics: Sequence[Any] | None = None
     """Methods declared with ``statistics`` (data-aware: RegMean, Fisher): one entry per
     input, in recipe order, with ``gram()``, ``fisher()`` and ``tokens()`` reading that
@@ -146,6 +150,22 @@ class Contract:
     max_non_base: int | None = None
 
 
+@dataclass(frozen=True)
+class TensorStatistic:
+    """A few numbers a method needs from the whole tensor before it can merge any row
+    (SLERP's norms and dot product); given them, the rest is element-wise.
+
+    The engine streams the inputs (in recipe order, compute dtype) through
+    ``accumulate(state, tensors, base_index)`` in blocks of ``rows(shape)`` rows — the
+    method chooses them so that its sums run in the same order as on the whole tensor, so
+    results are bit-identical — and hands ``finish(state, params)`` to every row chunk as
+    ``MergeInputs.statistic``. ``rows(shape)`` 0: this shape is merged whole."""
+
+    rows: Callable[[tuple[int, ...]], int]
+    accumulate: Callable[[Any, Sequence[torch.Tensor], "int | None"], Any]
+    finish: Callable[[Any, Mapping[str, Any]], Any]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Scheduling:
     """How the engine feeds the method (see :func:`merge_method` for each field)."""
@@ -157,6 +177,8 @@ class Scheduling:
     temp_buffers: float = 2.0
     statistics: frozenset[str] = frozenset()
     """Statistics the method reads besides the weights (``gram``, ``fisher``)."""
+    statistic: TensorStatistic | None = None
+    """A whole-tensor statistic streamed in a first pass (then row chunks, see above)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +302,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (),
                  differences: str = "", check: CheckFn | None = None,
                  raw_inputs: bool = False, seconds_per_gb: float = 1.0,
                  lazy_inputs: bool = False, compute: ComputeFn | None = None,
-                 statistics: Sequence[str] = (),
+                 statistics: Sequence[str] = (), statistic: TensorStatistic | None = None,
                  replace: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering ``fn(inputs: MergeInputs) -> Tensor`` as merge method ``name``.
 
@@ -311,6 +333,9 @@ def merge_method(name: str, *, params: Sequence[Param] = (),
     * ``statistics``: kinds of calibration statistics the method reads (``"gram"``,
       ``"fisher"``): the planner finds every input model's statistics artefact, checks which
       tensors have them, and the engine hands them over as ``inputs.statistics``.
+    * ``statistic``: a :class:`TensorStatistic` — the method is not element-wise, but only
+      because of a few whole-tensor numbers: the engine computes them in a streaming first
+      pass and merges row chunks (bounded memory) with them (``inputs.statistic``).
     * ``differences``: where the method knowingly differs from mergekit (for the docs).
 
     The docstring's first paragraph is the summary shown by ``mergesmith methods``; the rest
@@ -329,7 +354,7 @@ def merge_method(name: str, *, params: Sequence[Param] = (),
             scheduling=Scheduling(elementwise=elementwise, raw_inputs=raw_inputs,
                                   lazy_inputs=lazy_inputs, random=random,
                                   temp_buffers=temp_buffers,
-                                  statistics=frozenset(statistics)),
+                                  statistics=frozenset(statistics), statistic=statistic),
             cost=Cost(seconds_per_gb=seconds_per_gb, compute=compute),
             docs=Docs(summary=summary.replace("\n", " "), description=description.strip(),
                       reference=reference, differences=inspect.cleandoc(differences)),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeError
-from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
+from .registry import BasePolicy, MergeInputs, Param, Scope, TensorStatistic, merge_method
 
 _BLOCK = 1 << 20
 """Elements per input converted to float64 at a time by :func:`_gram` (8 MB of scratch)."""
@@ -35,15 +35,18 @@ is treated as (anti)parallel to it: its great-circle direction is undefined."""
 # ------------------------------------------------------------------ shared kernels
 
 
-def _gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+def _gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) -> torch.Tensor:
     """Row-wise dot products of equally shaped 2-D tensors: ``G[r, i, j] = ⟨vᵢ[r], vⱼ[r]⟩``.
 
     Accumulated in float64 over blocks of at most ``_BLOCK`` elements, so the float64
-    scratch stays small however large the tensors are (strided views are fine).
+    scratch stays small however large the tensors are (strided views are fine). ``gram``:
+    go on accumulating into it (the next columns of the same vectors, block by block — the
+    streamed first pass of :data:`SLERP_STATISTIC`).
     """
     rows, n = vectors[0].shape
     k = len(vectors)
-    gram = torch.zeros(rows, k, k, dtype=torch.float64, device=vectors[0].device)
+    if gram is None:
+        gram = torch.zeros(rows, k, k, dtype=torch.float64, device=vectors[0].device)
     step_r = max(1, _BLOCK // max(n, 1))
     step_c = max(1, min(n, _BLOCK))
     for r in range(0, rows, step_r):
@@ -106,12 +109,51 @@ def _lone_input(m: MergeInputs) -> torch.Tensor | None:
 # ------------------------------------------------------------------ slerp
 
 
+def _slerp_block_rows(shape: tuple[int, ...]) -> int:
+    """Rows per streamed block of a tensor SLERP merges in row chunks: a whole number of
+    ``_BLOCK``-element blocks of the flattened tensor, so the dot products add up block by
+    block in the same order as on the whole tensor (0: merge it whole — 1-D, small, or
+    rows too wide for blocks of at most 16 × ``_BLOCK`` elements)."""
+    if len(shape) < 2:
+        return 0
+    cols = math.prod(shape[1:])
+    rows = _BLOCK // math.gcd(cols, _BLOCK)
+    if rows * cols > 16 * _BLOCK or rows >= shape[0]:
+        return 0
+    return rows
+
+
+def _slerp_accumulate(gram: torch.Tensor | None, tensors: Sequence[torch.Tensor],
+                      base_index: int | None) -> torch.Tensor | None:
+    if len(tensors) == 1:
+        return None  # a lone input is passed through
+    v0 = tensors[base_index].contiguous()
+    v1 = tensors[1 - base_index].contiguous()
+    return _gram([v0.view(1, -1), v1.view(1, -1)], gram)
+
+
+def _slerp_coefficients_of(gram: torch.Tensor | None, params: Mapping[str, Any]):
+    """SLERP's two coefficients ``[1, 2]`` from the whole tensor's Gram matrix."""
+    if gram is None:
+        return None
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    norms = torch.where(norms > 1e-8, norms, 1.0)  # a zero vector stays unnormalised
+    cos = (gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1.0, 1.0)
+    return _slerp_coefficients(params["t"], cos, cos.abs() > 0.9995)
+
+
+SLERP_STATISTIC = TensorStatistic(_slerp_block_rows, _slerp_accumulate,
+                                  _slerp_coefficients_of)
+"""SLERP's norms and dot product, streamed: the tensor is then merged in row chunks."""
+
+
 @merge_method(
     "slerp",
     base=BasePolicy.REQUIRED,
     min_inputs=2,
     max_inputs=2,
     params=[Param("t", float, doc="interpolation factor: 0 gives the base, 1 the other model")],
+    statistic=SLERP_STATISTIC,
     temp_buffers=0.0,
     seconds_per_gb=3.5,
     reference="https://en.wikipedia.org/wiki/Slerp",
@@ -133,11 +175,10 @@ def slerp(m: MergeInputs) -> torch.Tensor:
     v0 = m.base.contiguous()
     v1 = next(x for x, _ in m.others()).contiguous()
     rows = [_as_rows(v0), _as_rows(v1)]
-    gram = _gram(rows)
-    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
-    norms = torch.where(norms > 1e-8, norms, 1.0)  # a zero vector stays unnormalised
-    cos = (gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1.0, 1.0)
-    _combine_(rows, _slerp_coefficients(m.params["t"], cos, cos.abs() > 0.9995))
+    coefficients = m.statistic  # row chunks: from the engine's streamed first pass
+    if coefficients is None:
+        coefficients = _slerp_coefficients_of(_gram(rows), m.params)
+    _combine_(rows, coefficients)
     return v0
 
 

@@ -78,7 +78,7 @@ def add_output(d: Draft, out_name: str, sl: Slice, bound: BoundMethod, in_names:
     lookup = RecipeLookup(r, d.spec, sl, [i.name for i in inputs], out_name, position)
     resolved = bound.resolve(lookup, len(inputs), out_name, depth_of(out_name, position))
     dtype = r.out_dtype or r.dtype or _promote(info.dtype for info in infos)
-    elementwise = not reindex and not bound.whole_tensors(resolved.params)
+    elementwise = not reindex and not bound.whole_tensors(resolved.params, shape)
     parts = 0 if elementwise or reindex else _expert_parts(d, inputs[0], shape)
     d.outputs.append(OutputTensor(out_name, shape, dtype, d.spec.name, tuple(inputs),
                                   bound.base_index, resolved.params, resolved.model_params,
