@@ -30,6 +30,9 @@ NORMALIZE = Param("normalize", bool, True,
                   doc="with a base: divide the task vectors of the tensors without statistics "
                       "by the sum of the weights (their weighted average; false: task "
                       "arithmetic)")
+ALPHA = Param("alpha", float, 0.9,
+              doc="off-diagonal scale of each Gram matrix, αG + (1−α)·diag(G) "
+                  "(1: exact least squares; smaller: towards averaging)")
 LAMBDA = Param("lambda", float, 1.0,
                doc="with a base: the result is x₀ + λ·(merge − x₀), for every tensor (1: the "
                    "paper's merge; like task arithmetic's λ for n models, λ > 1 moves "
@@ -85,19 +88,18 @@ def _regmean_work(name: str, shape: tuple[int, ...], tasks: int, params) -> Dens
             + product_work(out, cols, cols, float64=True) * 2)
 
 
+_SOLVE: dict[str, Any] = dict(min_non_base=1, temp_buffers=6.0, seconds_per_gb=2.0,
+                              compute=_regmean_work)
+"""What RegMean and RegMean++ share: the inputs they take and the cost of the solve."""
+
+
 @merge_method(
     "regmean",
     base=BasePolicy.OPTIONAL,
-    params=[WEIGHT, Param("alpha", float, 0.9,
-                          doc="off-diagonal scale of each Gram matrix, αG + (1−α)·diag(G) "
-                              "(1: exact least squares; smaller: towards averaging)"),
-            NORMALIZE, LAMBDA, STATISTICS],
-    min_non_base=1,
+    params=[WEIGHT, ALPHA, NORMALIZE, LAMBDA, STATISTICS],
     statistics=("gram",),
     check=check_weights("regmean"),
-    temp_buffers=6.0,
-    seconds_per_gb=2.0,
-    compute=_regmean_work,
+    **_SOLVE,
     reference="https://arxiv.org/abs/2212.09849",
     differences="Not in mergekit. Grams come from statistics artefacts (a calibration: "
                 "block or `statistics:` per model); the ridge fallback for singular Grams "
@@ -156,21 +158,13 @@ def scale_from_base(m: MergeInputs, merged: torch.Tensor) -> torch.Tensor:
     return merged.sub_(base).mul_(lam).add_(base)
 
 
-ALPHA = Param("alpha", float, 0.9,
-              doc="off-diagonal scale of each Gram matrix, αG + (1−α)·diag(G) "
-                  "(1: exact least squares; smaller: towards averaging)")
-
-
 @merge_method(
     "regmean_plusplus",
     base=BasePolicy.OPTIONAL,
     params=[WEIGHT, ALPHA, NORMALIZE, LAMBDA],
-    min_non_base=1,
     statistics=("gram", "merged_gram"),
     check=check_weights("regmean_plusplus"),
-    temp_buffers=6.0,
-    seconds_per_gb=2.0,
-    compute=_regmean_work,
+    **_SOLVE,
     reference="https://arxiv.org/abs/2508.03121",
     differences="Not in mergekit. Needs a calibration: block; the Grams are computed with "
                 "the plan (a sequential pass over the layers, cached), not read from "

@@ -216,7 +216,9 @@ class _LiveGram:
     (rounded to float32)."""
 
     def __init__(self, gram: Any, count: int) -> None:
-        self._gram, self._count = gram.to(dtype=__import__("torch").float32), int(count)
+        import torch
+
+        self._gram, self._count = gram.to(dtype=torch.float32), int(count)
 
     def gram(self) -> Any:
         return self._gram
