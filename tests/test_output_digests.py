@@ -70,6 +70,7 @@ def _recipe(case: str, work: Path) -> str | dict:
 
 
 def digest(folder: Path) -> str:
+    import torch
     from safetensors import safe_open
 
     h = hashlib.sha256()
@@ -83,8 +84,7 @@ def digest(folder: Path) -> str:
         with safe_open(str(f), "pt") as st:
             t = st.get_tensor(k).contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
