@@ -24,6 +24,7 @@ from .devices import resolve_devices
 from .errors import MergeError
 from .executors import Executor, ThreadExecutor
 from .memory import data_budget, keep_freed_memory
+from .methods.registry import AnotherPass, MergeInputs, TensorStatistic
 from .options import Options
 from .plan import InputTensor, OutputTensor, Plan
 from .writer import OutputSink, ShardWriter
@@ -147,8 +148,9 @@ class _LazyInputs(Sequence):
     """Inputs of a ``lazy_inputs`` method: reading input ``k`` happens at ``xs[k]``."""
 
     def __init__(self, load: Callable[[int], torch.Tensor], n: int,
-                 shape: tuple[int, ...]) -> None:
+                 shape: tuple[int, ...], cache: bool = False) -> None:
         self.load, self.n, self.shape = load, n, shape
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.n
@@ -158,7 +160,11 @@ class _LazyInputs(Sequence):
             return [self.load(i) for i in range(self.n)[k]]
         if not -self.n <= k < self.n:
             raise IndexError(k)
-        return self.load(k % self.n)
+        if self._cache is None:
+            return self.load(k % self.n)
+        if k % self.n not in self._cache:  # read once, however often indexed
+            self._cache[k % self.n] = self.load(k % self.n)
+        return self._cache[k % self.n]
 
 
 class _Job:
@@ -179,6 +185,7 @@ class _Job:
         self.warnings: list[str] = []
         self._statistic_values: dict[str, Any] = {}
         self._statistic_locks: dict[str, threading.Lock] = {}
+        self._statistic_rows_left: dict[str, int] = {}
 
     @property
     def device(self) -> torch.device:
@@ -196,8 +203,11 @@ class _Job:
         """Compute and write one work item; return the CRC-32 of the bytes written."""
         if self.device.type == "cuda":
             with torch.cuda.device(self.device), torch.cuda.stream(self._local.stream):
-                return self._compute(item)
-        return self._compute(item)
+                crc = self._compute(item)
+        else:
+            crc = self._compute(item)
+        self._written(item)
+        return crc
 
     def _call(self, t: OutputTensor, xs: Sequence[torch.Tensor],
               generator: torch.Generator | None = None,
@@ -208,12 +218,14 @@ class _Job:
             stats = [None if s is None else s.restrict(rows) for s in stats]
         return self.bound[t.name](xs, t.params, t.model_params, tensor_name=t.name,
                                   compute_dtype=self.compute_dtype, generator=generator,
-                                  statistics=stats, statistic=self._statistic(t))
+                                  statistics=stats, statistic=self._statistic(t), rows=rows,
+                                  tensor_shape=tuple(t.shape))
 
     def _statistic(self, t: OutputTensor) -> Any:
         """A row-chunked tensor's whole-tensor statistic (``TensorStatistic``): computed
         once, by the first chunk that needs it, streaming the inputs in the method's row
-        blocks (a few numbers are kept; other chunks of the tensor wait for them)."""
+        blocks (other chunks of the tensor wait for it); dropped when the tensor's last
+        row is written."""
         how = self.bound[t.name].spec.scheduling.statistic
         if how is None or not t.elementwise:
             return None
@@ -221,15 +233,45 @@ class _Job:
             lock = self._statistic_locks.setdefault(t.name, threading.Lock())
         with lock:
             if t.name not in self._statistic_values:
-                step, state = how.rows(tuple(t.shape)), None
-                base_index = self.bound[t.name].base_index
-                for start in range(0, t.shape[0], step):
-                    block = WorkItem(t, (start, min(start + step, t.shape[0])))
-                    xs = [self._prepare(self._read(i, block)) for i in t.inputs]
-                    state = how.accumulate(state, xs, base_index)
-                    del xs
-                self._statistic_values[t.name] = how.finish(state, t.params)
+                self._statistic_values[t.name] = self._stream_statistic(t, how)
+                self._statistic_rows_left[t.name] = t.shape[0]
             return self._statistic_values[t.name]
+
+    def _stream_statistic(self, t: OutputTensor, how: TensorStatistic) -> Any:
+        bound = self.bound[t.name]
+        raw = bound.spec.scheduling.raw_inputs
+        header = dict(base_index=bound.base_index, params=t.params,
+                      model_params=list(t.model_params), tensor_name=t.name,
+                      generator=bound.generator(self.plan.seed, t.name, self.device),
+                      compute_dtype=self.compute_dtype, tensor_shape=tuple(t.shape))
+        step, state = how.rows(tuple(t.shape)), None
+        while True:
+            for start in range(0, t.shape[0], step):
+                block = WorkItem(t, (start, min(start + step, t.shape[0])))
+                xs = _LazyInputs(
+                    lambda k, block=block: (self._round if raw else self._prepare)(
+                        self._read(t.inputs[k], block)),
+                    len(t.inputs), (block.rows[1] - start, *t.shape[1:]), cache=True)
+                state = how.accumulate(state, MergeInputs(tensors=xs, rows=block.rows,
+                                                          **header))
+                del xs
+            result = how.finish(state, MergeInputs(tensors=[], **header))
+            if not isinstance(result, AnotherPass):
+                return result
+            state = result.state
+
+    def _written(self, item: WorkItem) -> None:
+        """Rows of a tensor are written: its statistic goes once all of them are."""
+        t = item.tensor
+        if t.name not in self._statistic_values:
+            return
+        with self._device_lock:
+            rows = t.shape[0] if item.rows is None else item.rows[1] - item.rows[0]
+            left = self._statistic_rows_left.get(t.name, 0) - rows
+            self._statistic_rows_left[t.name] = left
+            if left <= 0:
+                self._statistic_values.pop(t.name, None)
+                self._statistic_rows_left.pop(t.name, None)
 
     def _compute(self, item: WorkItem) -> int:
         t = item.tensor

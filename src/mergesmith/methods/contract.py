@@ -155,17 +155,19 @@ class BoundMethod:
     def __call__(self, tensors: Sequence[torch.Tensor], params: Mapping[str, Any],
                  model_params: Sequence[Mapping[str, Any]], *, tensor_name: str,
                  compute_dtype: torch.dtype, generator: torch.Generator | None = None,
-                 statistics: Sequence[Any] | None = None, statistic: Any = None
-                 ) -> torch.Tensor:
+                 statistics: Sequence[Any] | None = None, statistic: Any = None,
+                 rows: tuple[int, int] | None = None,
+                 tensor_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Run the method on one tensor (or row chunk). ``tensors`` are in recipe order,
         upcast to ``compute_dtype`` except for ``raw_inputs`` methods, which get them as
         stored and upcast pieces themselves. ``statistics``: one entry per input for
-        data-aware methods (see ``MergeInputs.statistics``)."""
+        data-aware methods (see ``MergeInputs.statistics``); ``statistic``, ``rows`` and
+        ``tensor_shape``: see :class:`MergeInputs`."""
         return self.spec.fn(MergeInputs(
             tensors=tensors,
             base_index=self.base_index, params=params, model_params=list(model_params),
             tensor_name=tensor_name, generator=generator, compute_dtype=compute_dtype,
-            statistics=statistics, statistic=statistic))
+            statistics=statistics, statistic=statistic, rows=rows, tensor_shape=tensor_shape))
 
 
 class MappingLookup:

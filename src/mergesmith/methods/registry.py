@@ -95,6 +95,10 @@ class MergeInputs:
     """Methods declared with a ``statistic`` (:class:`TensorStatistic`): its value for the
     whole tensor when the engine merges row chunks; None when the method gets whole
     tensors (it computes the statistic itself)."""
+    rows: tuple[int, int] | None = None
+    """The rows of the whole tensor these inputs are (None: all of it)."""
+    tensor_shape: tuple[int, ...] | None = None
+    """The whole tensor's shape, when known (the engine always gives it)."""
     statistics: Sequence[Any] | None = None
     """Methods declared with ``statistics`` (data-aware: RegMean, Fisher): one entry per
     input, in recipe order, with ``gram()``, ``fisher()`` and ``tokens()`` reading that
@@ -152,18 +156,29 @@ class Contract:
 
 @dataclass(frozen=True)
 class TensorStatistic:
-    """A few numbers a method needs from the whole tensor before it can merge any row
-    (SLERP's norms and dot product); given them, the rest is element-wise.
+    """What a method needs from the whole tensor before it can merge any row (SLERP's
+    norms and dot product, the TIES threshold, DARE's draws); given it, rows merge alone.
 
-    The engine streams the inputs (in recipe order, compute dtype) through
-    ``accumulate(state, tensors, base_index)`` in blocks of ``rows(shape)`` rows — the
-    method chooses them so that its sums run in the same order as on the whole tensor, so
-    results are bit-identical — and hands ``finish(state, params)`` to every row chunk as
-    ``MergeInputs.statistic``. ``rows(shape)`` 0: this shape is merged whole."""
+    The engine streams the inputs in blocks of ``rows(shape)`` rows, in order, through
+    ``state = accumulate(state, block)`` (``block`` a :class:`MergeInputs` of those rows:
+    ``block.rows``, ``block.tensor_shape``, the tensor's own generator; its ``tensors``
+    are read when indexed) starting from ``state = None``, then calls
+    ``finish(state, header)`` (``header``: the same without tensors). ``finish`` returns
+    the statistic — handed to every row chunk as ``MergeInputs.statistic`` — or
+    :class:`AnotherPass` to stream the blocks once more. The method chooses its blocks so
+    that its sums run in the same order as on the whole tensor: results are bit-identical.
+    ``rows(shape)`` 0: this shape is merged whole (the method computes it itself)."""
 
     rows: Callable[[tuple[int, ...]], int]
-    accumulate: Callable[[Any, Sequence[torch.Tensor], "int | None"], Any]
-    finish: Callable[[Any, Mapping[str, Any]], Any]
+    accumulate: Callable[[Any, "MergeInputs"], Any]
+    finish: Callable[[Any, "MergeInputs"], Any]
+
+
+@dataclass(frozen=True)
+class AnotherPass:
+    """Returned by ``TensorStatistic.finish``: stream the blocks again, from ``state``."""
+
+    state: Any
 
 
 @dataclass(frozen=True, kw_only=True)

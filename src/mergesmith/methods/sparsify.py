@@ -1,48 +1,133 @@
-"""Sparsifiers of task vectors (TIES, DARE, Breadcrumbs, DELLA), in place and memory-light.
+"""Sparsifiers of task vectors (TIES, DARE, Breadcrumbs, DELLA), streamed and memory-light.
 
-All of them work on a task vector ``δ`` in place and touch it in flat chunks, so besides
-the tensor itself they need only chunk-sized temporaries — even for a 150k × 8k embedding.
-
-Each sparsifier is also available as a *plan*: computed once from the whole task vector, it
-remembers only what its decisions depend on (boundary values and counts, the random
-generator's state) and replays exactly the same mask chunk by chunk later. Merges use this
-to keep only compact per-model summaries instead of every model's float32 task vector.
+A sparsifier's decisions for one task vector ``δ`` are made by a :class:`Decider` that is
+fed ``δ`` as consecutive flat pieces, in position order, in one or more passes (the engine
+streams a large tensor's rows in blocks; a whole tensor is one piece). It ends with a
+:class:`Mask` that remembers only what its decisions depend on — boundary values and
+per-row tie counts for magnitude selections, packed keep bits for random drops — and
+applies exactly the same decisions to any run of positions later, so row chunks of a
+tensor are merged exactly as the whole tensor is.
 
 Magnitude selections are exact and deterministic: elements are ordered by ``|δ|``
 ascending, ties by position (a stable sort), and exactly the documented positions of that
-order are kept. The order is never materialised: the boundary values are found by a
-sampled bracket plus ``kthvalue`` on the few elements inside it.
+order are kept. The order is never materialised: a first pass takes a systematic sample to
+bracket each boundary, a second counts the elements below the bracket and keeps the few
+inside it, where ``kthvalue`` finds the boundary value.
+
+Random drops draw from the per-tensor generator, model after model, in consecutive flat
+chunks of ``CHUNK`` elements (DELLA: of whole rows): that chunking is part of the
+definition of the random streams.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
+
+from ..errors import MergeError
 
 CHUNK = 1 << 18
 """Elements per chunk. Part of the definition of the random streams (DARE, DELLA)."""
 
 
-def chunks(v: torch.Tensor, size: int = CHUNK):
-    """Consecutive slices of a flat tensor."""
+def chunks(v: torch.Tensor, size: int | None = None):
+    """Consecutive slices of a flat tensor (of ``CHUNK`` elements unless told)."""
+    size = size or CHUNK
     for start in range(0, v.numel(), size):
         yield v[start:start + size]
 
 
-@dataclass(frozen=True)
-class _Boundary:
-    """One end of a kept rank range: the value there, how many elements are below it, and
-    how many of the elements equal to it (in position order) are kept."""
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
-    value: float
-    n_equal: int
-    kept_from: int  # equal elements with rank in [kept_from, kept_to) are kept
-    kept_to: int
+
+def _pack(keep: torch.Tensor) -> torch.Tensor:
+    """Eight booleans per byte (zero-padded to a multiple of eight)."""
+    k = keep.reshape(-1).to(torch.uint8)
+    if k.numel() % 8:
+        k = torch.cat([k, k.new_zeros(8 - k.numel() % 8)])
+    weights = _BIT_WEIGHTS.to(k.device)
+    return k.view(-1, 8).mul_(weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Booleans ``[start, end)`` of what :func:`_pack` packed."""
+    first, last = start // 8, (end + 7) // 8
+    bits = packed[first:last].unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne_(0)
+    return bits.view(-1)[start - 8 * first:end - 8 * first]
+
+
+class _L1:
+    """Σ|v| of a flat tensor fed piece by piece: sums of consecutive ``CHUNK``-element
+    chunks accumulated in float64, in order — the same number as on the whole tensor."""
+
+    def __init__(self) -> None:
+        self.total, self._tail = 0.0, None
+
+    def feed(self, piece: torch.Tensor) -> None:
+        if self._tail is not None:
+            piece = torch.cat([self._tail, piece])
+        full = piece.numel() - piece.numel() % CHUNK
+        for c in chunks(piece[:full]):
+            self.total += float(c.abs().sum())
+        self._tail = piece[full:].clone() if full < piece.numel() else None
+
+    def value(self) -> float:
+        if self._tail is not None:
+            self.total += float(self._tail.abs().sum())
+            self._tail = None
+        return self.total
+
+
+def l1(v: torch.Tensor) -> float:
+    """Σ|v|: per-chunk sums accumulated in float64 (independent of threads)."""
+    acc = _L1()
+    acc.feed(v.reshape(-1))
+    return acc.value()
+
+
+# ------------------------------------------------------------------ masks
+
+
+class Mask:
+    """A sparsifier's decisions for one task vector: ``applier(start)`` returns a function
+    that masks, in place, consecutive flat pieces beginning at position ``start`` (a row
+    start of the tensor the decisions were made for)."""
+
+    def applier(self, start: int = 0) -> Callable[[torch.Tensor], None]:
+        raise NotImplementedError
+
+
+class _KeepAll(Mask):
+    def applier(self, start=0):
+        return lambda c: None
+
+
+class _DropAll(Mask):
+    def applier(self, start=0):
+        return lambda c: c.zero_()
+
+
+class _Boundary:
+    """One end of a kept rank range: the value there, how many elements equal it, which of
+    those (ranks ``[kept_from, kept_to)`` in position order) are kept, and how many equal
+    elements come before each row (to start masking at any row)."""
+
+    def __init__(self, value: float, n_equal: int, kept_from: int, kept_to: int,
+                 equal_before_row: torch.Tensor | None, width: int) -> None:
+        self.value, self.n_equal = value, n_equal
+        self.kept_from, self.kept_to = kept_from, kept_to
+        self.equal_before_row, self.width = equal_before_row, width
+
+    def seen_at(self, start: int) -> int:
+        if start == 0 or self.equal_before_row is None:
+            return 0
+        assert start % self.width == 0, "masks start at a row"
+        return int(self.equal_before_row[start // self.width])
 
     def mask(self, a: torch.Tensor, seen: int, lower: bool) -> tuple[torch.Tensor, int]:
-        """Keep-mask of this side for chunk ``|v| = a``; ``seen`` equal elements came before."""
+        """Keep-mask of this side for piece ``|v| = a``; ``seen`` equal elements came before."""
         t = self.value
         if self.kept_from <= 0 and self.kept_to >= self.n_equal:
             return (a >= t if lower else a <= t), seen
@@ -57,64 +142,16 @@ class _Boundary:
         return strict, seen + count
 
 
-def kth_smallest_abs(v: torch.Tensor, r: int) -> tuple[float, int, int]:
-    """The value at 0-based position ``r`` of ``|v|`` sorted ascending (flat ``v``), with the
-    number of elements below it and the number equal to it."""
-    n = v.numel()
-    if n <= 4 * CHUNK:
-        a = v.abs()
-        value = a.kthvalue(r + 1).values
-        return float(value), int((a < value).sum()), int((a == value).sum())
-    # Bracket the answer with a systematic sample, then select among the bracket only.
-    stride = math.ceil(n / 65536)
-    sample = v[::stride].abs().sort().values
-    ns = sample.numel()
-    centre = r / n * ns
-    margin = int(0.02 * ns) + 64
-    lo_i, hi_i = int(centre) - margin, int(centre) + margin
-    lo = float(sample[lo_i]) if lo_i > 0 else -1.0
-    hi = float(sample[hi_i]) if hi_i < ns - 1 else math.inf
-    below, parts = 0, []
-    for c in chunks(v):
-        a = c.abs()
-        below += int((a < lo).sum())
-        parts.append(a[(a >= lo) & (a <= hi)])
-    inside = torch.cat(parts)
-    if not below <= r < below + inside.numel():  # the sample misled us: exact and slower
-        a = v.abs()
-        value = a.kthvalue(r + 1).values
-        return float(value), int((a < value).sum()), int((a == value).sum())
-    value = inside.kthvalue(r - below + 1).values
-    return float(value), below + int((inside < value).sum()), int((inside == value).sum())
-
-
-class Mask:
-    """A sparsifier's decisions for one task vector, replayable: ``applier()`` returns a
-    fresh function that masks consecutive flat chunks (of ``chunk_elements``) in place."""
-
-    def applier(self, generator: torch.Generator | None = None):
-        raise NotImplementedError
-
-
-class _KeepAll(Mask):
-    def applier(self, generator=None):
-        return lambda c: None
-
-
-class _DropAll(Mask):
-    def applier(self, generator=None):
-        return lambda c: c.zero_()
-
-
 class _RankRange(Mask):
     """Keep positions ``[lo, hi)`` of the stable ascending order of ``|v|``, known by the
-    boundary values; equal elements are counted as the chunks pass."""
+    boundary values; equal elements are counted as the pieces pass."""
 
     def __init__(self, lower: _Boundary | None, upper: _Boundary | None) -> None:
         self.lower, self.upper = lower, upper
 
-    def applier(self, generator=None):
-        seen = [0, 0]
+    def applier(self, start=0):
+        seen = [self.lower.seen_at(start) if self.lower else 0,
+                self.upper.seen_at(start) if self.upper else 0]
 
         def apply(c: torch.Tensor) -> None:
             a = c.abs()
@@ -129,139 +166,368 @@ class _RankRange(Mask):
         return apply
 
 
-def rank_range_mask(v: torch.Tensor, lo: int, hi: int) -> Mask:
-    """The mask keeping positions ``[lo, hi)`` of the stable ascending order of ``|v|``
-    (flat ``v`` is only read)."""
-    n = v.numel()
-    lo, hi = max(0, lo), min(n, hi)
-    if lo >= hi:
-        return _DropAll()
-    if lo == 0 and hi == n:
-        return _KeepAll()
-    lower = upper = None
-    if lo > 0:  # of the elements equal to the value at lo, skip those ranked before lo
-        value, below, equal = kth_smallest_abs(v, lo)
-        lower = _Boundary(value, equal, lo - below, equal)
-    if hi < n:  # of those equal to the value at hi − 1, keep those ranked before hi
-        value, below, equal = kth_smallest_abs(v, hi - 1)
-        upper = _Boundary(value, equal, 0, hi - below)
-    return _RankRange(lower, upper)
+class _Bits(Mask):
+    """Decisions drawn at random, kept as packed bits per chunk of ``grid`` elements."""
 
+    def __init__(self, grid: int) -> None:
+        self.grid, self.parts = grid, []
 
-class _Random(Mask):
-    """A random mask remembers the generator state it starts from. ``applier(g)`` draws
-    from the live generator ``g`` (advancing it); ``applier()`` replays from the state."""
-
-    def __init__(self, generator: torch.Generator | None) -> None:
-        self.device = generator.device if generator is not None else None
-        self.state = generator.get_state() if generator is not None else None
-
-    def _generator(self, live: torch.Generator | None) -> torch.Generator | None:
-        if live is not None or self.state is None:
-            return live
-        g = torch.Generator(device=self.device)
-        g.set_state(self.state)
-        return g
-
-
-class _Bernoulli(_Random):
-    def __init__(self, density: float, generator: torch.Generator | None) -> None:
-        super().__init__(generator)
-        self.density = density
-
-    def applier(self, generator=None):
-        g = self._generator(generator)
+    def applier(self, start=0):
+        pos = [start]
 
         def apply(c: torch.Tensor) -> None:
-            keep = torch.rand(c.shape, generator=g, dtype=c.dtype, device=c.device)
-            c.mul_(keep.lt_(self.density))  # 1.0 where kept, 0.0 where dropped
+            done, n = 0, c.numel()
+            while done < n:
+                g, off = divmod(pos[0], self.grid)
+                take = min(n - done, self.grid - off)
+                keep = _unpack(self.parts[g], off, off + take)
+                c[done:done + take].mul_(keep.to(c.dtype))  # 1.0 kept, 0.0 dropped
+                done += take
+                pos[0] += take
 
         return apply
 
 
-class _Della(_Random):
-    def __init__(self, density: float, epsilon: float, width: int,
-                 generator: torch.Generator | None) -> None:
-        super().__init__(generator)
-        self.density, self.epsilon, self.width = density, epsilon, width
-
-    def applier(self, generator=None):
-        g = self._generator(generator)
-        width = self.width
-
-        def apply(c: torch.Tensor) -> None:
-            block = c.view(-1, width)
-            order = block.abs().argsort(dim=1, stable=True)
-            rank = torch.empty_like(block)
-            steps = torch.arange(width, dtype=block.dtype, device=block.device)
-            rank.scatter_(1, order, steps.expand_as(block))
-            rank = rank / (width - 1) if width > 1 else rank.fill_(0.5)
-            probs = rank.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
-            block.mul_(torch.bernoulli(probs, generator=g))
-
-        return apply
-
-
-def chunk_elements(mask: Mask | None = None) -> int:
-    """Size of the flat chunks a mask is applied to: ``CHUNK``, or whole rows for DELLA."""
-    if isinstance(mask, _Della):
-        return max(1, CHUNK // mask.width) * mask.width
-    return CHUNK
-
-
-def apply_mask_(delta: torch.Tensor, mask: Mask,
-                generator: torch.Generator | None = None) -> None:
-    """Apply ``mask`` to the whole ``delta`` in place (random masks draw from ``generator``
-    when given, advancing it as the mask's draws do)."""
-    apply = mask.applier(generator)
-    for c in chunks(delta.reshape(-1), chunk_elements(mask)):
+def apply_mask_(delta: torch.Tensor, mask: Mask, start: int = 0) -> None:
+    """Apply ``mask`` in place to ``delta``, the run of positions from ``start`` on."""
+    apply = mask.applier(start)
+    for c in chunks(delta.reshape(-1)):
         apply(c)
 
 
-def l1(v: torch.Tensor) -> float:
-    """Σ|v|: per-chunk sums accumulated in float64 (independent of threads)."""
-    return sum(float(c.abs().sum()) for c in chunks(v))
+# ------------------------------------------------------------------ deciders
 
 
-def magnitude_mask(delta: torch.Tensor, density: float,
-                   generator: torch.Generator | None = None) -> Mask:
+class Decider:
+    """Makes one task vector's :class:`Mask` (and, with ``rescale``, its L1 norms before
+    and after masking) from its flat pieces, fed in position order pass after pass until
+    ``done``. ``feed(delta, offset)`` must not change ``delta``."""
+
+    done = False
+    draws = False  # draws from the shared generator: deciders of one tensor run in turn
+    mask: Mask
+    l1_before = l1_after = 0.0
+
+    def feed(self, delta: torch.Tensor, offset: int) -> None:
+        raise NotImplementedError
+
+    def end_pass(self) -> None:
+        raise NotImplementedError
+
+    def wants_sample(self) -> int:
+        """A sampling pass: the stride of the systematic sample it wants (else 0)."""
+        return 0
+
+    def feed_sample(self, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class Fixed(Decider):
+    """Decisions known without looking (keep all, drop all)."""
+
+    def __init__(self, mask: Mask) -> None:
+        self.mask, self.done = mask, True
+
+
+class _Select:
+    """The value at 0-based rank ``r`` of ``|v|`` ascending, from one pass over the pieces:
+    elements below a bracket ``[lo, hi]`` are counted, those inside kept; elements equal to
+    an end of the bracket are counted per row (they may be many: ties)."""
+
+    def __init__(self, r: int, rows: int, width: int, lo: float, hi: float) -> None:
+        self.r, self.rows, self.width, self.lo, self.hi = r, rows, width, lo, hi
+        self.below = 0
+        self.equal_lo = torch.zeros(rows, dtype=torch.int64)
+        self.equal_hi = torch.zeros(rows, dtype=torch.int64)
+        self.values: list[torch.Tensor] = []
+        self.value_rows: list[torch.Tensor] = []
+
+    def _count_rows(self, counts: torch.Tensor, where: torch.Tensor, offset: int) -> None:
+        index = where.nonzero().view(-1)
+        if index.numel():
+            rows = index.add_(offset).div_(self.width, rounding_mode="floor")
+            first = int(rows[0])
+            span = torch.bincount(rows.sub_(first))
+            counts[first:first + span.numel()] += span.to(counts.device)
+
+    def feed(self, a: torch.Tensor, offset: int) -> None:
+        lo, hi = self.lo, self.hi
+        self.below += int((a < lo).sum())
+        self._count_rows(self.equal_lo, a == lo, offset)
+        if hi != lo:
+            self._count_rows(self.equal_hi, a == hi, offset)
+            inside = (a > lo).logical_and_(a < hi)
+            index = inside.nonzero().view(-1)
+            if index.numel():
+                self.values.append(a[index].cpu())
+                self.value_rows.append(index.add_(offset).div_(self.width, rounding_mode="floor")
+                                       .to(torch.int32).cpu())
+
+    def result(self) -> tuple[float, int, int, torch.Tensor] | None:
+        """(value, elements below it, elements equal to it, equal elements before each row
+        — ``rows + 1`` running counts), or None when the rank is outside the bracket."""
+        r, below = self.r, self.below
+        n_lo = int(self.equal_lo.sum())
+        values = torch.cat(self.values) if self.values else torch.empty(0)
+        n_in = values.numel()
+        n_hi = int(self.equal_hi.sum()) if self.hi != self.lo else 0
+        if r < below or r >= below + n_lo + n_in + n_hi:
+            return None
+        if r < below + n_lo:
+            value, equal, per_row = self.lo, n_lo, self.equal_lo
+        elif r < below + n_lo + n_in:
+            value = float(values.kthvalue(r - below - n_lo + 1).values)
+            below += n_lo + int((values < value).sum())
+            hits = values == value
+            equal = int(hits.sum())
+            rows = torch.cat(self.value_rows)[hits].to(torch.int64)
+            per_row = torch.bincount(rows, minlength=self.rows)
+        else:
+            value, equal, per_row = self.hi, n_hi, self.equal_hi
+            below += n_lo + n_in
+        before = torch.zeros(self.rows + 1, dtype=torch.int64)
+        torch.cumsum(per_row, 0, out=before[1:])
+        return value, below, equal, before
+
+
+_SAMPLE = 65536
+_MARGINS = (0.02, 0.25)
+"""Half-widths of the brackets tried, as fractions of the sample (then everything)."""
+
+
+class _MagnitudeDecider(Decider):
+    """Keep positions ``[lo, hi)`` of the stable ascending order of ``|δ|``."""
+
+    def __init__(self, n: int, width: int, lo: int, hi: int, rescale: bool) -> None:
+        self.n, self.width, self.rows = n, width, max(1, -(-n // width))
+        self.ranks = {"lower": lo if lo > 0 else None, "upper": hi - 1 if hi < n else None}
+        self.lo, self.hi, self.rescale = lo, hi, rescale
+        self.stride = math.ceil(n / _SAMPLE) if n > 4 * CHUNK else 0
+        self.sample: list[torch.Tensor] = []
+        self.attempt = 0
+        self.stage = "sample" if self.stride else "select"
+        self._before, self._after = _L1(), _L1()
+        self.selects: dict[str, _Select] = {}
+        if self.stage == "select":
+            self._bracket()
+
+    def wants_sample(self) -> int:
+        return self.stride if self.stage == "sample" else 0
+
+    def feed_sample(self, values: torch.Tensor) -> None:
+        self.sample.append(values.abs().cpu())
+
+    def _bracket(self) -> None:
+        sample = torch.cat(self.sample).sort().values if self.sample else None
+        for side, r in self.ranks.items():
+            if r is None:
+                continue
+            if sample is None or self.attempt >= len(_MARGINS):
+                lo, hi = -1.0, math.inf
+            else:
+                ns = sample.numel()
+                centre = r / self.n * ns
+                margin = int(_MARGINS[self.attempt] * ns) + 64
+                lo_i, hi_i = int(centre) - margin, int(centre) + margin
+                lo = float(sample[lo_i]) if lo_i > 0 else -1.0
+                hi = float(sample[hi_i]) if hi_i < ns - 1 else math.inf
+            self.selects[side] = _Select(r, self.rows, self.width, lo, hi)
+
+    def feed(self, delta: torch.Tensor, offset: int) -> None:
+        if self.stage == "select":
+            if self.rescale and self.attempt == 0:
+                self._before.feed(delta)
+            a = delta.abs()
+            for s in self.selects.values():
+                s.feed(a, offset)
+        elif self.stage == "after":
+            masked = delta.clone()
+            self._apply(masked)
+            self._after.feed(masked)
+
+    def end_pass(self) -> None:
+        if self.stage == "sample":
+            self.stage = "select"
+            self._bracket()
+            return
+        if self.stage == "select":
+            found = {side: s.result() for side, s in self.selects.items()}
+            if any(f is None for f in found.values()):
+                if self.attempt >= len(_MARGINS):  # the whole range was bracketed: NaN
+                    raise MergeError("a task vector has NaN values: their magnitude has no "
+                                     "rank, so it cannot be trimmed (check the inputs)")
+                self.attempt += 1
+                self._bracket()
+                return
+            self.mask = self._make_mask(found)
+            self.sample, self.selects = [], {}
+            if self.rescale:
+                self.stage, self._apply = "after", self.mask.applier(0)
+                return
+        else:
+            self.l1_before, self.l1_after = self._before.value(), self._after.value()
+        self.done = True
+        if not self.rescale:
+            self.l1_before = self.l1_after = 0.0
+
+    def _make_mask(self, found) -> Mask:
+        lower = upper = None
+        if "lower" in found:  # of the elements equal to the value at lo, skip those before lo
+            value, below, equal, before = found["lower"]
+            lower = _Boundary(value, equal, self.lo - below, equal, before, self.width)
+        if "upper" in found:  # of those equal to the value at hi − 1, keep those before hi
+            value, below, equal, before = found["upper"]
+            upper = _Boundary(value, equal, 0, self.hi - below, before, self.width)
+        return _RankRange(lower, upper)
+
+
+class _RandomDecider(Decider):
+    """Draws keep decisions chunk by chunk (chunks of ``grid`` elements of the whole
+    tensor) and stores them as bits; one pass."""
+
+    draws = True
+
+    def __init__(self, grid: int, draw: Callable[[torch.Tensor], torch.Tensor],
+                 rescale: bool) -> None:
+        self.grid, self.draw, self.rescale = grid, draw, rescale
+        self.mask = _Bits(grid)
+        self._tail: torch.Tensor | None = None
+        self._before, self._after = _L1(), _L1()
+
+    def feed(self, delta: torch.Tensor, offset: int) -> None:
+        if self._tail is not None:
+            delta = torch.cat([self._tail, delta])
+        full = delta.numel() - delta.numel() % self.grid
+        for c in chunks(delta[:full], self.grid):
+            self._decide(c)
+        self._tail = delta[full:].clone() if full < delta.numel() else None
+
+    def _decide(self, c: torch.Tensor) -> None:
+        keep = self.draw(c)  # 1.0 / 0.0 in c's dtype
+        self.mask.parts.append(_pack(keep.ne(0)))
+        if self.rescale:
+            self._before.feed(c)
+            self._after.feed(c * keep)
+
+    def end_pass(self) -> None:
+        if self._tail is not None:
+            self._decide(self._tail)
+            self._tail = None
+        if self.rescale:
+            self.l1_before, self.l1_after = self._before.value(), self._after.value()
+        self.done = True
+
+
+def _width(shape: tuple[int, ...]) -> int:
+    return max(1, math.prod(shape[1:])) if len(shape) > 1 else max(1, math.prod(shape))
+
+
+def rank_range_decider(shape: tuple[int, ...], lo: int, hi: int,
+                       rescale: bool = False) -> Decider:
+    """Keep positions ``[lo, hi)`` of the stable ascending order of ``|δ|``."""
+    n = math.prod(shape)
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return Fixed(_DropAll())
+    if lo == 0 and hi == n:
+        return Fixed(_KeepAll())
+    return _MagnitudeDecider(n, _width(shape), lo, hi, rescale)
+
+
+def magnitude_decider(shape: tuple[int, ...], density: float, rescale: bool = False) -> Decider:
     """TIES: keep the ``max(1, int(density·numel))`` largest ``|δ|`` of the whole tensor."""
-    v = delta.reshape(-1)
+    n = math.prod(shape)
     if density >= 1:
-        return _KeepAll()
-    if density <= 0 or v.numel() == 0:
-        return _DropAll()
-    k = max(1, int(density * v.numel()))
-    return rank_range_mask(v, v.numel() - k, v.numel())
+        return Fixed(_KeepAll())
+    if density <= 0 or n == 0:
+        return Fixed(_DropAll())
+    k = max(1, int(density * n))
+    return rank_range_decider(shape, n - k, n, rescale)
 
 
-def magnitude_outliers_mask(delta: torch.Tensor, density: float, gamma: float,
-                            generator: torch.Generator | None = None) -> Mask:
+def outliers_decider(shape: tuple[int, ...], density: float, gamma: float,
+                     rescale: bool = False) -> Decider:
     """Breadcrumbs: drop the ``int(γ·numel)`` largest ``|δ|`` (outliers) and the smallest,
     keeping exactly ``int(density·numel)`` elements."""
     if density >= 1:
-        return _KeepAll()
-    v = delta.reshape(-1)
-    n = v.numel()
+        return Fixed(_KeepAll())
+    n = math.prod(shape)
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    return rank_range_mask(v, n_bot, n_bot + target)
+    return rank_range_decider(shape, n_bot, n_bot + target, rescale)
+
+
+def bernoulli_decider(shape: tuple[int, ...], density: float,
+                      generator: torch.Generator | None, rescale: bool = False) -> Decider:
+    """DARE: keep each element with probability ``density``."""
+    if density >= 1:
+        return Fixed(_KeepAll())
+
+    def draw(c: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(c.shape, generator=generator, dtype=c.dtype, device=c.device)
+        return keep.lt_(density).to(c.dtype)
+
+    return _RandomDecider(CHUNK, draw, rescale)
+
+
+def della_decider(shape: tuple[int, ...], density: float, epsilon: float,
+                  generator: torch.Generator | None, rescale: bool = False) -> Decider:
+    """DELLA: per row, keep each element with probability ``density − ε + 2ε·rank``, where
+    ``rank`` is its ``|δ|`` rank in the row scaled to [0, 1] (a one-element row: 0.5)."""
+    width = math.prod(shape) if len(shape) <= 1 else (math.prod(shape[1:]) if shape[0] else 0)
+    if density >= 1 or width == 0:
+        return Fixed(_KeepAll())
+    if density <= 0:
+        return Fixed(_DropAll())
+
+    def draw(c: torch.Tensor) -> torch.Tensor:
+        block = c.view(-1, width)
+        order = block.abs().argsort(dim=1, stable=True)
+        rank = torch.empty_like(block)
+        steps = torch.arange(width, dtype=block.dtype, device=block.device)
+        rank.scatter_(1, order, steps.expand_as(block))
+        rank = rank / (width - 1) if width > 1 else rank.fill_(0.5)
+        probs = rank.mul_(2 * epsilon).add_(density - epsilon)
+        return torch.bernoulli(probs, generator=generator).view(-1)
+
+    return _RandomDecider(max(1, CHUNK // width) * width, draw, rescale)
+
+
+def decide(delta: torch.Tensor, decider: Decider) -> Decider:
+    """Run ``decider`` over the whole tensor ``delta`` (one piece per pass)."""
+    flat = delta.reshape(-1)
+    while not decider.done:
+        stride = decider.wants_sample()
+        if stride:
+            decider.feed_sample(flat[::stride])
+        else:
+            decider.feed(flat, 0)
+        decider.end_pass()
+    return decider
+
+
+# The whole-tensor forms (tests, other methods): decide on ``delta``, return the mask.
+
+
+def rank_range_mask(v: torch.Tensor, lo: int, hi: int) -> Mask:
+    """The mask keeping positions ``[lo, hi)`` of the stable ascending order of ``|v|``."""
+    return decide(v, rank_range_decider(tuple(v.shape), lo, hi)).mask
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> Mask:
+    return decide(delta, magnitude_decider(tuple(delta.shape), density)).mask
+
+
+def magnitude_outliers_mask(delta: torch.Tensor, density: float, gamma: float) -> Mask:
+    return decide(delta, outliers_decider(tuple(delta.shape), density, gamma)).mask
 
 
 def bernoulli_mask(delta: torch.Tensor, density: float,
                    generator: torch.Generator | None) -> Mask:
-    """DARE: keep each element with probability ``density``."""
-    return _KeepAll() if density >= 1 else _Bernoulli(density, generator)
+    return decide(delta, bernoulli_decider(tuple(delta.shape), density, generator)).mask
 
 
 def della_mask(delta: torch.Tensor, density: float, epsilon: float,
                generator: torch.Generator | None) -> Mask:
-    """DELLA: per row, keep each element with probability ``density − ε + 2ε·rank``, where
-    ``rank`` is its ``|δ|`` rank in the row scaled to [0, 1] (a one-element row: 0.5)."""
-    width = delta.numel() if delta.dim() <= 1 else (delta[0].numel() if delta.shape[0] else 0)
-    if density >= 1 or width == 0:
-        return _KeepAll()
-    if density <= 0:
-        return _DropAll()
-    return _Della(density, epsilon, width, generator)
+    return decide(delta, della_decider(tuple(delta.shape), density, epsilon, generator)).mask

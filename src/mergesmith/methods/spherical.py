@@ -123,8 +123,8 @@ def _slerp_block_rows(shape: tuple[int, ...]) -> int:
     return rows
 
 
-def _slerp_accumulate(gram: torch.Tensor | None, tensors: Sequence[torch.Tensor],
-                      base_index: int | None) -> torch.Tensor | None:
+def _slerp_accumulate(gram: torch.Tensor | None, m: MergeInputs) -> torch.Tensor | None:
+    tensors, base_index = m.tensors, m.base_index
     if len(tensors) == 1:
         return None  # a lone input is passed through
     v0 = tensors[base_index].contiguous()
@@ -132,10 +132,11 @@ def _slerp_accumulate(gram: torch.Tensor | None, tensors: Sequence[torch.Tensor]
     return _gram([v0.view(1, -1), v1.view(1, -1)], gram)
 
 
-def _slerp_coefficients_of(gram: torch.Tensor | None, params: Mapping[str, Any]):
+def _slerp_coefficients_of(gram: torch.Tensor | None, m: MergeInputs):
     """SLERP's two coefficients ``[1, 2]`` from the whole tensor's Gram matrix."""
     if gram is None:
         return None
+    params = m.params
     norms = gram.diagonal(dim1=1, dim2=2).sqrt()
     norms = torch.where(norms > 1e-8, norms, 1.0)  # a zero vector stays unnormalised
     cos = (gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1.0, 1.0)
@@ -177,7 +178,7 @@ def slerp(m: MergeInputs) -> torch.Tensor:
     rows = [_as_rows(v0), _as_rows(v1)]
     coefficients = m.statistic  # row chunks: from the engine's streamed first pass
     if coefficients is None:
-        coefficients = _slerp_coefficients_of(_gram(rows), m.params)
+        coefficients = _slerp_coefficients_of(_gram(rows), m)
     _combine_(rows, coefficients)
     return v0
 

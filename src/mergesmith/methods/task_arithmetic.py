@@ -15,6 +15,7 @@ The variants only choose the sparsifier, consensus and defaults.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,52 +25,153 @@ import torch
 from ..errors import MergeError
 from . import sparsify
 from .linalg import NO_WORK
-from .registry import LINES, SVC, BasePolicy, MergeInputs, Param, Scope, merge_method
+from .registry import (
+    LINES,
+    SVC,
+    AnotherPass,
+    BasePolicy,
+    MergeInputs,
+    Param,
+    Scope,
+    TensorStatistic,
+    merge_method,
+)
 from .svc import singular_value_calibration, svc_work
 
-MaskMaker = Callable[[torch.Tensor, Mapping[str, Any], "torch.Generator | None"], sparsify.Mask]
+DeciderMaker = Callable[[tuple[int, ...], Mapping[str, Any], "torch.Generator | None", bool],
+                        sparsify.Decider]
+"""Makes a sparsifier's decider for one task vector: (whole tensor's shape, the model's
+parameters, the tensor's generator, rescale)."""
 
 
-def generalized_task_arithmetic(m: MergeInputs, sparsifier: MaskMaker | None = None,
+@dataclass(frozen=True)
+class TaskDecisions:
+    """What a sparsified merge needs from the whole tensor before merging any row: each
+    non-base input's mask (None: not sparsified) and L1 rescale factor."""
+
+    masks: tuple[sparsify.Mask | None, ...]
+    factors: tuple[float, ...]
+
+
+class _Deciding:
+    """The streamed first pass(es) of a sparsified merge: one decider per non-base input,
+    fed the task vectors' flat pieces block by block (see :data:`TensorStatistic`)."""
+
+    def __init__(self, m: MergeInputs, maker: DeciderMaker) -> None:
+        shape = m.tensor_shape if m.tensor_shape is not None else m.shape
+        self.width = math.prod(shape[1:]) if len(shape) > 1 else 1
+        rescale = m.params.get("rescale", False)
+        self.deciders = [maker(shape, p, m.generator, rescale)
+                         if p.get("density", 1.0) < 1 else None for _, p in self._others(m)]
+
+    @staticmethod
+    def _others(m: MergeInputs):
+        return [(k, p) for k, p in enumerate(m.model_params) if k != m.base_index]
+
+    def _active(self) -> list[int]:
+        """Positions of the deciders this pass feeds: every magnitude decider not done;
+        of the random ones only the first not done (they draw from the tensor's one
+        generator, input after input)."""
+        active, drawing = [], False
+        for j, d in enumerate(self.deciders):
+            if d is None or d.done or (d.draws and drawing):
+                continue
+            drawing |= d.draws
+            active.append(j)
+        return active
+
+    def feed(self, m: MergeInputs) -> None:
+        """One block of rows (``m.rows``; None: the whole tensor)."""
+        offset = (m.rows[0] if m.rows is not None else 0) * self.width
+        others = self._others(m)
+        base = m.base.reshape(-1)
+        compute = torch.promote_types(m.compute_dtype, base.dtype)
+        for j in self._active():
+            d, x = self.deciders[j], m.tensors[others[j][0]].reshape(-1)
+            stride = d.wants_sample()
+            if stride:  # elements at multiples of the stride in the whole tensor
+                first = -offset % stride
+                d.feed_sample(x[first::stride].to(compute, copy=True)
+                              .sub_(base[first::stride]))
+            else:
+                d.feed(x.to(compute, copy=True).sub_(base), offset)  # never change inputs
+
+    def end_pass(self) -> TaskDecisions | AnotherPass:
+        for j in self._active():
+            self.deciders[j].end_pass()
+        if any(d is not None and not d.done for d in self.deciders):
+            return AnotherPass(self)
+        factors = []
+        for d in self.deciders:
+            before, after = (d.l1_before, d.l1_after) if d is not None else (0.0, 0.0)
+            factors.append(before / after if before >= 1e-7 and after >= 1e-7 else 1.0)
+        return TaskDecisions(tuple(None if d is None else d.mask for d in self.deciders),
+                             tuple(factors))
+
+
+_BLOCK_ELEMENTS = 1 << 20
+"""Elements per streamed block (any size gives the same decisions)."""
+
+
+def _statistic_rows(shape: tuple[int, ...]) -> int:
+    """Rows per streamed block (about 2^20 elements); 0: small tensors are merged whole."""
+    if len(shape) < 2 or math.prod(shape) <= 4 * sparsify.CHUNK:
+        return 0
+    rows = max(1, _BLOCK_ELEMENTS // math.prod(shape[1:]))
+    return 0 if rows >= shape[0] else rows
+
+
+def _decisions_statistic(maker: DeciderMaker) -> TensorStatistic:
+    def accumulate(state: _Deciding | None, m: MergeInputs) -> _Deciding:
+        state = _Deciding(m, maker) if state is None else state
+        state.feed(m)
+        return state
+
+    def finish(state: _Deciding | None, m: MergeInputs):
+        return None if state is None else state.end_pass()
+
+    return TensorStatistic(_statistic_rows, accumulate, finish)
+
+
+def _decide_whole(m: MergeInputs, maker: DeciderMaker | None) -> TaskDecisions:
+    """The decisions from the whole tensors at hand (one block per pass)."""
+    if maker is None:
+        n = len(m.model_params) - (m.base_index is not None)
+        return TaskDecisions((None,) * n, (1.0,) * n)
+    state = _Deciding(m, maker)
+    while True:
+        state.feed(m)
+        result = state.end_pass()
+        if not isinstance(result, AnotherPass):
+            return result
+
+
+def generalized_task_arithmetic(m: MergeInputs, maker: DeciderMaker | None = None,
                                 consensus: bool = False) -> torch.Tensor:
-    """The shared pipeline, in two passes so that memory does not grow with the number of
-    models: inputs stay in their stored dtype; pass 1 looks at one model's whole float32
-    task vector at a time and keeps only its mask (a few numbers) and rescale factor;
-    pass 2 recomputes every task vector chunk by chunk, masks, weights and combines."""
+    """The shared pipeline. Inputs stay in their stored dtype; the sparsifiers' decisions
+    (``m.statistic``: streamed by the engine over the whole tensor before row chunks are
+    merged; else made here from the whole tensors) hold only compact per-model summaries,
+    so memory does not grow with the number of models; then the task vectors are
+    recomputed piece by piece, masked, weighted and combined."""
     compute = torch.promote_types(m.compute_dtype, m.base.dtype)
     base = m.base.reshape(-1)
     others = [(x.reshape(-1), p) for x, p in m.others()]
     if not others:
         return m.base.to(compute, copy=True)
-    rescale = m.params.get("rescale", False)
-    masks: list[sparsify.Mask | None] = []
-    factors: list[float] = []
-    for x, p in others:  # pass 1
-        mask, factor = None, 1.0
-        if sparsifier is not None and p.get("density", 1.0) < 1:
-            delta = x.to(compute, copy=True).sub_(base)  # never change the inputs
-            mask = sparsifier(delta.view(m.base.shape), p, m.generator)  # DELLA: rows
-            if rescale or m.generator is not None:  # random masks: advance the generator
-                before = sparsify.l1(delta) if rescale else 0.0
-                sparsify.apply_mask_(delta, mask, m.generator)
-                if rescale:
-                    after = sparsify.l1(delta)
-                    if before >= 1e-7 and after >= 1e-7:
-                        factor = before / after
-            del delta
-        masks.append(mask)
-        factors.append(factor)
+    decisions = m.statistic if m.statistic is not None else _decide_whole(m, maker)
+    width = math.prod(m.base.shape[1:]) if m.base.dim() > 1 else 1
+    start = (m.rows[0] if m.rows is not None else 0) * width
     weights = [p["weight"] for _, p in others]
-    appliers = [mask.applier() if mask is not None else None for mask in masks]
-    step = sparsify.chunk_elements(next((mk for mk in masks if mk is not None), None))
+    appliers = [mask.applier(start) if mask is not None else None for mask in decisions.masks]
+    step = sparsify.CHUNK
     out = None if base.numel() <= step else torch.empty(base.shape, dtype=compute,
                                                          device=base.device)
-    for start in range(0, base.numel(), step):  # pass 2
-        end = start + step
-        b = base[start:end].to(compute, copy=True)
+    for begin in range(0, base.numel(), step):
+        end = begin + step
+        b = base[begin:end].to(compute, copy=True)
         ws = []
-        for (x, _), apply, factor, weight in zip(others, appliers, factors, weights):
-            delta = torch.sub(x[start:end], b)  # the upcast happens inside the kernel
+        for (x, _), apply, factor, weight in zip(others, appliers, decisions.factors, weights):
+            delta = torch.sub(x[begin:end], b)  # the upcast happens inside the kernel
             if apply is not None:
                 apply(delta)
             if factor != 1.0:
@@ -78,7 +180,7 @@ def generalized_task_arithmetic(m: MergeInputs, sparsifier: MaskMaker | None = N
         b.add_(_combine(ws, weights, consensus, m.params["normalize"], m.params["lambda"]))
         if out is None:
             return _calibrate(m, b.view(m.base.shape), compute)
-        out[start:end] = b
+        out[begin:end] = b
     return _calibrate(m, out.view(m.base.shape), compute)
 
 
@@ -129,22 +231,21 @@ def _combine(ws: Sequence[torch.Tensor], weights: Sequence[float], consensus: bo
 # ------------------------------------------------------------------ the eight methods
 
 
-def magnitude_sparsifier(delta, p, generator):
-    """TIES' trim as a pipeline sparsifier: keep each task vector's ``density`` share of
-    largest-magnitude entries (``sparsify.magnitude_mask``)."""
-    return sparsify.magnitude_mask(delta, p["density"])
+def magnitude_sparsifier(shape, p, generator, rescale):
+    """TIES' trim: keep each task vector's ``density`` share of largest-magnitude entries."""
+    return sparsify.magnitude_decider(shape, p["density"], rescale)
 
 
-def _bernoulli(delta, p, generator):
-    return sparsify.bernoulli_mask(delta, p["density"], generator)
+def _bernoulli(shape, p, generator, rescale):
+    return sparsify.bernoulli_decider(shape, p["density"], generator, rescale)
 
 
-def _outliers(delta, p, generator):
-    return sparsify.magnitude_outliers_mask(delta, p["density"], p["gamma"])
+def _outliers(shape, p, generator, rescale):
+    return sparsify.outliers_decider(shape, p["density"], p["gamma"], rescale)
 
 
-def _della(delta, p, generator):
-    return sparsify.della_mask(delta, p["density"], p["epsilon"], generator)
+def _della(shape, p, generator, rescale):
+    return sparsify.della_decider(shape, p["density"], p["epsilon"], generator, rescale)
 
 
 def _check_della(name: str, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]],
@@ -160,7 +261,7 @@ def _check_della(name: str, params: Mapping[str, Any], model_params: Sequence[Ma
 @dataclass(frozen=True)
 class _Variant:
     name: str
-    sparsifier: MaskMaker | None
+    sparsifier: DeciderMaker | None
     consensus: bool
     normalize: bool
     rescale: bool
@@ -263,6 +364,7 @@ def _register(v: _Variant) -> None:
     merge_method(v.name, base=BasePolicy.REQUIRED, params=params, extensions=(LINES, SVC),
                  elementwise=v.sparsifier is None and not v.consensus, random=v.random,
                  temp_buffers=1.0, raw_inputs=True, reference=v.reference,
+                 statistic=_decisions_statistic(v.sparsifier) if v.sparsifier else None,
                  seconds_per_gb=_SECONDS_PER_GB.get(v.sparsifier, 0.9),
                  differences=differences,
                  check=_check_della if v.sparsifier is _della else None,
