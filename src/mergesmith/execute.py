@@ -186,6 +186,7 @@ class _Job:
         self._statistic_values: dict[str, Any] = {}
         self._statistic_locks: dict[str, threading.Lock] = {}
         self._statistic_rows_left: dict[str, int] = {}
+        self._statistic_order: list[OutputTensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -229,13 +230,46 @@ class _Job:
         how = self.bound[t.name].spec.scheduling.statistic
         if how is None or not t.elementwise:
             return None
-        with self._device_lock:
-            lock = self._statistic_locks.setdefault(t.name, threading.Lock())
-        with lock:
-            if t.name not in self._statistic_values:
-                self._statistic_values[t.name] = self._stream_statistic(t, how)
-                self._statistic_rows_left[t.name] = t.shape[0]
+        lock = self._statistic_lock(t.name)
+        if not lock.acquire(blocking=False):  # another thread computes it: meanwhile,
+            self._statistic_ahead(t)  # this one computes the next tensor's
+            lock.acquire()
+        try:
+            self._ensure_statistic(t, how)
             return self._statistic_values[t.name]
+        finally:
+            lock.release()
+
+    def _statistic_lock(self, name: str) -> threading.Lock:
+        with self._device_lock:
+            return self._statistic_locks.setdefault(name, threading.Lock())
+
+    def _ensure_statistic(self, t: OutputTensor, how: TensorStatistic) -> None:
+        """Compute ``t``'s statistic unless done (the caller holds its lock)."""
+        if t.name not in self._statistic_values:
+            self._statistic_values[t.name] = self._stream_statistic(t, how)
+            self._statistic_rows_left[t.name] = t.shape[0]
+
+    def _statistic_ahead(self, t: OutputTensor) -> None:
+        """The statistic of the next tensor after ``t`` (in plan order) that needs one and
+        that no thread is computing: statistics of methods that draw random numbers are
+        serial, so two threads on one tensor would otherwise take turns."""
+        if self._statistic_order is None:
+            self._statistic_order = [u for u in self.plan.tensors if not u.copied
+                                     and u.elementwise
+                                     and self.bound[u.name].spec.scheduling.statistic]
+        names = [u.name for u in self._statistic_order]
+        if t.name not in names:
+            return
+        for u in self._statistic_order[names.index(t.name) + 1:][:4]:
+            lock = self._statistic_lock(u.name)
+            if u.name in self._statistic_values or not lock.acquire(blocking=False):
+                continue
+            try:
+                self._ensure_statistic(u, self.bound[u.name].spec.scheduling.statistic)
+            finally:
+                lock.release()
+            return
 
     def _stream_statistic(self, t: OutputTensor, how: TensorStatistic) -> Any:
         bound = self.bound[t.name]
@@ -293,8 +327,9 @@ class _Job:
                 return self._stacked(t, item)
             if t.expert_parts:
                 return self._per_expert(t, item)
-            if (t.elementwise and BLOCKED_ON_CPU and self.device.type == "cpu"
-                    and not how.random and len(t.shape) > 0 and t.shape[0] > 1):
+            if (how.elementwise and t.elementwise and BLOCKED_ON_CPU
+                    and self.device.type == "cpu" and not how.random and len(t.shape) > 0
+                    and t.shape[0] > 1):  # (with a statistic: per-block overhead outweighs)
                 return self._blocked(t, item)
             if how.lazy_inputs:  # read when the method asks, one at a time
                 rows = t.shape if item.rows is None else (item.rows[1] - item.rows[0],

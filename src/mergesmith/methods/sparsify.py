@@ -134,11 +134,14 @@ class _Boundary:
         if self.kept_from >= self.kept_to:
             return (a > t if lower else a < t), seen
         eq = a == t
-        count = int(eq.sum())
-        strict = a > t if lower else a < t
-        if count:
-            rank = torch.cumsum(eq, 0).sub_(1 - seen)
-            strict |= eq & (rank >= self.kept_from) & (rank < self.kept_to)
+        count = int(torch.count_nonzero(eq))
+        if count == 0 or seen + count <= self.kept_from or seen >= self.kept_to:
+            return (a > t if lower else a < t), seen + count  # none of these kept
+        if seen >= self.kept_from and seen + count <= self.kept_to:
+            return (a >= t if lower else a <= t), seen + count  # all of these kept
+        strict = a > t if lower else a < t  # the cut falls inside this piece
+        rank = torch.cumsum(eq, 0).sub_(1 - seen)
+        strict |= eq & (rank >= self.kept_from) & (rank < self.kept_to)
         return strict, seen + count
 
 
@@ -243,16 +246,16 @@ class _Select:
         self.value_rows: list[torch.Tensor] = []
 
     def _count_rows(self, counts: torch.Tensor, where: torch.Tensor, offset: int) -> None:
-        index = where.nonzero().view(-1)
-        if index.numel():
-            rows = index.add_(offset).div_(self.width, rounding_mode="floor")
-            first = int(rows[0])
-            span = torch.bincount(rows.sub_(first))
-            counts[first:first + span.numel()] += span.to(counts.device)
+        """Add the rows' counts of ``where`` (pieces are whole rows)."""
+        first = offset // self.width
+        per_row = where.view(torch.uint8).view(-1, self.width).sum(1, dtype=torch.int32)
+        counts[first:first + per_row.numel()] += per_row.to(counts.device)
 
     def feed(self, a: torch.Tensor, offset: int) -> None:
+        """The magnitudes of whole rows, from position ``offset`` on."""
+        assert offset % self.width == 0 and a.numel() % self.width == 0, "whole rows"
         lo, hi = self.lo, self.hi
-        self.below += int((a < lo).sum())
+        self.below += int(torch.count_nonzero(a < lo))
         self._count_rows(self.equal_lo, a == lo, offset)
         if hi != lo:
             self._count_rows(self.equal_hi, a == hi, offset)
