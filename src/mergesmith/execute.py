@@ -220,7 +220,7 @@ class _Job:
         return self.bound[t.name](xs, t.params, t.model_params, tensor_name=t.name,
                                   compute_dtype=self.compute_dtype, generator=generator,
                                   statistics=stats, statistic=self._statistic(t), rows=rows,
-                                  tensor_shape=tuple(t.shape))
+                                  tensor_shape=tuple(t.shape) if rows is not None else None)
 
     def _statistic(self, t: OutputTensor) -> Any:
         """A row-chunked tensor's whole-tensor statistic (``TensorStatistic``): computed

@@ -98,7 +98,7 @@ class MergeInputs:
     rows: tuple[int, int] | None = None
     """The rows of the whole tensor these inputs are (None: all of it)."""
     tensor_shape: tuple[int, ...] | None = None
-    """The whole tensor's shape, when known (the engine always gives it)."""
+    """The whole tensor's shape when ``rows`` are given (None: the inputs' own shape)."""
     statistics: Sequence[Any] | None = None
     """Methods declared with ``statistics`` (data-aware: RegMean, Fisher): one entry per
     input, in recipe order, with ``gram()``, ``fisher()`` and ``tokens()`` reading that
