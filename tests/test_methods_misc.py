@@ -615,3 +615,54 @@ def test_methods_can_be_called_directly_with_merge_inputs():
     spec = get_method("nearswap")
     got = spec.fn(MergeInputs([base.clone(), x.clone()], 0, {"t": 1.0}, [{}, {}], "w"))
     assert torch.equal(got, x)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_of_large_tensors_streams_row_chunks_bit_identically(filter_wise,
+                                                                         tmp_path):
+    """2-D tensors of more than 2^20 elements are merged in row chunks: the whole
+    tensor's t comes from a streamed first pass (the offsets' Gram matrix, same float64
+    block order as on the whole tensor); per-row t needs none. The bytes equal the
+    whole-tensor merge with default chunks, tiny chunks and 1 or 2 threads."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from mergesmith.execute import execute
+    from mergesmith.methods import merge_tensors
+
+    config = dict(LLAMA, vocab_size=4096, hidden_size=512, intermediate_size=2304,
+                  num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+    base = random_tensors(config, 0)
+    folders = [write_model(tmp_path / "base", base, config)]
+    shared = random_tensors(config, 9, base, scale=0.3)  # agreeing: t inside (0, 1)
+    for k in (1, 2):
+        folders.append(write_model(tmp_path / f"ft{k}",
+                                   random_tensors(config, k, shared, scale=0.2), config))
+    recipe = (f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n"
+              + "".join(f"  - model: {f}\n" for f in folders[1:])
+              + f"parameters: {{filter_wise: {str(filter_wise).lower()}}}\ndtype: bfloat16\n")
+    plan = mergesmith.plan(recipe)
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    assert embed.elementwise  # streamed: 2 blocks of 2048 rows
+    down = next(t for t in plan.tensors if t.name.endswith("down_proj.weight"))
+    assert down.shape == (512, 2304) and down.elementwise  # blocks of 455 rows: pieces carried
+    with no_warnings():
+        mergesmith.run(recipe, tmp_path / "out")
+    outs = [load_file(str(tmp_path / "out" / "model.safetensors"))]
+    for threads in (1, 2):  # row chunks of 96 rows: not aligned with the 2048-row blocks
+        folder = tmp_path / f"chunks{threads}"
+        folder.mkdir()
+        small = dataclasses.replace(plan, options=dataclasses.replace(plan.options,
+                                                                      threads=threads))
+        execute(small, str(folder), chunk_elements=96 * 512)
+        outs.append(load_file(str(folder / "model.safetensors")))
+    inputs = [load_file(str(f / "model.safetensors")) for f in folders]
+    for name in outs[0]:
+        whole = merge_tensors([x[name].to(torch.bfloat16) for x in inputs], "model_stock",
+                              {"filter_wise": filter_wise}, base_index=0,
+                              out_dtype=torch.bfloat16)
+        for out in outs:
+            assert torch.equal(out[name], whole), name
+        if name == "model.embed_tokens.weight":  # not the base or the plain mean
+            assert not torch.equal(whole, inputs[0][name].to(torch.bfloat16))

@@ -605,7 +605,7 @@ def test_multislerp_with_every_task_vector_zero_returns_the_base():
 
 
 def test_slerp_of_large_tensors_streams_row_chunks_bit_identically(tmp_path):
-    """Tensors with whole 2^20-element blocks of rows are merged in row chunks: the norms
+    """2-D tensors of more than 2^20 elements are merged in row chunks: the norms
     and dot product come from a streamed first pass (same block order as on the whole
     tensor), so the bytes equal the whole-tensor merge — with default chunks, tiny chunks
     (memory limit) and 1 or 2 threads."""
@@ -618,7 +618,7 @@ def test_slerp_of_large_tensors_streams_row_chunks_bit_identically(tmp_path):
     from mergesmith.execute import execute
     from mergesmith.methods import merge_tensors
 
-    config = dict(LLAMA, vocab_size=4096, hidden_size=512, intermediate_size=256,
+    config = dict(LLAMA, vocab_size=4096, hidden_size=512, intermediate_size=2304,
                   num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
     base = random_tensors(config, 0)
     a = write_model(tmp_path / "a", base, config)
@@ -629,6 +629,8 @@ def test_slerp_of_large_tensors_streams_row_chunks_bit_identically(tmp_path):
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert embed.shape == (4096, 512) and embed.elementwise  # streamed: 2 blocks of 2048 rows
     assert not next(t for t in plan.tensors if t.name.endswith("q_proj.weight")).elementwise
+    down = next(t for t in plan.tensors if t.name.endswith("down_proj.weight"))
+    assert down.shape == (512, 2304) and down.elementwise  # blocks of 455 rows: pieces carried
     mergesmith.run(recipe, tmp_path / "out")
     outs = [load_file(str(tmp_path / "out" / "model.safetensors"))]
     for threads in (1, 2):  # row chunks of 96 rows: not aligned with the 2048-row blocks

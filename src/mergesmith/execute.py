@@ -23,7 +23,7 @@ from .checkpoint import CheckpointIndex, TensorReader
 from .devices import resolve_devices
 from .errors import MergeError
 from .executors import Executor, ThreadExecutor
-from .memory import data_budget, keep_freed_memory
+from .memory import HeapTrimmer, data_budget, keep_freed_memory
 from .methods.registry import AnotherPass, MergeInputs, TensorStatistic
 from .options import Options
 from .plan import InputTensor, OutputTensor, Plan
@@ -187,6 +187,7 @@ class _Job:
         self._statistic_locks: dict[str, threading.Lock] = {}
         self._statistic_rows_left: dict[str, int] = {}
         self._statistic_order: list[OutputTensor] | None = None
+        self.trim_heap = HeapTrimmer()
 
     @property
     def device(self) -> torch.device:
@@ -208,6 +209,7 @@ class _Job:
         else:
             crc = self._compute(item)
         self._written(item)
+        self.trim_heap()
         return crc
 
     def _call(self, t: OutputTensor, xs: Sequence[torch.Tensor],

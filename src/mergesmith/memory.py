@@ -91,6 +91,35 @@ def release_free_memory() -> None:
         trim(0)
 
 
+class HeapTrimmer:
+    """Gives freed heap memory back once resident memory has grown by ``slack`` bytes since
+    the last time.
+
+    With :func:`keep_freed_memory`, worker threads that allocate buffers of many sizes
+    (row chunks, statistic blocks, whole small tensors) leave free chunks between live ones
+    in their heaps; glibc never returns those by itself, so the resident set crept up over
+    a run (SLERP, 2 GB: 0.8 GB for 20 MB of live tensors). Reading the resident size costs
+    microseconds, and a trim happens only after ``slack`` bytes of growth, so buffers of
+    steady size are still reused. No-op off glibc."""
+
+    def __init__(self, slack: int = 96 * 1024 * 1024) -> None:
+        self.slack = slack
+        self._trim = _libc_function("malloc_trim")
+        self._lock = threading.Lock()
+        self._floor = resident_bytes()
+
+    def __call__(self) -> None:
+        if self._trim is None or resident_bytes() <= self._floor + self.slack:
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is trimming
+        try:
+            self._trim(0)
+            self._floor = resident_bytes()
+        finally:
+            self._lock.release()
+
+
 @functools.lru_cache(maxsize=None)
 def _libc_function(name: str):
     try:

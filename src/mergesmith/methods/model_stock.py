@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .registry import BasePolicy, MergeInputs, Param, merge_method
+from .registry import BasePolicy, MergeInputs, Param, TensorStatistic, merge_method
+from .spherical import finish_gram, gram_block_rows, row_gram, stream_gram
 
 
 def _as_rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
@@ -19,18 +20,18 @@ def _as_rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     return x.reshape(1, -1)
 
 
-def _mean_pairwise_cosine(offsets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over pairs i < j of the per-row cosine of offsets i and j (float64, one per row).
+def _mean_pairwise_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs i < j of the cosine of offsets i and j, from their Gram matrices
+    ``[rows, k, k]`` (float64, one per row).
 
     Norm products are clamped at 1e-6 and each cosine to [−1, 1], as mergekit does.
     """
-    norms = [torch.linalg.vector_norm(o, dim=-1).double() for o in offsets]
-    scratch = torch.empty_like(offsets[0])
-    total = torch.zeros_like(norms[0])
-    pairs = list(itertools.combinations(range(len(offsets)), 2))
+    k = gram.shape[-1]
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    total = torch.zeros(gram.shape[0], dtype=torch.float64)
+    pairs = list(itertools.combinations(range(k), 2))
     for i, j in pairs:
-        dot = torch.mul(offsets[i], offsets[j], out=scratch).sum(dim=-1).double()
-        total += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+        total += (gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
     return total / len(pairs)
 
 
@@ -42,20 +43,51 @@ def _interpolation_ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
 
-def _clamp_with_warning(t: torch.Tensor, cos: torch.Tensor, tensor_name: str) -> torch.Tensor:
-    """Clamp t to [0, 1], warning (naming the tensor) when that changes anything."""
+def _clamp_with_warning(t: torch.Tensor, cos: torch.Tensor, tensor_name: str,
+                        rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Clamp t to [0, 1], warning (naming the tensor, and the rows of a chunk) when that
+    changes anything."""
     outside = (t < 0) | (t > 1)
     n_out = int(torch.count_nonzero(outside))
     if n_out:
         if t.numel() == 1:
             where = f"t = {float(t):.4g} (mean cosine of the task vectors {float(cos):.4g})"
         else:
-            where = (f"t is outside [0, 1] in {n_out} of {t.numel()} rows (t from "
+            of = f"{t.numel()} rows" if rows is None else f"rows {rows[0]}–{rows[1] - 1}"
+            where = (f"t is outside [0, 1] in {n_out} of {of} (t from "
                      f"{float(t.min()):.4g} to {float(t.max()):.4g})")
         warnings.warn(f"model_stock: tensor '{tensor_name}': {where}; clamped t to [0, 1], "
                       "so where the fine-tunes disagree the base is kept (mergekit 0.1.5 does "
                       "not clamp)", stacklevel=2)
     return t.clamp(0.0, 1.0)
+
+
+def _ratio(gram: torch.Tensor, m: MergeInputs) -> torch.Tensor:
+    """t per row of the offsets' Gram matrices (clamped, with a warning)."""
+    cos = _mean_pairwise_cosine(gram)
+    n = gram.shape[-1]
+    return _clamp_with_warning(_interpolation_ratio(cos, n), cos, m.tensor_name, m.rows)
+
+
+def _offsets(m: MergeInputs) -> list[torch.Tensor]:
+    """xᵢ − base in place, as (rows, length) views (one row for the whole tensor unless
+    ``filter_wise``)."""
+    base = m.base
+    return [_as_rows(x.sub_(base), m.params["filter_wise"]) for x, _ in m.others()]
+
+
+def _accumulate(state: tuple | None, block: MergeInputs) -> tuple | None:
+    if block.params["filter_wise"]:
+        return None  # per row: every chunk has what it needs (nothing is read here)
+    return stream_gram(state, [o.reshape(-1) for o in _offsets(block)])
+
+
+def _finish(state: tuple | None, m: MergeInputs) -> torch.Tensor | None:
+    return None if state is None else _ratio(finish_gram(state), m)
+
+
+MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish)
+"""The whole tensor's t from its offsets' Gram matrix, streamed: then row chunks merge."""
 
 
 @merge_method(
@@ -64,10 +96,13 @@ def _clamp_with_warning(t: torch.Tensor, cos: torch.Tensor, tensor_name: str) ->
     min_inputs=3,
     params=[Param("filter_wise", bool, False,
                   doc="compute the ratio per row (last dimension) instead of per tensor")],
+    statistic=MODEL_STOCK_STATISTIC,
     temp_buffers=1.0,
     reference="https://arxiv.org/abs/2403.19522",
     differences="""
-        Float32 arithmetic (mergekit: the input dtype). t is clamped to [0, 1], with a
+        Float32 arithmetic (mergekit: the input dtype); norms and dot products are summed
+        in float64 over blocks of 2^20 elements (exact products, one order on every CPU).
+        t is clamped to [0, 1], with a
         warning naming the tensor; mergekit 0.1.5 applies it unclamped, so fine-tunes whose
         task vectors point in opposite directions (negative mean cosine) push the result
         away from both of them instead of leaving the base.
@@ -82,11 +117,11 @@ def model_stock(m: MergeInputs) -> torch.Tensor:
     fine-tunes. (This equals mergekit's t·mean(xᵢ) + (1−t)·base.)
     """
     base = m.base
-    filter_wise = m.params["filter_wise"]
-    offsets = [_as_rows(x.sub_(base), filter_wise) for x, _ in m.others()]
+    offsets = _offsets(m)
     n = len(offsets)
-    cos = _mean_pairwise_cosine(offsets)
-    t = _clamp_with_warning(_interpolation_ratio(cos, n), cos, m.tensor_name)
+    t = m.statistic  # row chunks of a whole-tensor t: from the engine's streamed first pass
+    if t is None:
+        t = _ratio(row_gram(offsets), m)
     merged = offsets[0]
     for o in offsets[1:]:
         merged.add_(o)

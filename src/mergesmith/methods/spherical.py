@@ -5,7 +5,7 @@ unit sphere and a length, and interpolate the directions along great circles. Ea
 is a linear combination Σ cᵢ·xᵢ of the inputs whose coefficients depend only on the inputs'
 dot products. So every method here works in two steps:
 
-1. :func:`_gram`: the dot products of the inputs, accumulated in float64 (the products of
+1. :func:`row_gram`: the dot products of the inputs, accumulated in float64 (the products of
    two float32 numbers are exact in float64, so the angles are as accurate as the data);
 2. a small pure function turns them into coefficients (float64, a few numbers per vector),
    and :func:`_combine_` forms Σ cᵢ·xᵢ in the compute dtype, in place in the first input.
@@ -25,7 +25,7 @@ from ..errors import MergeError
 from .registry import BasePolicy, MergeInputs, Param, Scope, TensorStatistic, merge_method
 
 _BLOCK = 1 << 20
-"""Elements per input converted to float64 at a time by :func:`_gram` (8 MB of scratch)."""
+"""Elements per input converted to float64 at a time by :func:`row_gram` (8 MB of scratch)."""
 
 _PARALLEL = 1e-8
 """A vector whose component orthogonal to another is below this (relative to unit length)
@@ -35,7 +35,7 @@ is treated as (anti)parallel to it: its great-circle direction is undefined."""
 # ------------------------------------------------------------------ shared kernels
 
 
-def _gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) -> torch.Tensor:
+def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) -> torch.Tensor:
     """Row-wise dot products of equally shaped 2-D tensors: ``G[r, i, j] = ⟨vᵢ[r], vⱼ[r]⟩``.
 
     Accumulated in float64 over blocks of at most ``_BLOCK`` elements, so the float64
@@ -109,27 +109,55 @@ def _lone_input(m: MergeInputs) -> torch.Tensor | None:
 # ------------------------------------------------------------------ slerp
 
 
-def _slerp_block_rows(shape: tuple[int, ...]) -> int:
-    """Rows per streamed block of a tensor SLERP merges in row chunks: a whole number of
-    ``_BLOCK``-element blocks of the flattened tensor, so the dot products add up block by
-    block in the same order as on the whole tensor (0: merge it whole — 1-D, small, or
-    rows too wide for blocks of at most 16 × ``_BLOCK`` elements)."""
-    if len(shape) < 2:
+def gram_block_rows(shape: tuple[int, ...]) -> int:
+    """Rows per streamed block of a tensor merged in row chunks after a whole-tensor
+    Gram matrix (SLERP, Model Stock; see :func:`stream_gram`): about ``_BLOCK`` elements
+    (0: merge it whole — 1-D or at most ``_BLOCK`` elements)."""
+    if len(shape) < 2 or math.prod(shape) <= _BLOCK:
         return 0
-    cols = math.prod(shape[1:])
-    rows = _BLOCK // math.gcd(cols, _BLOCK)
-    if rows * cols > 16 * _BLOCK or rows >= shape[0]:
-        return 0
-    return rows
+    return max(1, _BLOCK // math.prod(shape[1:]))
 
 
-def _slerp_accumulate(gram: torch.Tensor | None, m: MergeInputs) -> torch.Tensor | None:
+def stream_gram(state: tuple | None, vectors: Sequence[torch.Tensor]) -> tuple:
+    """Go on with the Gram matrix ``[1, k, k]`` of k flattened tensors given their next
+    pieces (1-D, contiguous, equal lengths, in order).
+
+    Sums exactly the ``_BLOCK``-element pieces :func:`row_gram` takes on the whole
+    flattened tensors, in the same order (a piece cut by a block boundary is completed
+    from a carried copy of its start), so the result is bit-identical to ``row_gram`` of
+    the whole, whatever the blocks. ``state``: None at first, then what this returned;
+    :func:`finish_gram` adds the last, partial piece."""
+    gram, carry = state if state is not None else (None, None)
+    if gram is None:
+        gram = torch.zeros(1, len(vectors), len(vectors), dtype=torch.float64)
+    n, start = vectors[0].numel(), 0
+    if carry is not None:
+        start = min(n, _BLOCK - carry[0].numel())
+        carry = [torch.cat([c, v[:start]]) for c, v in zip(carry, vectors)]
+        if carry[0].numel() < _BLOCK:
+            return gram, carry
+        row_gram([c.view(1, -1) for c in carry], gram)
+    end = start + (n - start) // _BLOCK * _BLOCK
+    if end > start:
+        row_gram([v[start:end].view(1, -1) for v in vectors], gram)
+    return gram, ([v[end:].clone() for v in vectors] if end < n else None)
+
+
+def finish_gram(state: tuple) -> torch.Tensor:
+    """The Gram matrix of :func:`stream_gram`'s pieces, the carried last piece included."""
+    gram, carry = state
+    if carry is not None:
+        row_gram([c.view(1, -1) for c in carry], gram)
+    return gram
+
+
+def _slerp_accumulate(state: tuple | None, m: MergeInputs) -> tuple | None:
     tensors, base_index = m.tensors, m.base_index
     if len(tensors) == 1:
         return None  # a lone input is passed through
     v0 = tensors[base_index].contiguous()
     v1 = tensors[1 - base_index].contiguous()
-    return _gram([v0.view(1, -1), v1.view(1, -1)], gram)
+    return stream_gram(state, [v0.view(-1), v1.view(-1)])
 
 
 def _slerp_coefficients_of(gram: torch.Tensor | None, m: MergeInputs):
@@ -143,8 +171,9 @@ def _slerp_coefficients_of(gram: torch.Tensor | None, m: MergeInputs):
     return _slerp_coefficients(params["t"], cos, cos.abs() > 0.9995)
 
 
-SLERP_STATISTIC = TensorStatistic(_slerp_block_rows, _slerp_accumulate,
-                                  _slerp_coefficients_of)
+SLERP_STATISTIC = TensorStatistic(
+    gram_block_rows, _slerp_accumulate,
+    lambda state, m: _slerp_coefficients_of(None if state is None else finish_gram(state), m))
 """SLERP's norms and dot product, streamed: the tensor is then merged in row chunks."""
 
 
@@ -178,7 +207,7 @@ def slerp(m: MergeInputs) -> torch.Tensor:
     rows = [_as_rows(v0), _as_rows(v1)]
     coefficients = m.statistic  # row chunks: from the engine's streamed first pass
     if coefficients is None:
-        coefficients = _slerp_coefficients_of(_gram(rows), m)
+        coefficients = _slerp_coefficients_of(row_gram(rows), m)
     _combine_(rows, coefficients)
     return v0
 
@@ -232,7 +261,7 @@ def nuslerp(m: MergeInputs) -> torch.Tensor:
         x2.sub_(base)
     layout = {"flatten": m.params["nuslerp_flatten"], "columns": m.params["nuslerp_row_wise"]}
     v1, v2 = _as_rows(x1, **layout), _as_rows(x2, **layout)
-    gram = _gram([v1, v2])
+    gram = row_gram([v1, v2])
     norms = gram.diagonal(dim1=1, dim2=2).sqrt().clamp(min=1e-7)
     cos = (gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])).clamp(-1.0, 1.0)
     linear = 1.0 - cos.square() <= _PARALLEL ** 2
@@ -315,7 +344,7 @@ def multislerp(m: MergeInputs) -> torch.Tensor:
         for x in xs:
             x.sub_(base)
     rows = [_as_rows(x) for x in xs]
-    coefs = _multislerp_coefficients(_gram(rows)[0], weights, m.params["eps"])
+    coefs = _multislerp_coefficients(row_gram(rows)[0], weights, m.params["eps"])
     if coefs is None and base is not None and not any(bool(x.any()) for x in xs):
         return base  # every model left this tensor at the base: nothing to merge
     if coefs is None:
@@ -409,6 +438,6 @@ def karcher(m: MergeInputs) -> torch.Tensor:
         return lone
     xs = [x.contiguous() for x in m.tensors]
     rows = [_as_rows(x) for x in xs]
-    coefs = _karcher_coefficients(_gram(rows)[0], m.params["max_iter"], m.params["tol"])
+    coefs = _karcher_coefficients(row_gram(rows)[0], m.params["max_iter"], m.params["tol"])
     _combine_(rows, coefs[None])
     return xs[0]
