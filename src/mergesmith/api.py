@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-from . import memory
+from . import _torch, memory
 from . import resume as resume_module
 from .checkpoint import ModelSource, resolve, resolve_tokenizer
 from .checkpoint.gguf_input import describe as describe_gguf
@@ -375,6 +375,8 @@ def check(recipe: RecipeLike, options: Options | None = None, *, stage: str | No
     n = max(1, options.threads or os.cpu_count() or 1)
     limit = options.memory_limit
     baseline = memory.resident_bytes()
+    if _torch.stand_in_active():  # the merge will have imported torch
+        baseline += _torch.RESIDENT_BYTES
     budget = memory.data_budget(limit, baseline)
     chunk = chunk_elements_for(limit)
     over: list[tuple[str, int]] = []

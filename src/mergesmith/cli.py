@@ -278,6 +278,50 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str, stage: str | None
     multi-stage recipe it first prints the stage graph: the stages in order, what each
     reads, and whether it is fused (computed as it is read) or written first.
     """
+    from . import _torch
+
+    stand_in = (sys.argv[1:2] == ["check"]  # the command line, so it can run again
+                and ray_address is None and not os.environ.get(_CHECK_WITH_TORCH)
+                and _torch.use_stand_in())  # plans without importing torch (0.8 s)
+    recorded: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=stand_in) as caught:
+            try:
+                report, bandwidth = _check_report(
+                    recipe, node_bandwidth, stage, out_shard_size, compute_dtype,
+                    fp8_block_size, out_format, allow_crimes, unsafe_truncate_embeddings,
+                    threads, memory_limit, strict)
+            except _torch.TorchNeeded:  # this recipe's plan needs torch: again, with it
+                sys.stdout.flush()
+                os.execve(sys.executable, [sys.executable, "-m", "mergesmith", *sys.argv[1:]],
+                          {**os.environ, _CHECK_WITH_TORCH: "1"})
+            finally:
+                recorded = list(caught or ())
+    finally:  # warnings are shown once the plan is known not to need torch
+        for w in recorded:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    click.echo(report.summary())
+    if ray_address is not None:
+        from .ray_executor import cluster_estimate
+
+        for line in cluster_estimate(report, ray_address):
+            click.echo(line)
+    if nodes is not None:
+        from .api import cluster_lines
+
+        click.echo("\n".join(cluster_lines(report, nodes, bandwidth)))
+    click.echo("ok: the recipe is valid")
+
+
+_CHECK_WITH_TORCH = "MERGESMITH_CHECK_WITH_TORCH"
+"""Set when ``check`` runs again because its plan needed torch (see ``_torch``)."""
+
+
+def _check_report(recipe: str, node_bandwidth: str, stage: str | None, out_shard_size: str,
+                  compute_dtype: str, fp8_block_size: str | None, out_format: str | None,
+                  allow_crimes: bool, unsafe_truncate_embeddings: bool, threads: int | None,
+                  memory_limit: str | None, strict: bool) -> tuple[Any, int]:
+    """The plan's report and the node bandwidth in bytes per second."""
     from .api import check as api_check
     from .options import Options
     from .units import parse_size
@@ -290,17 +334,7 @@ def check(recipe: str, nodes: int | None, node_bandwidth: str, stage: str | None
         compute_dtype=compute_dtype, fp8_block_size=fp8_block_size, out_format=out_format,
         allow_crimes=allow_crimes,
         unsafe_truncate_embeddings=unsafe_truncate_embeddings, strict=strict), stage=stage)
-    click.echo(report.summary())
-    if ray_address is not None:
-        from .ray_executor import cluster_estimate
-
-        for line in cluster_estimate(report, ray_address):
-            click.echo(line)
-    if nodes is not None:
-        from .api import cluster_lines
-
-        click.echo("\n".join(cluster_lines(report, nodes, bandwidth)))
-    click.echo("ok: the recipe is valid")
+    return report, bandwidth
 
 
 @cli.command("moe", epilog=EPILOG)

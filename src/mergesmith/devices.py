@@ -3,8 +3,7 @@ a clear error for a device this machine does not have."""
 
 from __future__ import annotations
 
-import torch
-
+from ._torch import torch
 from .errors import MergeError
 
 

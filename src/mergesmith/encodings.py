@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Protocol
 
-import torch
+from ._torch import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-import torch
-
+from ._torch import torch
 from .checkpoint import CheckpointIndex, TensorReader
 from .devices import resolve_devices
 from .errors import MergeError

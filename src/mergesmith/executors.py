@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Protocol, TypeVar
 
-import torch
-
+from ._torch import torch
 from .memory import MEMORY_BUDGET, Budget, release_free_memory
 
 Item = TypeVar("Item")

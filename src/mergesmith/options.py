@@ -12,8 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from ._torch import torch
 from .errors import MergeError
 from .units import parse_dtype, parse_size
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from ._torch import torch
 from .checkpoint import CheckpointIndex, ModelSource, TensorInfo, TokenizerSource
 from .errors import MergeError
 from .recipe import ModelReference, Recipe

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 
-import torch
-
+from ._torch import torch
 from .errors import MergeError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)

@@ -15,8 +15,7 @@ import zlib
 from math import prod
 from typing import Protocol
 
-import torch
-
+from ._torch import torch
 from .checkpoint.buffers import tensor_bytes
 from .errors import MergeIOError
 from .plan import OutputTensor, Shard

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-import torch
+from .._torch import torch
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

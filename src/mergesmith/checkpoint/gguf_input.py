@@ -26,8 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .index import CheckpointIndex, TensorInfo, read_config
 

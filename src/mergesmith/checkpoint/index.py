@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .safetensors_format import read_header
 

@@ -20,8 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .index import TensorInfo, load_bin
 

@@ -23,11 +23,11 @@ All computed in float32 (exactly, for MXFP4: an e2m1 value times a power of two)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .index import TensorInfo
 
@@ -310,17 +310,23 @@ class ScaledFP8Source:
         pass
 
 
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-E2M1_PAIRS = torch.stack([E2M1.repeat(16), E2M1.repeat_interleave(16)], 1).contiguous()
-"""The two values of each byte of MXFP4 blocks (low nibble first)."""
-E2M1_PAIRS_64 = E2M1_PAIRS.view(torch.int64).reshape(256)
-"""The same pairs, each as one 8-byte item: the lookup of a byte is then one 1-D
-``index_select`` (4x faster than selecting rows of two)."""
-E8M0 = torch.pow(2.0, torch.arange(256, dtype=torch.float64).clamp(max=254) - 127).float()
-"""The factor of each e8m0 scale, ``2^(s-127)``, exact in float32 (2^-127 is subnormal) but
-for 255: 2^128 is past float32, so it is 2^127 here and the reader doubles its values
-after, as ``ldexp`` (transformers' decoder) does: 0.5 · 2^128 is finite, 0 stays 0."""
+@functools.cache
+def mxfp4_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """The lookups of MXFP4 decoding (built on first use: ``check`` plans without torch).
+
+    * The two E2M1 values of each byte of a block (low nibble first), each pair as one
+      8-byte item: the lookup of a byte is then one 1-D ``index_select`` (4x faster than
+      selecting rows of two).
+    * The factor of each e8m0 scale, ``2^(s-127)``, exact in float32 (2^-127 is subnormal)
+      but for 255: 2^128 is past float32, so it is 2^127 here and the reader doubles its
+      values after, as ``ldexp`` (transformers' decoder) does: 0.5 · 2^128 is finite, 0
+      stays 0.
+    """
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                         -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    pairs = torch.stack([e2m1.repeat(16), e2m1.repeat_interleave(16)], 1).contiguous()
+    e8m0 = torch.pow(2.0, torch.arange(256, dtype=torch.float64).clamp(max=254) - 127).float()
+    return pairs.view(torch.int64).reshape(256), e8m0
 
 
 class MXFP4Source:
@@ -342,15 +348,16 @@ class MXFP4Source:
         out = torch.empty((e1 - e0, n_cols, n_rows), dtype=target)
         step = max(1, DECODE_ELEMENTS // n_cols)  # stored rows a piece
         work = torch.empty((min(step, n_rows), n_cols), dtype=torch.float32)
+        pairs, scale_factors = mxfp4_tables()
         for e in range(e1 - e0):
             for r in range(0, n_rows, step):
                 piece = work[:min(step, n_rows - r)]
                 codes = blocks[e, r:r + step].reshape(-1).to(torch.int32)
-                torch.index_select(E2M1_PAIRS_64, 0, codes, out=piece.view(torch.int64)
+                torch.index_select(pairs, 0, codes, out=piece.view(torch.int64)
                                    .view(-1))
                 exps = factors[e, r:r + step]
                 groups_of = piece.view(-1, groups, 32)
-                groups_of.mul_(E8M0[exps.to(torch.int64)].unsqueeze(-1))
+                groups_of.mul_(scale_factors[exps.to(torch.int64)].unsqueeze(-1))
                 if bool((exps == 255).any()):  # the rest of 2^128
                     groups_of[exps == 255] *= 2
                 out[e, :, r:r + piece.shape[0]].copy_(piece.T)

@@ -13,8 +13,7 @@ import threading
 from math import prod
 from typing import Protocol
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeIOError
 from .buffers import tensor_bytes
 from .index import TensorInfo, load_bin

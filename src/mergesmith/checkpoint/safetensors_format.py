@@ -13,8 +13,7 @@ import struct
 from dataclasses import dataclass
 from math import prod
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit

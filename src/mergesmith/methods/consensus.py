@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
+from .._torch import torch
 from . import sparsify
 from .registry import LINES, BasePolicy, MergeInputs, Param, Scope, merge_method
 from .task_arithmetic import generalized_task_arithmetic, magnitude_sparsifier

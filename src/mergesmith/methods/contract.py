@@ -18,8 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError, did_you_mean
 from ..recipe.params import UNSET, coerce
 from .registry import BasePolicy, MergeInputs, MethodSpec, Param, Scope

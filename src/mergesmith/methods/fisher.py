@@ -8,8 +8,7 @@ The Fishers (``NAME::fisher`` of every input model) reach the method through
 
 from __future__ import annotations
 
-import torch
-
+from .._torch import torch
 from .registry import BasePolicy, MergeInputs, Param, merge_method
 from .regmean import (
     LAMBDA,

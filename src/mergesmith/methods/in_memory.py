@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .contract import bind_mapping
 from .registry import get_method

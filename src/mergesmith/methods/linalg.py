@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from .._torch import torch
 from .seeding import tensor_generator
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
 

@@ -6,8 +6,7 @@ import itertools
 import warnings
 from collections.abc import Sequence
 
-import torch
-
+from .._torch import torch
 from .registry import BasePolicy, MergeInputs, Param, TensorStatistic, merge_method
 from .spherical import finish_gram, gram_block_rows, row_gram, stream_gram
 

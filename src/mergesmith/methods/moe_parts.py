@@ -3,8 +3,7 @@ per-expert noise and residual scale, concatenated when several make one output t
 
 from __future__ import annotations
 
-import torch
-
+from .._torch import torch
 from .registry import MergeInputs, MethodSpec, Scheduling, register_internal
 
 MOE_PART = "moe_part"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
+from .._torch import torch
 from .registry import BasePolicy, MergeInputs, Param, Scope, merge_method
 
 

@@ -16,8 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError, did_you_mean
 
 if TYPE_CHECKING:
@@ -137,7 +136,7 @@ class MergeInputs:
         return len(self.model_params) - (self.base_index is not None)
 
 
-MethodFn = Callable[[MergeInputs], torch.Tensor]
+MethodFn = Callable[[MergeInputs], "torch.Tensor"]
 CheckFn = Callable[[str, Mapping[str, Any], Sequence[Mapping[str, Any]], "int | None"], None]
 ComputeFn = Callable[[str, tuple[int, ...], int, Mapping[str, Any]], "DenseWork"]
 AdjustFn = Callable[[dict[str, Any], float], None]

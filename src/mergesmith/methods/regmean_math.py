@@ -10,7 +10,7 @@ model's Gram (λᵢ Gᵢ), so λᵢ = 1 for all models is the paper's method.
 
 from __future__ import annotations
 
-import torch
+from .._torch import torch
 
 
 def regmean_solve(weights: list[torch.Tensor], grams: list[torch.Tensor], *,

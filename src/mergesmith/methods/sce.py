@@ -6,8 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from .registry import BasePolicy, MergeInputs, Param, merge_method
 

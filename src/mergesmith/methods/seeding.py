@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
+from .._torch import torch
 
 
 def tensor_seed(seed: int | None, name: str, rows: tuple[int, int] | None = None) -> int:

@@ -21,11 +21,11 @@ definition of the random streams.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 
 CHUNK = 1 << 18
@@ -39,7 +39,10 @@ def chunks(v: torch.Tensor, size: int | None = None):
         yield v[start:start + size]
 
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+@functools.cache
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """1, 2, 4, … 128: the value of each bit of a packed byte."""
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 def _pack(keep: torch.Tensor) -> torch.Tensor:
@@ -47,14 +50,14 @@ def _pack(keep: torch.Tensor) -> torch.Tensor:
     k = keep.reshape(-1).to(torch.uint8)
     if k.numel() % 8:
         k = torch.cat([k, k.new_zeros(8 - k.numel() % 8)])
-    weights = _BIT_WEIGHTS.to(k.device)
+    weights = _bit_weights(k.device)
     return k.view(-1, 8).mul_(weights).sum(1, dtype=torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Booleans ``[start, end)`` of what :func:`_pack` packed."""
     first, last = start // 8, (end + 7) // 8
-    bits = packed[first:last].unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne_(0)
+    bits = packed[first:last].unsqueeze(1).bitwise_and(_bit_weights(packed.device)).ne_(0)
     return bits.view(-1)[start - 8 * first:end - 8 * first]
 
 

@@ -17,8 +17,7 @@ method declares its linear algebra (``*_work``) for ``check``'s cost estimate.
 
 from __future__ import annotations
 
-import torch
-
+from .._torch import torch
 from .linalg import (
     NO_WORK,
     DenseWork,

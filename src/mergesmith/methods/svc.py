@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
+from .._torch import torch
 from .linalg import NO_WORK, DenseWork, full_svd, product_work, svd_work
 from .registry import LINES, BasePolicy, MergeInputs, Param, merge_method
 from .task_vectors import (

@@ -20,8 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from . import sparsify
 from .linalg import NO_WORK

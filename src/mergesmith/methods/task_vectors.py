@@ -10,8 +10,7 @@ outside their scope (``is_spectral_matrix``), as the papers do.
 
 from __future__ import annotations
 
-import torch
-
+from .._torch import torch
 from .registry import MergeInputs, Param, Scope
 
 WEIGHT = Param("weight", float, 1.0, Scope.NON_BASE, "weight of the model's task vector")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from .. import arch
 from ..errors import MergeError
 from ..tokenizer import remap_special_ids

@@ -14,8 +14,7 @@ import dataclasses
 import re
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from .. import arch
 from ..checkpoint.quantized import BlockFP8 as BlockFP8Input
 from ..encodings import FP8, BlockFP8

@@ -20,8 +20,7 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..errors import MergeError
 from ..units import GGUF_QUANT_TYPES
 from .draft import Draft

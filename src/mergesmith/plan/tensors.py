@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
+from .._torch import torch
 from .. import arch
 from ..checkpoint import TensorInfo
 from ..errors import MergeError

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
-import torch
-
+from .._torch import torch
 from ..checkpoint import ModelSource, TensorInfo
 from ..encodings import Encoding, Stored
 from ..methods import MethodSpec

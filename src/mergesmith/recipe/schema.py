@@ -15,9 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Any, Optional, Union
 
-import torch
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
+from .._torch import torch
 from ..errors import MergeError, did_you_mean
 from ..units import GGUF_QUANT_TYPES, parse_dtype
 from .params import Setting, parse_setting
