@@ -32,6 +32,11 @@ CHUNK_ELEMENTS = 2 * 1024 * 1024
 """Rows of element-wise tensors are processed in chunks of about this many elements
 (8 MB per input in float32), so memory stays flat however large a tensor is."""
 
+CHUNK_INPUTS = 3
+"""Row chunks hold ``CHUNK_ELEMENTS`` elements of each input for up to this many inputs; a
+tensor merged from more inputs gets proportionally fewer rows per chunk, so the data in
+flight (and so peak memory) does not grow with the number of models."""
+
 BLOCK_ELEMENTS = 256 * 1024
 """Within a work item, element-wise math runs on row blocks of about this many elements
 (1 MB per input in float32): the upcast inputs, the method's temporaries and the result
@@ -63,8 +68,9 @@ class WorkItem:
 
 
 def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkItem]:
-    """Split the plan into work items; chunk boundaries depend only on shapes (and start at
-    multiples of an encoded tensor's ``row_align``: whole blocks of rows)."""
+    """Split the plan into work items; chunk boundaries depend only on shapes and the
+    number of inputs (and start at multiples of an encoded tensor's ``row_align``: whole
+    blocks of rows)."""
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     for t in plan.tensors:
         numel = prod(t.shape)
@@ -73,12 +79,13 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
                 yield WorkItem(t, (start, start + 1))
             continue
         whole = not (t.elementwise or t.expert_parts)
-        if whole or len(t.shape) == 0 or numel <= chunk_elements:
+        per_input = chunk_elements * CHUNK_INPUTS // max(CHUNK_INPUTS, len(t.inputs))
+        if whole or len(t.shape) == 0 or numel <= per_input:
             yield WorkItem(t, None)
             continue
         row = max(1, prod(t.shape[1:]))
         align = t.encoding.row_align if t.encoding is not None else 1
-        step = max(1, chunk_elements // row // align) * align
+        step = max(1, per_input // row // align) * align
         for start in range(0, t.shape[0], step):
             yield WorkItem(t, (start, min(start + step, t.shape[0])))
 
