@@ -50,11 +50,10 @@ def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) 
     step_c = max(1, min(n, _BLOCK))
     for r in range(0, rows, step_r):
         for c in range(0, n, step_c):
-            for i in range(k):  # two blocks in float64 at a time, however many vectors
-                bi = vectors[i][r:r + step_r, c:c + step_c].double()
+            block = [v[r:r + step_r, c:c + step_c].double() for v in vectors]
+            for i in range(k):
                 for j in range(i, k):
-                    bj = bi if j == i else vectors[j][r:r + step_r, c:c + step_c].double()
-                    dot = torch.sum(bi * bj, dim=1)
+                    dot = torch.sum(block[i] * block[j], dim=1)
                     gram[r:r + step_r, i, j] += dot
                     if j != i:
                         gram[r:r + step_r, j, i] += dot
