@@ -8,7 +8,10 @@ number of experts grows.
    same tensors, one worker thread: the growth of peak RSS, compared with the size of the
    largest tensor they process (float32).
 
-Models come from ``make_models.py`` (cached). Run with the project's Python:
+A method run both with its default path and as ``METHOD+exact`` reports the deviation of the
+default output from the exact one, ``‖default − exact‖ / ‖exact − base‖`` over all tensors
+(``compare.py``). Models come from ``make_models.py`` (cached). Run with the project's
+Python:
 
     .venv/bin/python bench/modern.py --workdir /tmp/msbench [--size-gb 0.5]
 """
@@ -44,9 +47,13 @@ METHODS = {
     "wudi": {},
     "pcb": {},
     "svc_ta": {},
-    # the same methods with the seeded randomized SVD (top directions only)
+    # the same methods with the path forced: the seeded randomized SVD (top directions
+    # only) wherever it can save work, or the exact SVD (the default chooses by cost)
     "tsv_m+randomized": {"randomized_svd": True},
     "cart+randomized": {"randomized_svd": True},
+    "iso_cts+exact": {"randomized_svd": False},
+    "cart+exact": {"randomized_svd": False},
+    "tsv_m+exact": {"randomized_svd": False},
 }
 
 
@@ -57,6 +64,14 @@ def recipe(method: str, models: Path, experts: int, params: dict) -> dict:
     shared = {k: v for k, v in params.items() if k not in per_model}
     return {"merge_method": method.split("+")[0], "base_model": str(models / "base"),
             "models": entries, "dtype": "bfloat16", **({"parameters": shared} if shared else {})}
+
+
+def deviation(exact: Path, other: Path, base: Path) -> float | None:
+    """``‖other − exact‖ / ‖exact − base‖`` over all tensors (``compare.py``)."""
+    proc = subprocess.run([sys.executable, str(HERE / "compare.py"), str(exact), str(other),
+                           "--base", str(base)], capture_output=True, text=True, check=False)
+    found = re.search(r"\|\|A-B\|\| / \|\|A-base\|\| = ([0-9.eE+-]+|nan)", proc.stdout)
+    return float(found.group(1)) if found else None
 
 
 def estimated_seconds(ms: list[str], recipe_path: Path, extra: tuple[str, ...]) -> float | None:
@@ -102,19 +117,30 @@ def main() -> int:
     ms = shlex.split(args.mergesmith)
     rows = []
 
+    chosen = args.methods.split(",")
+    paired = {m.split("+")[0] for m in chosen if m.endswith("+exact")}
+
     def one(method: str, experts: int, extra: tuple[str, ...] = ()) -> dict:
         path = runs / f"{method}-{experts}.yml"
         path.write_text(yaml.safe_dump(recipe(method, models, experts, METHODS[method])))
-        remove(out)
+        folder = out / method
+        remove(folder)
         estimate = estimated_seconds(ms, path, extra)
-        stats = timed([*ms, "run", str(path), str(out), "--quiet", *extra],
+        stats = timed([*ms, "run", str(path), str(folder), "--quiet", *extra],
                       runs / f"{method}-{experts}")
-        remove(out)
         row = {"method": method, "experts": experts, "check_estimate_s": estimate, **stats}
+        plain = method.split("+")[0]
+        exact, default = out / f"{plain}+exact", out / plain
+        if experts == 3 and plain in paired and exact.exists() and default.exists():
+            row["deviation_from_exact"] = deviation(exact, default, models / "base")
+            remove(exact)
+            remove(default)
+        elif not (experts == 3 and plain in paired and method in (plain, f"{plain}+exact")):
+            remove(folder)
         print(json.dumps(row), flush=True)
         return row
 
-    for method in ([] if args.scaling_only else args.methods.split(",")):
+    for method in ([] if args.scaling_only else chosen):
         rows.append(one(method, 3))
     if not args.skip_scaling:
         for method in args.scaling_methods.split(","):
@@ -124,12 +150,13 @@ def main() -> int:
                 rows.append(one(method, experts, ("--threads", "1")))
     name = f"modern-{args.size_gb:g}gb{'-scaling' if args.scaling_only else ''}.json"
     (args.workdir / name).write_text(json.dumps(rows, indent=1))
-    print("\n| method | experts | wall s | CPU s | peak RSS MiB | check's estimate s |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    print("\n| method | experts | wall s | CPU s | peak RSS MiB | check's estimate s "
+          "| deviation from exact |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        dev = r.get("deviation_from_exact")
         print(f"| {r['method']} | {r['experts']} | {r.get('wall_s', 0):.1f} | "
               f"{r.get('cpu_s', 0):.1f} | {r.get('max_rss_mb', 0):.0f} | "
-              f"{r.get('check_estimate_s') or '—'} |"
+              f"{r.get('check_estimate_s') or '—'} | {'—' if dev is None else f'{dev:.3g}'} |"
               + ("" if r["ok"] else " FAILED"))
     return 0
 

@@ -18,10 +18,14 @@ from mergesmith.methods.linalg import NO_WORK, svd_work, top_svd_work
 CASES = [
     ("iso_c", {}),
     ("iso_cts", {}),
+    ("iso_cts", {"randomized_svd": False}),
+    ("iso_cts", {"randomized_svd": True}),
     ("tsv_m", {}),
+    ("tsv_m", {"randomized_svd": False}),
     ("tsv_m", {"randomized_svd": True}),
     ("cart", {}),
     ("cart", {"randomized_svd": True}),
+    ("cart", {"randomized_svd": False}),
     ("star", {}),
     ("wudi", {}),
     ("svc_ta", {}),
@@ -32,9 +36,9 @@ CASES = [
 
 @pytest.fixture
 def factorizations(monkeypatch):
-    """Count the LAPACK factorizations torch runs (SVD, symmetric eigh, QR)."""
+    """Count the LAPACK factorizations torch runs (SVD, symmetric eigh, QR, Cholesky)."""
     calls = {"n": 0}
-    for name in ("svd", "eigh", "qr"):
+    for name in ("svd", "eigh", "qr", "cholesky_ex"):
         original = getattr(torch.linalg, name)
 
         def counted(*args, _original=original, **kwargs):

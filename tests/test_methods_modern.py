@@ -227,10 +227,45 @@ def test_randomized_svd_matches_the_exact_top_directions():
 def test_randomized_svd_option_approximates_the_exact_merge(method, params):
     base = torch.randn(120, 90, generator=g(1))
     xs = [base + decaying((120, 90), rank=4, seed=10 * i) for i in range(1, 4)]
-    exact = run(method, base, xs, **params) - base.to(D)
+    exact = run(method, base, xs, randomized_svd=False, **params) - base.to(D)
     fast = run(method, base, xs, randomized_svd=True, **params) - base.to(D)
+    assert not torch.equal(fast, exact)
     assert float((fast - exact).norm() / exact.norm()) < 1e-3
     assert torch.equal(fast, run(method, base, xs, randomized_svd=True, **params) - base.to(D))
+
+
+@pytest.mark.parametrize("method,shape,params,randomized", [
+    ("cart", (2816, 1024), {}, True),  # keeps 81 of 1024 directions: several times cheaper
+    ("tsv_m", (2816, 1024), {}, False),  # 341 of 1024 per task (3 tasks): about even
+    ("tsv_m", (1024, 1024), {"rank_fraction": 0.1}, True),
+    ("iso_cts", (1024, 1024), {}, True),  # each task adds ⌊(1024 − 819)/3⌋ = 68 directions
+    ("cart", (64, 48), {"rank_fraction": 0.5}, False),  # k near the rank: never randomized
+])
+def test_unset_randomized_svd_follows_the_cost_model(method, shape, params, randomized):
+    from mergesmith.methods import get_method
+    from mergesmith.methods.contract import bind_mapping
+
+    spec = get_method(method)
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def work(extra):
+        bound = bind_mapping(spec, {**params, **extra}, 4, 0, tensor_name=name)[1].params
+        return spec.cost.compute(name, shape, 3, bound)
+
+    unset, forced, other = work({}), work({"randomized_svd": randomized}), \
+        work({"randomized_svd": not randomized})
+    assert unset == forced
+    if randomized:  # chosen because the model expects it to be at least twice as fast
+        assert unset != other and 2 * forced.seconds() <= other.seconds()
+
+
+def test_unset_randomized_svd_merges_as_the_path_it_chooses():
+    base = torch.randn(300, 200, generator=g(1))
+    xs = [base + decaying((300, 200), rank=4, seed=10 * i) for i in range(1, 4)]
+    params = {"rank_fraction": 0.05}  # 10 of 200 directions: the randomized path pays
+    unset = run("cart", base, xs, **params)
+    assert torch.equal(unset, run("cart", base, xs, randomized_svd=True, **params))
+    assert not torch.equal(unset, run("cart", base, xs, randomized_svd=False, **params))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -236,14 +236,6 @@ REFERENCE_CORES = 2
 """The methods' ``seconds_per_gb`` were measured with this many worker threads."""
 
 
-FACTORIZATION_FLOPS = 40e9
-"""SVD / eigh / QR throughput on the reference machine (float32, 2 cores; measured 25–50
-GFLOP/s depending on the shape, 40 fits the benchmark models best)."""
-
-PRODUCT_FLOPS = 150e9
-"""Matrix-product throughput on the reference machine (float32, 2 cores, measured)."""
-
-
 def dense_work(p: Plan) -> DenseWork:
     """The dense linear algebra of every output tensor whose method declares it."""
     total = NO_WORK
@@ -270,8 +262,7 @@ def tensor_dense_work(p: Plan) -> dict[str, DenseWork]:
 
 def dense_seconds(work: DenseWork, threads: int) -> float:
     cores = max(1, min(threads, os.cpu_count() or 1))
-    return (work.factorization_flops / FACTORIZATION_FLOPS
-            + work.product_flops / PRODUCT_FLOPS) * REFERENCE_CORES / cores
+    return work.seconds() * REFERENCE_CORES / cores
 
 
 def estimate_seconds(p: Plan, threads: int, dense: DenseWork | None = None) -> float:

@@ -21,11 +21,12 @@ from .._torch import torch
 from .linalg import (
     NO_WORK,
     DenseWork,
-    eigh_work,
     full_svd,
     numerical_rank,
     polar,
     polar_work,
+    psd_inverse,
+    psd_inverse_work,
     product_work,
     svd,
     svd_work,
@@ -44,9 +45,11 @@ from .task_vectors import (
 )
 
 _ALPHA = Param("lambda", float, 1.0, doc="scale α of the merged task matrix")
-_RANDOMIZED = Param("randomized_svd", bool, False,
+_RANDOMIZED = Param("randomized_svd", bool, None,
                     doc="top singular directions by a seeded randomized SVD (much faster "
-                        "when few are kept; slightly approximate) instead of an exact one")
+                        "when few are kept; approximate) instead of an exact one; unset: "
+                        "randomized for a matrix when check's cost model expects it to be "
+                        "at least twice as fast")
 
 
 def _rank_of(shape: tuple[int, ...], fraction: float, tasks: int = 1) -> int:
@@ -69,7 +72,9 @@ def _iso_cts_work(name: str, shape: tuple[int, ...], tasks: int, params) -> Dens
         return NO_WORK
     m, n = shape
     r = min(m, n)
-    per_task = svd_work(m, n) + product_work(m, r, n) * 2  # projection out of the common part
+    k = max(1, min(r, int(params["common_fraction"] * r)))
+    per_task = (top_svd_work(m, n, max(1, (r - k) // tasks), params.get("randomized_svd"))
+                + product_work(m, k, n) * 2)  # projection out of the common part
     return (svd_work(m, n) + per_task * tasks + polar_work(m, r) + polar_work(n, r)
             + product_work(m, r, n))
 
@@ -80,7 +85,7 @@ def _tsv_m_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseW
     m, n = shape
     k = _rank_of(shape, params["rank_fraction"], tasks)
     kept = min(tasks * k, min(m, n))
-    return (top_svd_work(m, n, k, params["randomized_svd"]) * tasks + polar_work(m, kept)
+    return (top_svd_work(m, n, k, params.get("randomized_svd")) * tasks + polar_work(m, kept)
             + polar_work(n, kept) + product_work(m, kept, n))
 
 
@@ -89,7 +94,7 @@ def _cart_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWo
         return NO_WORK
     m, n = shape
     k = _rank_of(shape, params["rank_fraction"])
-    return (top_svd_work(m, n, k, params["randomized_svd"]) + product_work(m, k, n)) * tasks
+    return (top_svd_work(m, n, k, params.get("randomized_svd")) + product_work(m, k, n)) * tasks
 
 
 def _star_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWork:
@@ -103,12 +108,14 @@ def _wudi_work(name: str, shape: tuple[int, ...], tasks: int, params) -> DenseWo
     if not is_spectral_matrix(name, shape):
         return NO_WORK
     rows, cols = shape
-    small, large = sorted((tasks * rows, cols))
+    if cols <= tasks * rows:  # feature side, streaming: Gᵢ = τᵢᵀτᵢ and τᵢ·Gᵢ per task
+        return ((product_work(cols, rows, cols, float64=True) * 2) * tasks
+                + psd_inverse_work(cols) + product_work(rows, cols, cols, float64=True))
+    small = tasks * rows
     return (product_work(rows, cols, rows, float64=True) * tasks  # τᵢ·τᵢᵀ
-            + product_work(small, large, small, float64=True) + eigh_work(small)  # Gram, pinv
-            + product_work(small, small, small, float64=True)
-            + product_work(large, small, small, float64=True)
-            + product_work(rows, tasks * rows, cols, float64=True))  # E·(Aᵀ)⁺
+            + product_work(small, cols, small, float64=True) + psd_inverse_work(small)
+            + product_work(small, small, cols, float64=True)
+            + product_work(rows, small, cols, float64=True))  # E·(Aᵀ)⁺
 
 
 # ------------------------------------------------------------------ methods
@@ -144,7 +151,7 @@ def iso_c(m: MergeInputs) -> torch.Tensor:
     base=BasePolicy.REQUIRED,
     params=[WEIGHT, Param("common_fraction", float, 0.8,
                           doc="share of the directions taken from the common subspace"),
-            _ALPHA],
+            _ALPHA, _RANDOMIZED],
     extensions=(LINES,),
     min_non_base=1,
     lazy_inputs=True,
@@ -157,7 +164,8 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
 
     With `r = min(rows, cols)`: the top `k = ⌊f·r⌋` singular directions of `M = Σ wᵢτᵢ`
     form the common subspace; each task adds its top `⌊(r − k)/T⌋` directions after the
-    common left subspace is projected out of `wᵢτᵢ`. The concatenated left and right
+    common left subspace is projected out of `wᵢτᵢ` (few: by default found by the
+    randomized SVD where it pays). The concatenated left and right
     vectors are orthogonalised (polar factor) and given one singular value, the mean of
     the selected ones: `θ₀ + α·s̄·U⊥·V⊥ᵀ`. Two streaming passes."""
     if not is_spectral_input(m):
@@ -171,10 +179,11 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
     us, vs, values = [u[:, :k]], [vh[:k].T], [s[:k]]
     if per_task > 0:
         common = u[:, :k]
-        for tau, p in m.task_vectors(base):
+        for i, (tau, p) in enumerate(m.task_vectors(base)):
             tau.mul_(p["weight"])
             tau.sub_(common @ (common.T @ tau))
-            tu, ts, tvh = full_svd(tau)
+            tu, ts, tvh = top_svd(tau, per_task, randomized=m.params.get("randomized_svd"),
+                                  name=f"{m.tensor_name}\0{i}")
             # what is left may be only rounding noise: keep directions that are real
             # relative to the merged matrix, not to the residue itself
             n = min(per_task, int((ts > float(s[0]) * max(base.shape)
@@ -214,7 +223,7 @@ def tsv_m(m: MergeInputs) -> torch.Tensor:
     base = m.base
     k = _rank_of(base.shape, m.params["rank_fraction"], m.n_tasks)
     us, ss, vs = [], [], []
-    randomized = m.params["randomized_svd"]
+    randomized = m.params.get("randomized_svd")
     for i, (tau, p) in enumerate(m.task_vectors(base)):
         u, s, vh = top_svd(tau.mul_(p["weight"]), k, randomized=randomized,
                            name=f"{m.tensor_name}\0{i}")
@@ -262,7 +271,7 @@ def cart(m: MergeInputs) -> torch.Tensor:
     k = _rank_of(mean.shape, m.params["rank_fraction"])
     acc = torch.zeros_like(mean)
     for i in idx:
-        acc.add_(_low_rank(torch.sub(m.tensors[i], mean), k, m.params["randomized_svd"],
+        acc.add_(_low_rank(torch.sub(m.tensors[i], mean), k, m.params.get("randomized_svd"),
                            f"{m.tensor_name}\0{i}"))
     return mean.add_(acc.mul_(m.params["lambda"]))
 
@@ -329,39 +338,55 @@ def star(m: MergeInputs) -> torch.Tensor:
 def wudi(m: MergeInputs) -> torch.Tensor:
     """WUDI: the task matrix closest to every task on that task's own input subspace.
 
-    Minimises `Σᵢ wᵢ·‖(τ − τᵢ)·τᵢᵀ‖²_F / ‖τᵢ‖²_F` over `τ` exactly: with the stacked
-    `A = [√(wᵢ/‖τᵢ‖²)·τᵢ]` and `E = [√(wᵢ/‖τᵢ‖²)·τᵢτᵢᵀ]`, the minimum-norm solution is
-    `τ* = E·(Aᵀ)⁺`, computed through the smaller of the Gram matrices `AᵀA` and `AAᵀ` in
-    float64. Result `θ₀ + λ·τ*`."""
+    Minimises `Σᵢ wᵢ·‖(τ − τᵢ)·τᵢᵀ‖²_F / ‖τᵢ‖²_F` over `τ` exactly (float64). With
+    `cᵢ² = wᵢ/‖τᵢ‖²_F` the minimum-norm solution is `τ* = (Σ cᵢ²·τᵢ·τᵢᵀτᵢ)·G⁺`,
+    `G = Σ cᵢ²·τᵢᵀτᵢ` (columns × columns), summed one expert at a time (streaming). When
+    the stacked rows `T·rows` are fewer than the columns the same solution is taken through
+    the smaller Gram matrix of the stacked `A = [cᵢ·τᵢ]`: `τ* = E·(Aᵀ)⁺`,
+    `E = [cᵢ·τᵢτᵢᵀ]`, `(Aᵀ)⁺ = (A·Aᵀ)⁺·A`. Result `θ₀ + λ·τ*`."""
     if not is_spectral_input(m):
         return streaming_task_arithmetic(m)
     base = m.base
-    blocks_a, blocks_e = [], []
-    for tau, p in m.task_vectors(base):
-        t = tau.double()
-        norm2 = float((t * t).sum())
-        if norm2 == 0 or p["weight"] == 0:
-            continue
-        c = (p["weight"] / norm2) ** 0.5
-        blocks_a.append(t * c)
-        blocks_e.append((t @ t.T).mul_(c))
-    if not blocks_a:
+    rows, cols = base.shape
+    if cols <= m.n_tasks * rows:
+        solution = _wudi_feature_side(m, base)
+    else:
+        solution = _wudi_row_side(m, base)
+    if solution is None:
         return base
-    a = torch.cat(blocks_a, 0)  # (T·rows, cols)
-    e = torch.cat(blocks_e, 1)  # (rows, T·rows)
-    solution = e @ _pinv_transpose(a)
     return base.add_(solution.to(base.dtype).mul_(m.params["lambda"]))
 
 
-def _pinv_transpose(a: torch.Tensor) -> torch.Tensor:
-    """``(Aᵀ)⁺`` through the smaller Gram matrix (symmetric eigendecomposition)."""
-    if a.shape[0] <= a.shape[1]:  # (Aᵀ)⁺ = (A·Aᵀ)⁺·A
-        return _pinv_psd(a @ a.T) @ a
-    return a @ _pinv_psd(a.T @ a)  # (Aᵀ)⁺ = A·(AᵀA)⁺
+def _weighted_tasks(m: MergeInputs, base: torch.Tensor):
+    """``(τᵢ in float64, cᵢ² = wᵢ/‖τᵢ‖²)`` of the experts that count, one at a time."""
+    for tau, p in m.task_vectors(base):
+        t = tau.double()
+        del tau
+        norm2 = float((t * t).sum())
+        if norm2 != 0 and p["weight"] != 0:
+            yield t, p["weight"] / norm2
 
 
-def _pinv_psd(g: torch.Tensor) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh(g)
-    cutoff = values.abs().max() * g.shape[0] * torch.finfo(g.dtype).eps
-    inverse = torch.where(values > cutoff, 1.0 / values, torch.zeros_like(values))
-    return (vectors * inverse) @ vectors.T
+def _wudi_feature_side(m: MergeInputs, base: torch.Tensor) -> torch.Tensor | None:
+    gram = rhs = None
+    for t, c2 in _weighted_tasks(m, base):
+        g = (t.T @ t).mul_(c2)
+        term = t @ g
+        gram = g if gram is None else gram.add_(g)
+        rhs = term if rhs is None else rhs.add_(term)
+    if gram is None:
+        return None
+    return rhs @ psd_inverse(gram)
+
+
+def _wudi_row_side(m: MergeInputs, base: torch.Tensor) -> torch.Tensor | None:
+    blocks_a, blocks_e = [], []
+    for t, c2 in _weighted_tasks(m, base):
+        c = c2 ** 0.5
+        blocks_a.append(t * c)
+        blocks_e.append((t @ t.T).mul_(c))
+    if not blocks_a:
+        return None
+    a = torch.cat(blocks_a, 0)  # (T·rows, cols), fewer rows than columns
+    e = torch.cat(blocks_e, 1)  # (rows, T·rows)
+    return e @ (psd_inverse(a @ a.T) @ a)
