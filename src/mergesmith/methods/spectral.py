@@ -73,9 +73,12 @@ def _iso_cts_work(name: str, shape: tuple[int, ...], tasks: int, params) -> Dens
     m, n = shape
     r = min(m, n)
     k = max(1, min(r, int(params["common_fraction"] * r)))
-    per_task = (top_svd_work(m, n, max(1, (r - k) // tasks), params.get("randomized_svd"))
+    per = (r - k) // tasks
+    if per == 0:  # no task-specific directions: the common ones only
+        return svd_work(m, n) + polar_work(n, k) + product_work(m, k, n)
+    per_task = (top_svd_work(m, n, per, params.get("randomized_svd"))
                 + product_work(m, k, n) * 2)  # projection out of the common part
-    return (svd_work(m, n) + per_task * tasks + polar_work(m, r) + polar_work(n, r)
+    return (svd_work(m, n) + per_task * tasks + polar_work(m, per * tasks) + polar_work(n, r)
             + product_work(m, r, n))
 
 
@@ -192,7 +195,11 @@ def iso_cts(m: MergeInputs) -> torch.Tensor:
             vs.append(tvh[:n].T)
             values.append(ts[:n])
     mean = torch.cat(values).mean()
-    merged = polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T
+    # the tasks' left vectors are orthogonal to the common ones (projected out), so the
+    # left polar factor is the common block beside the polar factor of the tasks' block
+    tasks_left = torch.cat(us[1:], 1) if len(us) > 1 else us[0][:, :0]
+    left = torch.cat([us[0], polar(tasks_left)], 1) if tasks_left.shape[1] else us[0]
+    merged = left @ polar(torch.cat(vs, 1)).T
     return base.add_(merged.mul_(mean * m.params["lambda"]))
 
 
@@ -270,9 +277,9 @@ def cart(m: MergeInputs) -> torch.Tensor:
         return mean
     k = _rank_of(mean.shape, m.params["rank_fraction"])
     acc = torch.zeros_like(mean)
-    for i in idx:
+    for j, i in enumerate(idx):  # seeded by the model's place among the merged ones
         acc.add_(_low_rank(torch.sub(m.tensors[i], mean), k, m.params.get("randomized_svd"),
-                           f"{m.tensor_name}\0{i}"))
+                           f"{m.tensor_name}\0{j}"))
     return mean.add_(acc.mul_(m.params["lambda"]))
 
 
