@@ -118,16 +118,9 @@ def _model_stock_differs_only_by_the_clamp(expected, out, models):  # base first
     stand-ins' independent deltas often do. Tensors with cos ≥ 0 must be mergekit's, the
     others must differ."""
     import torch
-    from safetensors.torch import load_file
 
-    def folder(path):
-        out = {}
-        for f in sorted(path.glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    want, got = folder(expected), folder(out)
-    inputs = [folder(p) for p in models]
+    want, got = _folder(expected), _folder(out)
+    inputs = [_folder(p) for p in models]
     for name, value in want.items():
         base = inputs[0][name].flatten()
         taus = [m[name].flatten() - base for m in inputs[1:]]
