@@ -348,14 +348,15 @@ STREAMED = [
 SHARED = {"breadcrumbs_ties": {"rescale": True}, "della_linear": {"rescale": False}}
 
 
+@pytest.mark.parametrize("n_models", [2, 4])
 @pytest.mark.parametrize("method,params", STREAMED, ids=[m for m, _ in STREAMED])
-def test_sparsified_merges_stream_row_chunks_bit_identically(method, params, tmp_path,
-                                                             monkeypatch):
+def test_sparsified_merges_stream_row_chunks_bit_identically(method, params, n_models,
+                                                             tmp_path, monkeypatch):
     """Large tensors of the sparsifying methods are merged in row chunks: the engine
     streams the decisions (magnitude thresholds with per-row tie counts, random draws kept
     as bits, L1 norms) block by block first, so the bytes equal the whole-tensor merge —
-    with tiny chunks and blocks (sampled brackets, chunks across random-stream chunks)
-    and 1 or 2 threads."""
+    with tiny chunks and blocks (sampled brackets, chunks across random-stream chunks),
+    1 or 2 threads, and with four fine-tunes, where blocks and chunks hold fewer rows."""
     import dataclasses
     import json
 
@@ -372,12 +373,13 @@ def test_sparsified_merges_stream_row_chunks_bit_identically(method, params, tmp
                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
     base = random_tensors(config, 0)
     folders = [write_model(tmp_path / "base", base, config, dtype=torch.bfloat16)]
-    for k in (1, 2):
+    weights = [0.7, 0.5, -0.2, 0.4][:n_models]
+    for k in range(1, n_models + 1):
         folders.append(write_model(tmp_path / f"ft{k}", random_tensors(config, k, base),
                                    config, dtype=torch.bfloat16))
     recipe = (f"merge_method: {method}\nbase_model: {folders[0]}\nmodels:\n"
               + "".join(f"  - model: {f}\n    parameters: {{weight: {w}, {params}}}\n"
-                        for f, w in zip(folders[1:], (0.7, 0.5)))
+                        for f, w in zip(folders[1:], weights))
               + f"parameters: {json.dumps(SHARED.get(method, {}))}\ndtype: bfloat16\n")
     plan = mergesmith.plan(recipe, seed=5)
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
@@ -399,7 +401,7 @@ def test_sparsified_merges_stream_row_chunks_bit_identically(method, params, tmp
         t = next(t for t in plan.tensors if t.name == name)
         streamed += t.elementwise
         whole = merge_tensors([x[name] for x in inputs], method,
-                              {**parameters, **SHARED.get(method, {}), "weight": [0.7, 0.5]},
+                              {**parameters, **SHARED.get(method, {}), "weight": weights},
                               base_index=0, seed=5,
                               name=name, out_dtype=torch.bfloat16)
         for out in outs:

@@ -617,18 +617,19 @@ def test_methods_can_be_called_directly_with_merge_inputs():
     assert torch.equal(got, x)
 
 
-@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("filter_wise,n_models", [(False, 2), (True, 2), (False, 4)])
 def test_model_stock_of_large_tensors_streams_row_chunks_bit_identically(filter_wise,
-                                                                         tmp_path):
+                                                                         n_models, tmp_path):
     """2-D tensors of more than 2^20 elements are merged in row chunks: the whole
-    tensor's t comes from a streamed first pass (the offsets' Gram matrix, same float64
-    block order as on the whole tensor); per-row t needs none. The bytes equal the
-    whole-tensor merge with default chunks, tiny chunks and 1 or 2 threads."""
+    tensor's t comes from a streamed first pass (the offsets' Gram matrix over the same
+    float64 pieces as on the whole tensor); per-row t needs none. The bytes equal the
+    whole-tensor merge with default chunks, tiny chunks and 1 or 2 threads, and with four
+    fine-tunes, where the first pass reads blocks of fewer rows (whole pieces)."""
     import dataclasses
 
     from safetensors.torch import load_file
 
-    from mergesmith.execute import execute
+    from mergesmith.execute import execute, statistic_block_rows
     from mergesmith.methods import merge_tensors
 
     config = dict(LLAMA, vocab_size=4096, hidden_size=512, intermediate_size=2304,
@@ -636,7 +637,7 @@ def test_model_stock_of_large_tensors_streams_row_chunks_bit_identically(filter_
     base = random_tensors(config, 0)
     folders = [write_model(tmp_path / "base", base, config)]
     shared = random_tensors(config, 9, base, scale=0.3)  # agreeing: t inside (0, 1)
-    for k in (1, 2):
+    for k in range(1, n_models + 1):
         folders.append(write_model(tmp_path / f"ft{k}",
                                    random_tensors(config, k, shared, scale=0.2), config))
     recipe = (f"merge_method: model_stock\nbase_model: {folders[0]}\nmodels:\n"
@@ -646,7 +647,11 @@ def test_model_stock_of_large_tensors_streams_row_chunks_bit_identically(filter_
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert embed.elementwise  # streamed: 2 blocks of 2048 rows
     down = next(t for t in plan.tensors if t.name.endswith("down_proj.weight"))
-    assert down.shape == (512, 2304) and down.elementwise  # blocks of 455 rows: pieces carried
+    assert down.shape == (512, 2304) and down.elementwise  # pieces of 113 rows (not 2^18)
+    if n_models > 2:  # the first pass holds fewer rows than alone, in whole pieces
+        how = plan.bound(down).spec.scheduling.statistic
+        rows = statistic_block_rows(how, down.shape, n_models + 1)
+        assert rows < how.rows(down.shape) and rows % 113 == 0
     with no_warnings():
         mergesmith.run(recipe, tmp_path / "out")
     outs = [load_file(str(tmp_path / "out" / "model.safetensors"))]

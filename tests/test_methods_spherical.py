@@ -630,7 +630,7 @@ def test_slerp_of_large_tensors_streams_row_chunks_bit_identically(tmp_path):
     assert embed.shape == (4096, 512) and embed.elementwise  # streamed: 2 blocks of 2048 rows
     assert not next(t for t in plan.tensors if t.name.endswith("q_proj.weight")).elementwise
     down = next(t for t in plan.tensors if t.name.endswith("down_proj.weight"))
-    assert down.shape == (512, 2304) and down.elementwise  # blocks of 455 rows: pieces carried
+    assert down.shape == (512, 2304) and down.elementwise  # pieces of 113 rows (not 2^18)
     mergesmith.run(recipe, tmp_path / "out")
     outs = [load_file(str(tmp_path / "out" / "model.safetensors"))]
     for threads in (1, 2):  # row chunks of 96 rows: not aligned with the 2048-row blocks
@@ -646,3 +646,30 @@ def test_slerp_of_large_tensors_streams_row_chunks_bit_identically(tmp_path):
                               "slerp", {"t": 0.3}, base_index=0, out_dtype=torch.bfloat16)
         for out in outs:
             assert torch.equal(out[name], whole), name
+
+
+def test_whole_gram_streamed_in_blocks_of_whole_pieces_is_bit_identical():
+    """The streamed Gram (SLERP, Model Stock) sums fixed pieces of whole rows: blocks the
+    engine reads for six inputs (fewer rows than for three, in whole pieces) give the
+    float64 sums of the whole tensor bit for bit; blocks that cut pieces do not, so the
+    comparison can fail."""
+    from mergesmith.execute import statistic_block_rows
+    from mergesmith.methods.model_stock import MODEL_STOCK_STATISTIC
+    from mergesmith.methods.spherical import gram_piece_rows, whole_gram
+
+    g = torch.Generator().manual_seed(3)
+    shape = (700, 2304)  # 113 rows per piece: no block size is a power of two
+    xs = [torch.randn(shape, generator=g) for _ in range(5)]
+    whole = whole_gram(xs)
+    rows = statistic_block_rows(MODEL_STOCK_STATISTIC, shape, 6)
+    assert rows % gram_piece_rows(shape) == 0
+    assert rows < statistic_block_rows(MODEL_STOCK_STATISTIC, shape, 3)
+
+    def streamed(step):
+        gram = None
+        for r in range(0, shape[0], step):
+            gram = whole_gram([x[r:r + step] for x in xs], gram)
+        return gram
+
+    assert torch.equal(streamed(rows), whole)
+    assert not torch.equal(streamed(rows - 1), whole)

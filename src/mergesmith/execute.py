@@ -90,6 +90,18 @@ def work_items(plan: Plan, chunk_elements: int | None = None) -> Iterator[WorkIt
             yield WorkItem(t, (start, min(start + step, t.shape[0])))
 
 
+def statistic_block_rows(how: TensorStatistic, shape: tuple[int, ...], n_inputs: int) -> int:
+    """Rows per block of a statistic's streamed pass: the method's, fewer beyond
+    ``CHUNK_INPUTS`` inputs (as row chunks: a block holds every input's rows), in the
+    method's row multiples."""
+    rows = how.rows(shape)
+    if not rows:
+        return rows
+    fewer = rows * CHUNK_INPUTS // max(CHUNK_INPUTS, n_inputs)
+    unit = how.row_multiple(shape) if how.row_multiple is not None else 1
+    return max(unit, fewer // unit * unit)
+
+
 def _read_bytes_per_element(info) -> int:
     """Memory a read takes per element: the stored dtype, or for a quantized weight its
     float32 dequantization and what it is decoded from (FP8: the weight and its expanded
@@ -286,7 +298,7 @@ class _Job:
                       model_params=list(t.model_params), tensor_name=t.name,
                       generator=bound.generator(self.plan.seed, t.name, self.device),
                       compute_dtype=self.compute_dtype, tensor_shape=tuple(t.shape))
-        step, state = how.rows(tuple(t.shape)), None
+        step, state = statistic_block_rows(how, tuple(t.shape), len(t.inputs)), None
         while True:
             for start in range(0, t.shape[0], step):
                 block = WorkItem(t, (start, min(start + step, t.shape[0])))
@@ -297,6 +309,7 @@ class _Job:
                 state = how.accumulate(state, MergeInputs(tensors=xs, rows=block.rows,
                                                           **header))
                 del xs
+                self.trim_heap()  # a long pass frees many blocks before its item ends
             result = how.finish(state, MergeInputs(tensors=[], **header))
             if not isinstance(result, AnotherPass):
                 return result

@@ -8,15 +8,16 @@ from collections.abc import Sequence
 
 from .._torch import torch
 from .registry import BasePolicy, MergeInputs, Param, TensorStatistic, merge_method
-from .spherical import finish_gram, gram_block_rows, row_gram, stream_gram
+from .spherical import gram_block_rows, gram_piece_rows, row_gram, whole_gram
 
 
 def _as_rows(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
-    """(rows, length) view: one row for the whole tensor, or (``filter_wise``) one per
-    vector along the last dimension (a 1-D tensor is one row either way)."""
+    """(rows, length) view of a contiguous tensor: one row for the whole tensor, or
+    (``filter_wise``) one per vector along the last dimension (a 1-D tensor is one row
+    either way)."""
     if filter_wise and x.dim() >= 2:
-        return x.reshape(-1, x.shape[-1])
-    return x.reshape(1, -1)
+        return x.view(-1, x.shape[-1])
+    return x.view(1, -1)
 
 
 def _mean_pairwise_cosine(gram: torch.Tensor) -> torch.Tensor:
@@ -69,23 +70,31 @@ def _ratio(gram: torch.Tensor, m: MergeInputs) -> torch.Tensor:
 
 
 def _offsets(m: MergeInputs) -> list[torch.Tensor]:
-    """xᵢ − base in place, as (rows, length) views (one row for the whole tensor unless
-    ``filter_wise``)."""
+    """xᵢ − base, in place."""
     base = m.base
-    return [_as_rows(x.sub_(base), m.params["filter_wise"]) for x, _ in m.others()]
+    return [x.sub_(base) for x, _ in m.others()]
 
 
-def _accumulate(state: tuple | None, block: MergeInputs) -> tuple | None:
+def _gram(offsets: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
+    """The offsets' Gram matrices ``[rows, k, k]``: one per row (``filter_wise``), else
+    one of the whole tensors."""
+    if filter_wise:
+        return row_gram([_as_rows(o, True) for o in offsets])
+    return whole_gram(offsets)
+
+
+def _accumulate(state: torch.Tensor | None, block: MergeInputs) -> torch.Tensor | None:
     if block.params["filter_wise"]:
         return None  # per row: every chunk has what it needs (nothing is read here)
-    return stream_gram(state, [o.reshape(-1) for o in _offsets(block)])
+    return whole_gram(_offsets(block), state)
 
 
-def _finish(state: tuple | None, m: MergeInputs) -> torch.Tensor | None:
-    return None if state is None else _ratio(finish_gram(state), m)
+def _finish(state: torch.Tensor | None, m: MergeInputs) -> torch.Tensor | None:
+    return None if state is None else _ratio(state, m)
 
 
-MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish)
+MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish,
+                                        row_multiple=gram_piece_rows)
 """The whole tensor's t from its offsets' Gram matrix, streamed: then row chunks merge."""
 
 
@@ -100,7 +109,8 @@ MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish)
     reference="https://arxiv.org/abs/2403.19522",
     differences="""
         Float32 arithmetic (mergekit: the input dtype); norms and dot products are summed
-        in float64 over blocks of 2^20 elements (exact products, one order on every CPU).
+        in float64 over fixed pieces of whole rows (at most 2^18 elements: exact products,
+        one order on every CPU).
         t is clamped to [0, 1], with a
         warning naming the tensor; mergekit 0.1.5 applies it unclamped, so fine-tunes whose
         task vectors point in opposite directions (negative mean cosine) push the result
@@ -115,14 +125,14 @@ def model_stock(m: MergeInputs) -> torch.Tensor:
     stay near the base. `filter_wise` computes t per row. Needs the base and at least two
     fine-tunes. (This equals mergekit's t·mean(xᵢ) + (1−t)·base.)
     """
-    base = m.base
+    base, filter_wise = m.base, m.params["filter_wise"]
     offsets = _offsets(m)
     n = len(offsets)
     t = m.statistic  # row chunks of a whole-tensor t: from the engine's streamed first pass
     if t is None:
-        t = _ratio(row_gram(offsets), m)
+        t = _ratio(_gram(offsets, filter_wise), m)
     merged = offsets[0]
     for o in offsets[1:]:
         merged.add_(o)
-    merged.mul_((t / n).to(merged.dtype).unsqueeze(-1))
-    return merged.view_as(base).add_(base)
+    _as_rows(merged, filter_wise).mul_((t / n).to(merged.dtype).unsqueeze(-1))
+    return merged.add_(base)

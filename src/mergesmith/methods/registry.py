@@ -164,13 +164,19 @@ class TensorStatistic:
     are read when indexed) starting from ``state = None``, then calls
     ``finish(state, header)`` (``header``: the same without tensors). ``finish`` returns
     the statistic — handed to every row chunk as ``MergeInputs.statistic`` — or
-    :class:`AnotherPass` to stream the blocks once more. The method chooses its blocks so
-    that its sums run in the same order as on the whole tensor: results are bit-identical.
-    ``rows(shape)`` 0: this shape is merged whole (the method computes it itself)."""
+    :class:`AnotherPass` to stream the blocks once more. ``rows(shape)``: rows per block
+    (at most: see ``row_multiple``); 0: this shape is merged whole (the method computes it
+    itself).
+    The result must be bit-identical to the whole tensor's: sums run over the method's
+    own fixed pieces, whatever the blocks."""
 
     rows: Callable[[tuple[int, ...]], int]
     accumulate: Callable[[Any, "MergeInputs"], Any]
     finish: Callable[[Any, "MergeInputs"], Any]
+    row_multiple: Callable[[tuple[int, ...]], int] | None = None
+    """Blocks must be whole multiples of this many rows (the method sums over pieces of
+    that size); None: any rows. The engine takes fewer rows than ``rows(shape)`` for
+    many inputs, so that a block's data does not grow with the number of models."""
 
 
 @dataclass(frozen=True)

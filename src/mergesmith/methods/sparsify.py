@@ -337,7 +337,7 @@ class _MagnitudeDecider(Decider):
         self.n, self.width, self.rows = n, width, max(1, -(-n // width))
         self.ranks = {"lower": lo if lo > 0 else None, "upper": hi - 1 if hi < n else None}
         self.lo, self.hi, self.rescale = lo, hi, rescale
-        self.stride = math.ceil(n / _SAMPLE) if n > 4 * CHUNK else 0
+        self.stride = math.ceil(n / _SAMPLE) if n > CHUNK else 0
         self.sample = _Filling(-(-n // self.stride) if self.stride else 0, torch.float32)
         self.attempt = 0
         self.stage = "sample" if self.stride else "select"

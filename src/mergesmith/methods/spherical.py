@@ -26,6 +26,11 @@ from .registry import BasePolicy, MergeInputs, Param, Scope, TensorStatistic, me
 _BLOCK = 1 << 20
 """Elements per input converted to float64 at a time by :func:`row_gram` (8 MB of scratch)."""
 
+_GRAM_AT_ONCE = 3
+"""Up to this many inputs :func:`row_gram` converts a block of each to float64 at once;
+beyond, two at a time (converted again per pair: the same products, a little more work,
+float64 scratch that does not grow with the number of models)."""
+
 _PARALLEL = 1e-8
 """A vector whose component orthogonal to another is below this (relative to unit length)
 is treated as (anti)parallel to it: its great-circle direction is undefined."""
@@ -50,10 +55,14 @@ def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) 
     step_c = max(1, min(n, _BLOCK))
     for r in range(0, rows, step_r):
         for c in range(0, n, step_c):
-            block = [v[r:r + step_r, c:c + step_c].double() for v in vectors]
+            pieces = [v[r:r + step_r, c:c + step_c] for v in vectors]
+            at_once = k <= _GRAM_AT_ONCE
+            block = [p.double() for p in pieces] if at_once else None
             for i in range(k):
+                vi = block[i] if at_once else pieces[i].double()
                 for j in range(i, k):
-                    dot = torch.sum(block[i] * block[j], dim=1)
+                    vj = vi if j == i else block[j] if at_once else pieces[j].double()
+                    dot = torch.sum(vi * vj, dim=1)
                     gram[r:r + step_r, i, j] += dot
                     if j != i:
                         gram[r:r + step_r, j, i] += dot
@@ -108,55 +117,54 @@ def _lone_input(m: MergeInputs) -> torch.Tensor | None:
 # ------------------------------------------------------------------ slerp
 
 
+_GRAM_PIECE = 1 << 18
+"""Elements (whole rows) per piece of :func:`whole_gram`: 2 MB of float64 scratch per
+input, so the streamed pass can hold few rows of many inputs."""
+
+
+def gram_piece_rows(shape: tuple[int, ...]) -> int:
+    """Rows per piece of :func:`whole_gram`: whole rows of at most ``_GRAM_PIECE``
+    elements (one row if a row is longer)."""
+    return max(1, _GRAM_PIECE // max(1, math.prod(shape[1:])))
+
+
+def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Gram matrix ``[1, k, k]`` of k equally shaped tensors taken as flat vectors.
+
+    Float64 sums over pieces of whole rows (:func:`gram_piece_rows`; a 1-D tensor:
+    pieces of ``_BLOCK`` elements), added in order. The pieces depend only on the shape, so a row
+    block of whole pieces (:func:`gram_block_rows`) goes on accumulating into
+    ``gram`` exactly the sums of the whole tensor: SLERP's and Model Stock's streamed
+    first pass is bit-identical to the whole-tensor merge, and holds nothing between
+    blocks but the ``k × k`` numbers."""
+    x = tensors[0]
+    if x.dim() < 2:
+        return row_gram([t.reshape(1, -1) for t in tensors], gram)
+    if gram is None:
+        gram = torch.zeros(1, len(tensors), len(tensors), dtype=torch.float64,
+                           device=x.device)
+    step = gram_piece_rows(tuple(x.shape))
+    for r in range(0, x.shape[0], step):
+        row_gram([t[r:r + step].reshape(1, -1) for t in tensors], gram)
+    return gram
+
+
 def gram_block_rows(shape: tuple[int, ...]) -> int:
     """Rows per streamed block of a tensor merged in row chunks after a whole-tensor
-    Gram matrix (SLERP, Model Stock; see :func:`stream_gram`): about ``_BLOCK`` elements
-    (0: merge it whole — 1-D or at most ``_BLOCK`` elements)."""
+    Gram matrix (SLERP, Model Stock): whole pieces of :func:`whole_gram`, about ``_BLOCK``
+    elements (0: merge it whole — 1-D or at most ``_BLOCK`` elements)."""
     if len(shape) < 2 or math.prod(shape) <= _BLOCK:
         return 0
-    return max(1, _BLOCK // math.prod(shape[1:]))
-
-
-def stream_gram(state: tuple | None, vectors: Sequence[torch.Tensor]) -> tuple:
-    """Go on with the Gram matrix ``[1, k, k]`` of k flattened tensors given their next
-    pieces (1-D, contiguous, equal lengths, in order).
-
-    Sums exactly the ``_BLOCK``-element pieces :func:`row_gram` takes on the whole
-    flattened tensors, in the same order (a piece cut by a block boundary is completed
-    from a carried copy of its start), so the result is bit-identical to ``row_gram`` of
-    the whole, whatever the blocks. ``state``: None at first, then what this returned;
-    :func:`finish_gram` adds the last, partial piece."""
-    gram, carry = state if state is not None else (None, None)
-    if gram is None:
-        gram = torch.zeros(1, len(vectors), len(vectors), dtype=torch.float64)
-    n, start = vectors[0].numel(), 0
-    if carry is not None:
-        start = min(n, _BLOCK - carry[0].numel())
-        carry = [torch.cat([c, v[:start]]) for c, v in zip(carry, vectors)]
-        if carry[0].numel() < _BLOCK:
-            return gram, carry
-        row_gram([c.view(1, -1) for c in carry], gram)
-    end = start + (n - start) // _BLOCK * _BLOCK
-    if end > start:
-        row_gram([v[start:end].view(1, -1) for v in vectors], gram)
-    return gram, ([v[end:].clone() for v in vectors] if end < n else None)
-
-
-def finish_gram(state: tuple) -> torch.Tensor:
-    """The Gram matrix of :func:`stream_gram`'s pieces, the carried last piece included."""
-    gram, carry = state
-    if carry is not None:
-        row_gram([c.view(1, -1) for c in carry], gram)
-    return gram
+    piece = gram_piece_rows(shape)
+    return piece * max(1, _BLOCK // (piece * math.prod(shape[1:])))
 
 
 def _slerp_accumulate(state: tuple | None, m: MergeInputs) -> tuple | None:
     tensors, base_index = m.tensors, m.base_index
     if len(tensors) == 1:
         return None  # a lone input is passed through
-    v0 = tensors[base_index].contiguous()
-    v1 = tensors[1 - base_index].contiguous()
-    return stream_gram(state, [v0.view(-1), v1.view(-1)])
+    return whole_gram([tensors[base_index], tensors[1 - base_index]], state)
 
 
 def _slerp_coefficients_of(gram: torch.Tensor | None, m: MergeInputs):
@@ -170,9 +178,8 @@ def _slerp_coefficients_of(gram: torch.Tensor | None, m: MergeInputs):
     return _slerp_coefficients(params["t"], cos, cos.abs() > 0.9995)
 
 
-SLERP_STATISTIC = TensorStatistic(
-    gram_block_rows, _slerp_accumulate,
-    lambda state, m: _slerp_coefficients_of(None if state is None else finish_gram(state), m))
+SLERP_STATISTIC = TensorStatistic(gram_block_rows, _slerp_accumulate, _slerp_coefficients_of,
+                                  row_multiple=gram_piece_rows)
 """SLERP's norms and dot product, streamed: the tensor is then merged in row chunks."""
 
 
@@ -206,7 +213,7 @@ def slerp(m: MergeInputs) -> torch.Tensor:
     rows = [_as_rows(v0), _as_rows(v1)]
     coefficients = m.statistic  # row chunks: from the engine's streamed first pass
     if coefficients is None:
-        coefficients = _slerp_coefficients_of(row_gram(rows), m)
+        coefficients = _slerp_coefficients_of(whole_gram([v0, v1]), m)
     _combine_(rows, coefficients)
     return v0
 

@@ -56,7 +56,8 @@ class _Deciding:
     """The streamed first pass(es) of a sparsified merge: one decider per non-base input,
     fed the task vectors' flat pieces block by block (see :data:`TensorStatistic`)."""
 
-    def __init__(self, m: MergeInputs, maker: DeciderMaker) -> None:
+    def __init__(self, m: MergeInputs, maker: DeciderMaker, one_at_a_time: bool = False) -> None:
+        self.one_at_a_time = one_at_a_time
         shape = m.tensor_shape if m.tensor_shape is not None else m.shape
         self.width = math.prod(shape[1:]) if len(shape) > 1 else 1
         rescale = m.params.get("rescale", False)
@@ -70,13 +71,17 @@ class _Deciding:
     def _active(self) -> list[int]:
         """Positions of the deciders this pass feeds: every magnitude decider not done;
         of the random ones only the first not done (they draw from the tensor's one
-        generator, input after input)."""
+        generator, input after input). With ``one_at_a_time`` only the first not done:
+        when the whole tensors are at hand, another pass costs no reading, and one
+        decider's working buffers at a time keep memory flat in the number of models."""
         active, drawing = [], False
         for j, d in enumerate(self.deciders):
             if d is None or d.done or (d.draws and drawing):
                 continue
             drawing |= d.draws
             active.append(j)
+            if self.one_at_a_time:
+                break
         return active
 
     def feed(self, m: MergeInputs) -> None:
@@ -137,7 +142,7 @@ def _decide_whole(m: MergeInputs, maker: DeciderMaker | None) -> TaskDecisions:
     if maker is None:
         n = len(m.model_params) - (m.base_index is not None)
         return TaskDecisions((None,) * n, (1.0,) * n)
-    state = _Deciding(m, maker)
+    state = _Deciding(m, maker, one_at_a_time=True)  # the same decisions, less memory
     while True:
         state.feed(m)
         result = state.end_pass()
