@@ -254,6 +254,21 @@ def test_della_keep_probability_rises_with_magnitude_rank():
     assert torch.allclose(kept, expected, atol=0.03)
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), width=st.integers(1, 300), levels=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_della_row_order_is_the_stable_argsort(rows, width, levels, seed):
+    """DELLA's ranks sort |δ| per row by its bits with the column as tie-break: exactly
+    argsort(stable=True), with many ties, zeros, -0.0 and infinities."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-levels, levels + 1, (rows, width), generator=g).float() / 7
+    v[0, 0] = -0.0
+    if width > 2:
+        v[-1, 1], v[-1, 2] = float("inf"), float("-inf")
+    a = v.abs()
+    assert torch.equal(sparsify._stable_row_order(a), a.argsort(dim=1, stable=True))
+
+
 def test_della_one_element_rows_use_rank_one_half():
     g = torch.Generator().manual_seed(0)
     out = torch.ones(20000, 1)
