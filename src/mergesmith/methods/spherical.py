@@ -133,8 +133,8 @@ def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
     """Gram matrix ``[1, k, k]`` of k equally shaped tensors taken as flat vectors.
 
     Float64 sums over pieces of whole rows (:func:`gram_piece_rows`; a 1-D tensor:
-    pieces of ``_BLOCK`` elements), added in order. The pieces depend only on the shape, so a row
-    block of whole pieces (:func:`gram_block_rows`) goes on accumulating into
+    pieces of ``_BLOCK`` elements), added in order. The pieces depend only on the shape,
+    so a row block of whole pieces (:func:`gram_block_rows`) goes on accumulating into
     ``gram`` exactly the sums of the whole tensor: SLERP's and Model Stock's streamed
     first pass is bit-identical to the whole-tensor merge, and holds nothing between
     blocks but the ``k × k`` numbers."""
