@@ -326,8 +326,12 @@ class _Select:
 
 
 _SAMPLE = 65536
-_MARGINS = (0.02, 0.25)
-"""Half-widths of the brackets tried, as fractions of the sample (then everything)."""
+_MARGINS = (0.01, 0.25)
+"""Half-widths of the brackets tried, as fractions of the sample (then everything). A
+quantile of 65,536 samples is off by at most 0.2 % of the ranks (one standard deviation),
+so 1 % almost never misses, and the elements kept inside it — 2 % of the tensor, per cut
+and per input, all held until the pass ends — stay small: 4 % cost ~180 MB on a 2 GB
+model's embedding with five fine-tunes."""
 
 
 class _MagnitudeDecider(Decider):
