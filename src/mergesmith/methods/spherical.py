@@ -44,8 +44,7 @@ def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) 
 
     Accumulated in float64 over blocks of at most ``_BLOCK`` elements, so the float64
     scratch stays small however large the tensors are (strided views are fine). ``gram``:
-    go on accumulating into it (the next columns of the same vectors, block by block — the
-    streamed first pass of :data:`SLERP_STATISTIC`).
+    go on accumulating into it (the next pieces of the same vectors: :func:`whole_gram`).
     """
     rows, n = vectors[0].shape
     k = len(vectors)
@@ -56,12 +55,12 @@ def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) 
     for r in range(0, rows, step_r):
         for c in range(0, n, step_c):
             pieces = [v[r:r + step_r, c:c + step_c] for v in vectors]
-            at_once = k <= _GRAM_AT_ONCE
-            block = [p.double() for p in pieces] if at_once else None
+            if k <= _GRAM_AT_ONCE:
+                pieces = [p.double() for p in pieces]
             for i in range(k):
-                vi = block[i] if at_once else pieces[i].double()
+                vi = pieces[i].double()  # a no-op once converted
                 for j in range(i, k):
-                    vj = vi if j == i else block[j] if at_once else pieces[j].double()
+                    vj = vi if j == i else pieces[j].double()
                     dot = torch.sum(vi * vj, dim=1)
                     gram[r:r + step_r, i, j] += dot
                     if j != i:
