@@ -269,6 +269,25 @@ def test_della_row_order_is_the_stable_argsort(rows, width, levels, seed):
     assert torch.equal(sparsify._stable_row_order(a), a.argsort(dim=1, stable=True))
 
 
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 200), skip=st.integers(0, 9), p=st.floats(0, 1),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_random_drop_bits_pack_and_unpack_exactly(n, skip, p, seed, data):
+    """Packed keep bits (DARE, DELLA): byte j holds flags 8j … 8j+7, the first in the lowest
+    bit (the written-out per-byte sum), from any slice; unpacking any range gives them back
+    as 0/1 bytes."""
+    g = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(n + skip, generator=g) < p)[skip:]  # misaligned views too
+    flags = torch.cat([keep.to(torch.uint8), torch.zeros(-n % 8, dtype=torch.uint8)])
+    by_sum = (flags.view(-1, 8).to(torch.int64) * (2 ** torch.arange(8))).sum(1)
+    packed = sparsify._pack(keep)
+    assert torch.equal(packed, by_sum.to(torch.uint8))
+    start = data.draw(st.integers(0, n))
+    end = data.draw(st.integers(start, n))
+    back = sparsify._unpack(packed, start, end)
+    assert back.dtype == torch.uint8 and torch.equal(back, keep[start:end].to(torch.uint8))
+
+
 def test_della_one_element_rows_use_rank_one_half():
     g = torch.Generator().manual_seed(0)
     out = torch.ones(20000, 1)
