@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import warnings
@@ -13,6 +14,14 @@ import click
 
 from . import __version__
 from .errors import MergeError
+
+
+def skip_last_collection() -> None:
+    """Freeze every live object, so the interpreter's last garbage collection at exit does
+    not walk them: after a merge that walk covers all of torch's objects and took ~0.4 s
+    (a tenth of a 2 GB linear merge). Outputs are closed and synced by then; reference
+    counting and the atexit handlers still run as usual."""
+    gc.freeze()
 
 EPILOG = """\b
 Exit codes: 0 success, 1 I/O failure (disk full, unreadable file), 2 bad input
@@ -748,7 +757,10 @@ from .statistics import command as stats_command  # noqa: E402,F401
 
 
 def main() -> None:
-    cli(prog_name="mergesmith")
+    try:
+        cli(prog_name="mergesmith")
+    finally:
+        skip_last_collection()
 
 
 if __name__ == "__main__":  # pragma: no cover

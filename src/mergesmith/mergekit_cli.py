@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from .cli import EPILOG, cli, friendly, merge_and_report
+from .cli import EPILOG, cli, friendly, merge_and_report, skip_last_collection
 from .errors import MergeError
 
 MAPPED = "mapped"
@@ -321,7 +321,10 @@ def _print_plan(plan: Any) -> None:
 
 def main() -> None:
     """The ``mergesmith-yaml`` console script."""
-    mergekit_yaml(prog_name="mergesmith-yaml")
+    try:
+        mergekit_yaml(prog_name="mergesmith-yaml")
+    finally:
+        skip_last_collection()
 
 
 cli.add_command(mergekit_yaml)
