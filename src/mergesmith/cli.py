@@ -23,6 +23,7 @@ def skip_last_collection() -> None:
     counting and the atexit handlers still run as usual."""
     gc.freeze()
 
+
 EPILOG = """\b
 Exit codes: 0 success, 1 I/O failure (disk full, unreadable file), 2 bad input
 (recipe, model folder, output path), 130 interrupted.

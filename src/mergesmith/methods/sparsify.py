@@ -22,8 +22,8 @@ definition of the random streams.
 from __future__ import annotations
 
 import functools
-import sys
 import math
+import sys
 from collections.abc import Callable
 
 from .._torch import torch
@@ -51,14 +51,12 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 # Σⱼ 2^(7j+7) puts bᵢ at bit 56 + i (each product term is a distinct power of two, so no
 # carries; the wrap-around of the product is harmless), and the top byte is the packed byte.
 _GATHER = 0x0102040810204080
-# One packed byte replicated to eight (times 0x0101…), bit i kept in byte i, then + 0x7F
-# per byte sets each byte's top bit exactly when its bit was set (no carry between bytes).
-_SPREAD = _LOW = 0x0101010101010101
-_PICK, _ROUND = 0x8040201008040201, 0x7F7F7F7F7F7F7F7F
-
-
-def _signed64(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
+# One packed byte replicated to eight (times 0x0101…), bit i kept in byte i (_PICK, as the
+# signed int64 torch needs), then + 0x7F per byte sets each byte's top bit exactly when its
+# bit was set (no carry between bytes); shifted down and masked, each byte is 0 or 1.
+_ONE_PER_BYTE = 0x0101010101010101
+_PICK = 0x8040201008040201 - (1 << 64)
+_ROUND = 0x7F7F7F7F7F7F7F7F
 
 
 def _pack(keep: torch.Tensor) -> torch.Tensor:
@@ -80,8 +78,8 @@ def _unpack(packed: torch.Tensor, start: int, end: int) -> torch.Tensor:
     if not _LITTLE_ENDIAN:
         bits = packed[first:last].unsqueeze(1).bitwise_and(_bit_weights(packed.device)).ne_(0)
         return bits.view(torch.uint8).view(-1)[start - 8 * first:end - 8 * first]
-    words = (packed[first:last].to(torch.int64).mul_(_SPREAD).bitwise_and_(_signed64(_PICK))
-             .add_(_ROUND).bitwise_right_shift_(7).bitwise_and_(_LOW))
+    words = (packed[first:last].to(torch.int64).mul_(_ONE_PER_BYTE).bitwise_and_(_PICK)
+             .add_(_ROUND).bitwise_right_shift_(7).bitwise_and_(_ONE_PER_BYTE))
     return words.view(torch.uint8)[start - 8 * first:end - 8 * first]
 
 
