@@ -266,7 +266,17 @@ def test_della_row_order_is_the_stable_argsort(rows, width, levels, seed):
     if width > 2:
         v[-1, 1], v[-1, 2] = float("inf"), float("-inf")
     a = v.abs()
-    assert torch.equal(sparsify._stable_row_order(a), a.argsort(dim=1, stable=True))
+    expected = a.argsort(dim=1, stable=True)
+    assert torch.equal(sparsify._stable_row_order(a), expected)
+    with pytest.MonkeyPatch.context() as mp:  # without numpy: torch's sort, same order
+        mp.setattr(sparsify, "_numpy", lambda: None)
+        assert torch.equal(sparsify._stable_row_order(a), expected)
+
+
+def test_della_row_order_uses_numpy_when_installed():
+    """The fast sort is really taken where numpy is installed (the test environment)."""
+    pytest.importorskip("numpy")
+    assert sparsify._numpy() is not None
 
 
 @settings(max_examples=80, deadline=None)

@@ -535,14 +535,36 @@ def bernoulli_decider(shape: tuple[int, ...], density: float,
 
 
 def _stable_row_order(a: torch.Tensor) -> torch.Tensor:
-    """``a.argsort(dim=1, stable=True)`` for float32 ``a ≥ 0`` on the CPU, half again as
-    fast: non-negative floats order as their bits, so one unstable sort of the keys
-    ``bits · 2³² + column`` (all distinct) gives the stable order. Elsewhere: argsort."""
+    """``a.argsort(dim=1, stable=True)`` for float32 ``a ≥ 0`` on the CPU, several times
+    as fast: non-negative floats order as their bits, so sorting the keys
+    ``bits · 2³² + column`` (all distinct) of each row gives its stable order.
+    Elsewhere: argsort."""
     if a.dtype != torch.float32 or a.device.type != "cpu" or a.shape[1] >= 1 << 31:
         return a.argsort(dim=1, stable=True)
     columns = torch.arange(a.shape[1], dtype=torch.int64)
     keys = a.view(torch.int32).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(columns)
-    return keys.sort(dim=1).values.bitwise_and_(0xFFFFFFFF)
+    return _sort_rows_of_distinct(keys).bitwise_and_(0xFFFFFFFF)
+
+
+def _sort_rows_of_distinct(keys: torch.Tensor) -> torch.Tensor:
+    """Each row of a 2-D int64 CPU tensor sorted ascending, its values distinct. Distinct
+    values have one sorted order, so any algorithm gives the same result: numpy's
+    vectorized sort where numpy is installed (6–7 × torch's here: AVX2, one thread),
+    else torch's."""
+    np = _numpy()
+    if np is None:
+        return keys.sort(dim=1).values
+    return torch.from_numpy(np.sort(keys.numpy(), axis=1))
+
+
+@functools.cache
+def _numpy():
+    """numpy if it is installed (mergesmith does not depend on it: only a faster sort)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
 
 
 def della_decider(shape: tuple[int, ...], density: float, epsilon: float,
