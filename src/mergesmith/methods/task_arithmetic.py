@@ -380,7 +380,7 @@ def _calibration_work(name: str, shape: tuple[int, ...], tasks: int, params):
     return svc_work(name, shape, tasks, params) if params.get("svc") else NO_WORK
 
 
-_SECONDS_PER_GB = {magnitude_sparsifier: 3.5, _outliers: 4.5, _bernoulli: 3.5, _della: 12.0}
+_SECONDS_PER_GB = {magnitude_sparsifier: 3.5, _outliers: 4.5, _bernoulli: 3.5, _della: 6.0}
 """Measured on the reference machine (bench/README.md); check's time estimate."""
 
 for _v in VARIANTS:
