@@ -174,11 +174,26 @@ def write_all(root: Path, names=None, dtype: torch.dtype = DTYPE) -> dict[str, P
     return {n: write_model(n, Path(root) / n, cache, dtype) for n in (names or MODELS)}
 
 
+VERSION_STAMPED = ("config.json", "generation_config.json")
+"""Files transformers stamps with its own version: hashed without that stamp, so the
+digests hold for every transformers release that writes the same configuration."""
+
+
 def file_digests(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` (relative POSIX paths, sorted)."""
+    """SHA-256 of every file under ``root`` (relative POSIX paths, sorted); a
+    ``VERSION_STAMPED`` file's digest is of its JSON without ``transformers_version``,
+    keys sorted."""
     root = Path(root)
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {p.relative_to(root).as_posix(): hashlib.sha256(_content(p)).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _content(path: Path) -> bytes:
+    if path.name not in VERSION_STAMPED:
+        return path.read_bytes()
+    data = json.loads(path.read_text())
+    data.pop("transformers_version", None)
+    return json.dumps(data, sort_keys=True, indent=2).encode()
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
