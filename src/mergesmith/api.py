@@ -369,6 +369,9 @@ def check(recipe: RecipeLike, options: Options | None = None, *, stage: str | No
     if _torch.stand_in_active():  # the merge will have imported torch
         baseline += _torch.RESIDENT_BYTES
     budget = memory.data_budget(limit, baseline)
+    writer = memory.output_memory(budget if limit is not None else None)
+    if limit is not None:  # the output writer's share comes out of the limit
+        budget -= writer
     chunk = chunk_elements_for(limit)
     over: list[tuple[str, int]] = []
     if limit is not None:
@@ -381,7 +384,8 @@ def check(recipe: RecipeLike, options: Options | None = None, *, stage: str | No
                 seen.add(item.tensor.name)
                 over.append((item.tensor.name, need))
     dense = dense_work(p)
-    return CheckReport(p, estimate_peak_memory(p, n, chunk, budget), n, limit, baseline,
+    return CheckReport(p, estimate_peak_memory(p, n, chunk, budget) + writer, n, limit,
+                       baseline,
                        estimate_seconds(p, n, dense), tuple(over), dense)
 
 

@@ -18,6 +18,19 @@ MIN_DATA_BUDGET = 32 * 1024 * 1024
 """The least tensor data a memory limit must leave room for."""
 
 
+OUTPUT_MEMORY = 96 * 1024 * 1024
+"""What the output writer may hold besides the work items' data: its aligned staging
+buffers for direct writes (a third) and written pieces waiting for the shard checksum."""
+
+
+def output_memory(limited_budget: int | None) -> int:
+    """The writer's share: :data:`OUTPUT_MEMORY`; under ``--memory-limit`` (the data budget
+    that limit leaves) at most an eighth of that budget, taken from it."""
+    if limited_budget is None:
+        return OUTPUT_MEMORY
+    return min(OUTPUT_MEMORY, limited_budget // 8)
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (Linux); 0 where it cannot be read."""
     try:
