@@ -154,7 +154,6 @@ class _DirectWrites:
         self._direct_fds: dict[str, int | None] = {}
         self._free: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue()
-        self._buffers: list = []
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.error: tuple[str, Exception] | None = None
@@ -166,22 +165,18 @@ class _DirectWrites:
             return None
         with self._lock:
             if path not in self._direct_fds:
-                fd = None
-                if hasattr(os, "O_DIRECT"):
-                    try:
-                        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-                    except OSError:
-                        fd = None
-                self._direct_fds[path] = fd
+                try:
+                    self._direct_fds[path] = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                except (AttributeError, OSError):  # no O_DIRECT here, or not on this disk
+                    self._direct_fds[path] = None
             if self._thread is None and self._direct_fds[path] is not None:
                 self._start()
             return self._direct_fds[path]
 
     def _start(self) -> None:
-        for _ in range(STAGING_BUFFERS):
+        for _ in range(STAGING_BUFFERS):  # aligned slices of slightly larger buffers
             raw = torch.empty(self.buffer_bytes + DIRECT_ALIGN, dtype=torch.uint8)
             shift = -raw.data_ptr() % DIRECT_ALIGN
-            self._buffers.append(raw)
             self._free.put(raw[shift:shift + self.buffer_bytes])
         self._thread = threading.Thread(target=self._run, name="mergesmith-direct-writes",
                                         daemon=True)
@@ -194,8 +189,8 @@ class _DirectWrites:
         source = torch.frombuffer(view, dtype=torch.uint8)
         for start in range(0, len(view), self.buffer_bytes):
             piece = source[start:start + self.buffer_bytes]
-            buffer = self._free.get()
             self.raise_error()
+            buffer = self._free.get()
             buffer[:len(piece)].copy_(piece)  # (torch's copy lets other threads run)
             self._jobs.put((path, direct_fd, plain_fd, buffer, len(piece), offset + start))
 
@@ -244,7 +239,6 @@ class _DirectWrites:
             if fd is not None:
                 os.close(fd)
         self._direct_fds.clear()
-        self._buffers.clear()
 
 
 class OutputSink(Protocol):
