@@ -368,10 +368,7 @@ def check(recipe: RecipeLike, options: Options | None = None, *, stage: str | No
     baseline = memory.resident_bytes()
     if _torch.stand_in_active():  # the merge will have imported torch
         baseline += _torch.RESIDENT_BYTES
-    budget = memory.data_budget(limit, baseline)
-    writer = memory.output_memory(budget if limit is not None else None)
-    if limit is not None:  # the output writer's share comes out of the limit
-        budget -= writer
+    budget, writer = memory.merge_budgets(limit, baseline)
     chunk = chunk_elements_for(limit)
     over: list[tuple[str, int]] = []
     if limit is not None:

@@ -22,7 +22,7 @@ from .checkpoint import CheckpointIndex, TensorReader
 from .devices import resolve_devices
 from .errors import MergeError
 from .executors import Executor, ThreadExecutor
-from .memory import HeapTrimmer, data_budget, keep_freed_memory, output_memory
+from .memory import HeapTrimmer, keep_freed_memory, merge_budgets
 from .methods.registry import AnotherPass, MergeInputs, TensorStatistic
 from .options import Options
 from .plan import InputTensor, OutputTensor, Plan
@@ -517,10 +517,7 @@ def execute(plan: Plan, out_dir: str, *, progress: Callable[[int, bool], None] |
     options: Options = plan.options
     devices = resolve_devices(options.device)
     threads = max(1, options.threads or max(os.cpu_count() or 1, len(devices)))
-    budget = data_budget(options.memory_limit)
-    writer_memory = output_memory(budget if options.memory_limit is not None else None)
-    if options.memory_limit is not None:  # the writer's share comes out of the limit
-        budget -= writer_memory
+    budget, writer_memory = merge_budgets(options.memory_limit)
     keep_freed_memory()
     indexes = [m.ensure_local() for m in plan.models]
     remote = getattr(executor, "remote", False)  # other processes write the files too

@@ -31,6 +31,16 @@ def output_memory(limited_budget: int | None) -> int:
     return min(OUTPUT_MEMORY, limited_budget // 8)
 
 
+def merge_budgets(memory_limit: int | None, resident: int | None = None) -> tuple[int, int]:
+    """(tensor data allowed in flight, the output writer's memory): :func:`data_budget`,
+    less the writer's share when a limit is given (:func:`output_memory`)."""
+    budget = data_budget(memory_limit, resident)
+    if memory_limit is None:
+        return budget, output_memory(None)
+    writer = output_memory(budget)
+    return budget - writer, writer
+
+
 def resident_bytes() -> int:
     """This process's resident memory now (Linux); 0 where it cannot be read."""
     try:
