@@ -14,7 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from mergesmith.demo import llama_shapes
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
+# ../shared/conformance beside the checkout; MERGESMITH_CONFORMANCE names another copy (a GPU
+# machine gets the checkout alone)
+CONFORMANCE = Path(os.environ.get("MERGESMITH_CONFORMANCE") or
+                   Path(__file__).resolve().parents[2] / "shared" / "conformance")
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],

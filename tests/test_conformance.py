@@ -29,10 +29,10 @@ KNOWN_DIFFERENCES = {
 }
 
 
-def run_case(case, compare, tmp_path, monkeypatch) -> tuple[int, str]:
+def run_case(case, compare, tmp_path, monkeypatch, device: str = "cpu") -> tuple[int, str]:
     monkeypatch.chdir(CONFORMANCE)  # recipes name models as ./models/...
     out = tmp_path / case
-    mergesmith.run(f"recipes/{case}.yml", out, seed=42)
+    mergesmith.run(f"recipes/{case}.yml", out, seed=42, device=device)
     buf = io.StringIO()
     with redirect_stdout(buf):
         status = compare([f"expected/{case}", str(out)])

@@ -8,12 +8,15 @@ change, regenerate the digests and say why in the commit:
     python tests/test_output_digests.py --update
 
 Digests are of the tensors (name, dtype, shape, bytes), not of the files, so metadata does
-not matter. They are kept per kind of torch CPU kernel (``AVX2``, ``AVX512``, …:
-reductions such as norms, dot products and SVDs round differently with other vector
-units); on a CPU with no recorded set the test is skipped, saying so. ``--update`` records
-this CPU's set; a case whose digest changed here is dropped from the other CPUs' sets (its
-output changed there too, and cannot be recorded from here), and skipped there until
-someone records it on such a CPU.
+not matter. They are kept per kind of CPU numerics: torch's vector unit (``AVX2``,
+``AVX512``, …) and the CPU's vendor (``AuthenticAMD``, ``GenuineIntel``: the BLAS torch
+ships takes other code paths on each, so matrix products round differently; an AMD CPU
+with AVX-512 matches neither the AMD AVX2 set nor the Intel AVX-512 one). On a CPU kind
+with no recorded set the test is skipped, saying so. ``--update`` records this kind's
+set; a case whose digest changed here is dropped from the other kinds' sets (its output
+changed there too, and cannot be recorded from here), and skipped there until someone
+records it on such a CPU. ``ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machine use (and
+check or record) the AVX2 kernels.
 """
 
 from __future__ import annotations
@@ -107,9 +110,19 @@ def merge(case: str, work: Path) -> str:
 
 
 def _cpu() -> str:
+    """``"<torch's vector unit> <CPU vendor>"``, e.g. ``"AVX2 AuthenticAMD"``."""
+    import platform
+
     import torch
 
-    return torch.backends.cpu.get_cpu_capability()
+    vendor = platform.machine() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f
+                           if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return f"{torch.backends.cpu.get_cpu_capability()} {vendor}"
 
 
 def _stored() -> dict[str, dict[str, str]]:
@@ -171,10 +184,11 @@ if __name__ == "__main__":
         now = {c: merge(c, Path(tmp)) for c in cases()}
     changed = sorted(c for c in now if before.get(c) != now[c])
     for cpu, digests in stored.items():
-        if cpu != _cpu():
+        if cpu != _cpu() and before:  # a first record of this kind changes nothing elsewhere
             dropped = [c for c in changed if digests.pop(c, None) is not None]
             if dropped:
                 print(f"dropped from {cpu} (changed here, record them there): {dropped}")
     stored[_cpu()] = now
     DIGESTS.write_text(json.dumps({"digests": stored}, indent=1, sort_keys=True) + "\n")
-    print(f"{len(now)} digests for {_cpu()} written to {DIGESTS}; changed: {changed or 'none'}")
+    print(f"{len(now)} digests for {_cpu()} written to {DIGESTS}; "
+          + (f"changed: {changed or 'none'}" if before else "the first set of this CPU kind"))

@@ -69,10 +69,15 @@ def randomized_svd(x: torch.Tensor, k: int, generator: torch.Generator, *,
     vectors (default :func:`oversampling`) and ``power_iterations`` QR-stabilised power
     steps, then the exact SVD of the small projected matrix. Costs a few ``m×n×(k+p)``
     products instead of a full SVD; accurate when the spectrum decays (task vectors'
-    usually does)."""
+    usually does).
+
+    The test matrix is drawn on ``generator``'s device (the CPU's for a merge: see
+    :func:`top_svd`) and moved to ``x``'s, so a GPU takes the CPU's draws and its result
+    differs from the CPU's by rounding alone."""
     m, n = x.shape
     q = min(k + (oversampling(k) if oversample is None else oversample), m, n)
-    omega = torch.randn(n, q, generator=generator, device=x.device, dtype=x.dtype)
+    omega = torch.randn(n, q, generator=generator, device=generator.device,
+                        dtype=x.dtype).to(x.device)
     basis = torch.linalg.qr(x @ omega).Q
     for _ in range(power_iterations):
         basis = torch.linalg.qr(x.T @ basis).Q
@@ -105,9 +110,10 @@ def use_randomized(shape: tuple[int, ...], k: int, randomized: bool | None) -> b
 def top_svd(x: torch.Tensor, k: int, *, randomized: bool | None = False, name: str = ""
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top ``k`` singular triplets (fewer if the numerical rank is lower), exact or
-    by the seeded randomized SVD (:func:`use_randomized`)."""
+    by the seeded randomized SVD (:func:`use_randomized`), its test matrix drawn on the CPU
+    (``n × (k + p)``, small) whatever the device: the same directions on a GPU."""
     if use_randomized(tuple(x.shape), k, randomized):
-        u, s, vh = randomized_svd(x, k, tensor_generator(0, f"svd\0{name}", x.device))
+        u, s, vh = randomized_svd(x, k, tensor_generator(0, f"svd\0{name}"))
         r = numerical_rank(s, x.shape) if s.numel() else 0
         return u[:, :r], s[:r], vh[:r]
     u, s, vh = svd(x)

@@ -28,7 +28,7 @@ def _mean_pairwise_cosine(gram: torch.Tensor) -> torch.Tensor:
     """
     k = gram.shape[-1]
     norms = gram.diagonal(dim1=1, dim2=2).sqrt()
-    total = torch.zeros(gram.shape[0], dtype=torch.float64)
+    total = torch.zeros(gram.shape[0], dtype=torch.float64, device=gram.device)
     pairs = list(itertools.combinations(range(k), 2))
     for i, j in pairs:
         total += (gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1.0, 1.0)

@@ -141,7 +141,7 @@ def regmean(m: MergeInputs) -> torch.Tensor:
     if stats is None or any(stats[i] is None for i in idx):
         return fallback_average(m)
     tensors = [m.tensors[i] for i in idx]
-    grams = [stats[i].gram() for i in idx]
+    grams = [stats[i].gram().to(tensors[0].device) for i in idx]  # kept on the CPU
     merged = regmean_solve(tensors, grams, alpha=m.params["alpha"],
                            coefficients=[m.model_params[i]["weight"] for i in idx])
     return scale_from_base(m, merged.to(torch.promote_types(m.compute_dtype,

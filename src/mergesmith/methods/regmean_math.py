@@ -38,7 +38,7 @@ def regmean_solve(weights: list[torch.Tensor], grams: list[torch.Tensor], *,
         average = c * w if average is None else average + c * w
     assert total is not None and rhs is not None and average is not None
     scale = float(torch.diagonal(total).abs().mean()) or 1.0
-    eye = torch.eye(total.shape[0], dtype=torch.float64)
+    eye = torch.eye(total.shape[0], dtype=torch.float64, device=total.device)
     jitter = 0.0
     while True:  # ε I on each Gram: ε Σcᵢ I on the sum, ε Σ cᵢ Wᵢ on the right side
         factor, info = torch.linalg.cholesky_ex(total + jitter * scale * eye)

@@ -215,7 +215,7 @@ class _Bits(Mask):
             while done < n:
                 g, off = divmod(pos[0], self.grid)
                 take = min(n - done, self.grid - off)
-                keep = _unpack(self.parts[g], off, off + take)
+                keep = _unpack(self.parts[g], off, off + take).to(c.device)
                 c[done:done + take].mul_(keep)  # × 1 kept, × 0 dropped
                 done += take
                 pos[0] += take

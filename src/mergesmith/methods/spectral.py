@@ -315,8 +315,8 @@ def star(m: MergeInputs) -> torch.Tensor:
             continue
         u, s, vh = full_svd(tau)
         share = torch.cumsum(s, 0) / s.sum().clamp_min(1e-30)
-        k = int(torch.searchsorted(share, torch.tensor(m.params["eta"], dtype=share.dtype)
-                                   - 1e-7)) + 1
+        eta = torch.tensor(m.params["eta"], dtype=share.dtype, device=share.device)
+        k = int(torch.searchsorted(share, eta - 1e-7)) + 1
         k = max(1, min(k, s.numel()))
         kept = s[:k] * (s.sum() / s[:k].sum().clamp_min(1e-30))
         acc.add_((u[:, :k] * kept) @ vh[:k], alpha=p["weight"])

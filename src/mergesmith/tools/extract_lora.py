@@ -80,7 +80,7 @@ def factor(delta: torch.Tensor, rank: int | None, energy: float | None,
     d = delta.double()
     norm = float(torch.linalg.matrix_norm(d))
     if randomized and rank is not None and rank < min(d.shape) // 2:
-        u, s, vh = randomized_svd(d, rank, tensor_generator(0, f"svd\0{name}", d.device))
+        u, s, vh = randomized_svd(d, rank, tensor_generator(0, f"svd\0{name}"))
     else:
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         k = choose_rank(s, rank, energy)
