@@ -40,9 +40,11 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
 ]
 
-TOLERANCE = 1e-3
-"""GPU versus CPU, relative to the merge's change of the tensor: float32 rounding in a
-different order, grown by the iterative methods (WUDI's optimiser, Karcher means)."""
+TOLERANCE = 1e-2
+"""GPU versus CPU, relative to the merge's change of the tensor: float32 rounding in
+another order, grown where a method truncates a spectrum with close singular values
+(measured on an H200: at most 6.4e-4, Iso-CTS; most methods 1e-4 or less). A device bug —
+a wrong operand, a lost update — moves a tensor by O(1)."""
 
 _REPORT: dict[str, dict] = {}
 
