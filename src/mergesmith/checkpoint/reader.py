@@ -46,6 +46,11 @@ MAP_AT_LEAST = 1 << 16
 _CAN_MAP = hasattr(mmap, "MAP_PRIVATE")  # POSIX
 
 
+def _ended_early(path: str) -> MergeIOError:
+    return MergeIOError(f"{path} ended early while reading (it was truncated or changed "
+                        "during the merge)")
+
+
 class SafetensorsSource:
     """Reads exactly the bytes of the rows asked for: a private memory map of them, or
     ``os.preadv`` into a new tensor (see the module's docstring for which)."""
@@ -93,8 +98,7 @@ class SafetensorsSource:
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
             if os.fstat(fd).st_size < begin + nbytes:
-                raise MergeIOError(f"{path} ended early while reading (it was truncated or "
-                                   "changed during the merge)")
+                raise _ended_early(path)
             region = mmap.mmap(fd, begin + nbytes - start, flags=mmap.MAP_PRIVATE,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         except OSError as e:
@@ -111,8 +115,7 @@ class SafetensorsSource:
             except OSError as e:
                 raise MergeIOError(f"error reading {path}: {e.strerror}") from None
             if n == 0:
-                raise MergeIOError(f"{path} ended early while reading (it was truncated or "
-                                   "changed during the merge)")
+                raise _ended_early(path)
             done += n
 
     def close(self) -> None:
