@@ -673,3 +673,37 @@ def test_whole_gram_streamed_in_blocks_of_whole_pieces_is_bit_identical():
 
     assert torch.equal(streamed(rows), whole)
     assert not torch.equal(streamed(rows - 1), whole)
+
+
+def test_gram_of_stored_dtype_and_of_differences_equals_the_upcast_one():
+    """The streamed passes hand the Gram their blocks as read (bfloat16): converting each
+    piece straight to float64 gives the same sums as upcasting first, and ``minus`` (Model
+    Stock's task vectors, formed piece by piece) the same as subtracting whole float32
+    tensors. Per-row sums equal the written-out formula over pieces of whole rows, for
+    contiguous rows and for strided columns (nuslerp's ``row_wise``), with up to three
+    inputs converted at once and more two at a time."""
+    from mergesmith.methods.spherical import row_gram, whole_gram
+
+    g = torch.Generator().manual_seed(5)
+    shape = (700, 2304)  # pieces of 113 rows
+    xs = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(3)]
+    base = torch.randn(shape, generator=g).to(torch.bfloat16)
+    up = [x.float() for x in xs]
+    assert torch.equal(whole_gram(xs), whole_gram(up))
+    assert torch.equal(whole_gram(xs, minus=base), whole_gram([u - base.float() for u in up]))
+    assert not torch.equal(whole_gram(xs, minus=base), whole_gram(up))
+
+    def written_out(vs, rows_per_piece):
+        """G[r, i, j] summed in float64 over pieces of whole rows, each piece converted
+        as it is (a strided piece keeps its layout, so its sums run along it)."""
+        k, pieces = len(vs), []
+        for r in range(0, vs[0].shape[0], rows_per_piece):
+            part = [v[r:r + rows_per_piece].double() for v in vs]
+            pieces.append(torch.stack([torch.stack([torch.sum(part[i] * part[j], dim=1)
+                                                    for j in range(k)], dim=-1)
+                                       for i in range(k)], dim=-2))
+        return torch.cat(pieces)
+
+    full = [torch.randn(shape, generator=g) for _ in range(5)]  # float32: order matters
+    for vs in (full[:3], full, [f.T for f in full[:2]], [f.T for f in full]):
+        assert torch.equal(row_gram(vs), written_out(vs, (1 << 20) // vs[0].shape[1]))

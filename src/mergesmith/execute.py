@@ -293,7 +293,7 @@ class _Job:
 
     def _stream_statistic(self, t: OutputTensor, how: TensorStatistic) -> Any:
         bound = self.bound[t.name]
-        raw = bound.spec.scheduling.raw_inputs
+        raw = bound.spec.scheduling.raw_inputs or how.raw_inputs
         header = dict(base_index=bound.base_index, params=t.params,
                       model_params=list(t.model_params), tensor_name=t.name,
                       generator=bound.generator(self.plan.seed, t.name, self.device),

@@ -177,6 +177,10 @@ class TensorStatistic:
     """Blocks must be whole multiples of this many rows (the method sums over pieces of
     that size); None: any rows. The engine takes fewer rows than ``rows(shape)`` for
     many inputs, so that a block's data does not grow with the number of models."""
+    raw_inputs: bool = False
+    """``accumulate`` gets the blocks as read (rounded to the recipe's ``dtype``), not
+    upcast to the compute dtype: a statistic that converts small pieces itself (to
+    float64: SLERP's dot products) skips a float32 copy of every block."""
 
 
 @dataclass(frozen=True)

@@ -39,29 +39,70 @@ is treated as (anti)parallel to it: its great-circle direction is undefined."""
 # ------------------------------------------------------------------ shared kernels
 
 
-def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None) -> torch.Tensor:
+class _GramScratch:
+    """Reused float64 buffers for :func:`row_gram`: its pieces are converted and multiplied
+    into the same memory every time instead of fresh allocations (same values, same sums;
+    a streamed pass over a large tensor otherwise allocates and faults in megabytes per
+    piece)."""
+
+    def __init__(self, elements: int, count: int, device: torch.device) -> None:
+        self.buffers = [torch.empty(elements, dtype=torch.float64, device=device)
+                        for _ in range(count)]
+
+    def fits(self, elements: int, count: int, device: torch.device) -> bool:
+        return (len(self.buffers) >= count and self.buffers[0].numel() >= elements
+                and self.buffers[0].device == device)
+
+    def view(self, index: int, shape: torch.Size) -> torch.Tensor:
+        """Buffer ``index`` as a contiguous tensor of ``shape`` (so reductions over it run
+        exactly as over a freshly allocated one)."""
+        return self.buffers[index][:math.prod(shape)].view(shape)
+
+
+def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None,
+             scratch: _GramScratch | None = None) -> torch.Tensor:
     """Row-wise dot products of equally shaped 2-D tensors: ``G[r, i, j] = ⟨vᵢ[r], vⱼ[r]⟩``.
 
     Accumulated in float64 over blocks of at most ``_BLOCK`` elements, so the float64
-    scratch stays small however large the tensors are (strided views are fine). ``gram``:
-    go on accumulating into it (the next pieces of the same vectors: :func:`whole_gram`).
+    scratch stays small however large the tensors are (strided views are fine; any
+    floating dtype: the conversion to float64 is exact). ``gram``: go on accumulating into
+    it (the next pieces of the same vectors: :func:`whole_gram`, which also passes its
+    ``scratch`` along).
     """
     rows, n = vectors[0].shape
     k = len(vectors)
+    device = vectors[0].device
     if gram is None:
-        gram = torch.zeros(rows, k, k, dtype=torch.float64, device=vectors[0].device)
+        gram = torch.zeros(rows, k, k, dtype=torch.float64, device=device)
     step_r = max(1, _BLOCK // max(n, 1))
     step_c = max(1, min(n, _BLOCK))
+    at_once = k <= _GRAM_AT_ONCE
+    held = k if at_once else 2  # converted pieces kept; one more buffer for the products
+    elements = min(rows, step_r) * min(n, step_c)
+    if scratch is None or not scratch.fits(elements, held + 1, device):
+        scratch = _GramScratch(elements, held + 1, device)
     for r in range(0, rows, step_r):
         for c in range(0, n, step_c):
             pieces = [v[r:r + step_r, c:c + step_c] for v in vectors]
-            if k <= _GRAM_AT_ONCE:
-                pieces = [p.double() for p in pieces]
+            shape = pieces[0].shape
+            # A strided piece is converted as it is: its layout decides the order of the
+            # sums over it, which reused contiguous memory would change.
+            reuse = all(p.is_contiguous() for p in pieces)
+            product = scratch.view(held, shape) if reuse else None
+
+            def as_double(p: torch.Tensor, index: int) -> torch.Tensor:
+                return scratch.view(index, shape).copy_(p) if reuse else p.double()
+
+            if at_once:
+                pieces = [as_double(p, i) for i, p in enumerate(pieces)]
             for i in range(k):
-                vi = pieces[i].double()  # a no-op once converted
+                vi = pieces[i] if at_once else as_double(pieces[i], 0)
                 for j in range(i, k):
-                    vj = vi if j == i else pieces[j].double()
-                    dot = torch.sum(vi * vj, dim=1)
+                    if j == i:
+                        vj = vi
+                    else:
+                        vj = pieces[j] if at_once else as_double(pieces[j], 1)
+                    dot = torch.sum(torch.mul(vi, vj, out=product), dim=1)
                     gram[r:r + step_r, i, j] += dot
                     if j != i:
                         gram[r:r + step_r, j, i] += dot
@@ -127,7 +168,8 @@ def gram_piece_rows(shape: tuple[int, ...]) -> int:
     return max(1, _GRAM_PIECE // max(1, math.prod(shape[1:])))
 
 
-def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
+def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None, *,
+               minus: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
                ) -> torch.Tensor:
     """Gram matrix ``[1, k, k]`` of k equally shaped tensors taken as flat vectors.
 
@@ -136,16 +178,36 @@ def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
     so a row block of whole pieces (:func:`gram_block_rows`) goes on accumulating into
     ``gram`` exactly the sums of the whole tensor: SLERP's and Model Stock's streamed
     first pass is bit-identical to the whole-tensor merge, and holds nothing between
-    blocks but the ``k × k`` numbers."""
+    blocks but the ``k × k`` numbers.
+
+    ``minus``: the Gram matrix of the differences ``tᵢ − minus`` instead (task vectors),
+    each piece's differences formed in ``dtype`` (at least the inputs' own) exactly as a
+    merge in that dtype forms them, so inputs may come in their stored dtype."""
     x = tensors[0]
+
+    def differences(ts: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+        base = base.to(torch.promote_types(dtype, base.dtype))
+        return [torch.sub(t.to(torch.promote_types(dtype, t.dtype)), base) for t in ts]
+
     if x.dim() < 2:
+        if minus is not None:
+            tensors = differences(list(tensors), minus)
         return row_gram([t.reshape(1, -1) for t in tensors], gram)
     if gram is None:
         gram = torch.zeros(1, len(tensors), len(tensors), dtype=torch.float64,
                            device=x.device)
     step = gram_piece_rows(tuple(x.shape))
+    scratch = None
     for r in range(0, x.shape[0], step):
-        row_gram([t[r:r + step].reshape(1, -1) for t in tensors], gram)
+        pieces = [t[r:r + step] for t in tensors]
+        if minus is not None:
+            pieces = differences(pieces, minus[r:r + step])
+        pieces = [p.reshape(1, -1) for p in pieces]
+        if scratch is None:
+            k = len(tensors)
+            scratch = _GramScratch(min(pieces[0].shape[1], _BLOCK),
+                                   (k if k <= _GRAM_AT_ONCE else 2) + 1, x.device)
+        row_gram(pieces, gram, scratch)
     return gram
 
 
@@ -178,7 +240,7 @@ def _slerp_coefficients_of(gram: torch.Tensor | None, m: MergeInputs):
 
 
 SLERP_STATISTIC = TensorStatistic(gram_block_rows, _slerp_accumulate, _slerp_coefficients_of,
-                                  row_multiple=gram_piece_rows)
+                                  row_multiple=gram_piece_rows, raw_inputs=True)
 """SLERP's norms and dot product, streamed: the tensor is then merged in row chunks."""
 
 
