@@ -40,18 +40,20 @@ is treated as (anti)parallel to it: its great-circle direction is undefined."""
 
 
 class _GramScratch:
-    """Reused float64 buffers for :func:`row_gram`: its pieces are converted and multiplied
-    into the same memory every time instead of fresh allocations (same values, same sums;
-    a streamed pass over a large tensor otherwise allocates and faults in megabytes per
-    piece)."""
+    """Reused float64 buffers for :func:`row_gram` of ``k`` vectors: its pieces are
+    converted and multiplied into the same memory every time instead of fresh allocations
+    (same values, same sums; a streamed pass over a large tensor otherwise allocates and
+    faults in megabytes per piece). Buffers ``0 … held − 1`` hold converted pieces, the
+    last one their products."""
 
-    def __init__(self, elements: int, count: int, device: torch.device) -> None:
+    def __init__(self, k: int, elements: int, device: torch.device) -> None:
+        self.held = k if k <= _GRAM_AT_ONCE else 2
         self.buffers = [torch.empty(elements, dtype=torch.float64, device=device)
-                        for _ in range(count)]
+                        for _ in range(self.held + 1)]
 
-    def fits(self, elements: int, count: int, device: torch.device) -> bool:
-        return (len(self.buffers) >= count and self.buffers[0].numel() >= elements
-                and self.buffers[0].device == device)
+    def fits(self, k: int, elements: int, device: torch.device) -> bool:
+        return (self.held >= (k if k <= _GRAM_AT_ONCE else 2)
+                and self.buffers[0].numel() >= elements and self.buffers[0].device == device)
 
     def view(self, index: int, shape: torch.Size) -> torch.Tensor:
         """Buffer ``index`` as a contiguous tensor of ``shape`` (so reductions over it run
@@ -77,10 +79,9 @@ def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None,
     step_r = max(1, _BLOCK // max(n, 1))
     step_c = max(1, min(n, _BLOCK))
     at_once = k <= _GRAM_AT_ONCE
-    held = k if at_once else 2  # converted pieces kept; one more buffer for the products
     elements = min(rows, step_r) * min(n, step_c)
-    if scratch is None or not scratch.fits(elements, held + 1, device):
-        scratch = _GramScratch(elements, held + 1, device)
+    if scratch is None or not scratch.fits(k, elements, device):
+        scratch = _GramScratch(k, elements, device)
     for r in range(0, rows, step_r):
         for c in range(0, n, step_c):
             pieces = [v[r:r + step_r, c:c + step_c] for v in vectors]
@@ -88,7 +89,7 @@ def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None,
             # A strided piece is converted as it is: its layout decides the order of the
             # sums over it, which reused contiguous memory would change.
             reuse = all(p.is_contiguous() for p in pieces)
-            product = scratch.view(held, shape) if reuse else None
+            product = scratch.view(scratch.held, shape) if reuse else None
 
             def as_double(p: torch.Tensor, index: int) -> torch.Tensor:
                 return scratch.view(index, shape).copy_(p) if reuse else p.double()
@@ -203,10 +204,8 @@ def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
         if minus is not None:
             pieces = differences(pieces, minus[r:r + step])
         pieces = [p.reshape(1, -1) for p in pieces]
-        if scratch is None:
-            k = len(tensors)
-            scratch = _GramScratch(min(pieces[0].shape[1], _BLOCK),
-                                   (k if k <= _GRAM_AT_ONCE else 2) + 1, x.device)
+        if scratch is None:  # sized for the first (largest) piece
+            scratch = _GramScratch(len(pieces), min(pieces[0].shape[1], _BLOCK), x.device)
         row_gram(pieces, gram, scratch)
     return gram
 
