@@ -109,6 +109,7 @@ MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish,
                   doc="compute the ratio per row (last dimension) instead of per tensor")],
     statistic=MODEL_STOCK_STATISTIC,
     temp_buffers=1.0,
+    seconds_per_gb=1.6,
     reference="https://arxiv.org/abs/2403.19522",
     differences="""
         Float32 arithmetic (mergekit: the input dtype); norms and dot products are summed

@@ -251,7 +251,7 @@ SLERP_STATISTIC = TensorStatistic(gram_block_rows, _slerp_accumulate, _slerp_coe
     params=[Param("t", float, doc="interpolation factor: 0 gives the base, 1 the other model")],
     statistic=SLERP_STATISTIC,
     temp_buffers=0.0,
-    seconds_per_gb=3.5,
+    seconds_per_gb=1.5,
     reference="https://en.wikipedia.org/wiki/Slerp",
     differences="""
         The norms and the dot product are accumulated in float64 (mergekit: float32 in
