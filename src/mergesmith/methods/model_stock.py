@@ -84,12 +84,9 @@ def _gram(offsets: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
 
 
 def _accumulate(state: torch.Tensor | None, block: MergeInputs) -> torch.Tensor | None:
-    """The offsets' Gram matrix, from the block as read (task vectors formed piece by
-    piece in the compute dtype, as the merge forms them)."""
     if block.params["filter_wise"]:
         return None  # per row: every chunk has what it needs (nothing is read here)
-    return whole_gram([x for x, _ in block.others()], state, minus=block.base,
-                      dtype=block.compute_dtype)
+    return whole_gram(_offsets(block), state)
 
 
 def _finish(state: torch.Tensor | None, m: MergeInputs) -> torch.Tensor | None:
@@ -97,7 +94,7 @@ def _finish(state: torch.Tensor | None, m: MergeInputs) -> torch.Tensor | None:
 
 
 MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish,
-                                        row_multiple=gram_piece_rows, raw_inputs=True)
+                                        row_multiple=gram_piece_rows)
 """The whole tensor's t from its offsets' Gram matrix, streamed: then row chunks merge."""
 
 

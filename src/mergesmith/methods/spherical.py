@@ -169,8 +169,7 @@ def gram_piece_rows(shape: tuple[int, ...]) -> int:
     return max(1, _GRAM_PIECE // max(1, math.prod(shape[1:])))
 
 
-def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None, *,
-               minus: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
                ) -> torch.Tensor:
     """Gram matrix ``[1, k, k]`` of k equally shaped tensors taken as flat vectors.
 
@@ -179,20 +178,9 @@ def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
     so a row block of whole pieces (:func:`gram_block_rows`) goes on accumulating into
     ``gram`` exactly the sums of the whole tensor: SLERP's and Model Stock's streamed
     first pass is bit-identical to the whole-tensor merge, and holds nothing between
-    blocks but the ``k × k`` numbers.
-
-    ``minus``: the Gram matrix of the differences ``tᵢ − minus`` instead (task vectors),
-    each piece's differences formed in ``dtype`` (at least the inputs' own) exactly as a
-    merge in that dtype forms them, so inputs may come in their stored dtype."""
+    blocks but the ``k × k`` numbers."""
     x = tensors[0]
-
-    def differences(ts: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
-        base = base.to(torch.promote_types(dtype, base.dtype))
-        return [torch.sub(t.to(torch.promote_types(dtype, t.dtype)), base) for t in ts]
-
     if x.dim() < 2:
-        if minus is not None:
-            tensors = differences(list(tensors), minus)
         return row_gram([t.reshape(1, -1) for t in tensors], gram)
     if gram is None:
         gram = torch.zeros(1, len(tensors), len(tensors), dtype=torch.float64,
@@ -200,10 +188,7 @@ def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
     step = gram_piece_rows(tuple(x.shape))
     scratch = None
     for r in range(0, x.shape[0], step):
-        pieces = [t[r:r + step] for t in tensors]
-        if minus is not None:
-            pieces = differences(pieces, minus[r:r + step])
-        pieces = [p.reshape(1, -1) for p in pieces]
+        pieces = [t[r:r + step].reshape(1, -1) for t in tensors]
         if scratch is None:  # sized for the first (largest) piece
             scratch = _GramScratch(len(pieces), min(pieces[0].shape[1], _BLOCK), x.device)
         row_gram(pieces, gram, scratch)
