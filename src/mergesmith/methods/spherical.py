@@ -24,12 +24,13 @@ from ..errors import MergeError
 from .registry import BasePolicy, MergeInputs, Param, Scope, TensorStatistic, merge_method
 
 _BLOCK = 1 << 20
-"""Elements per input converted to float64 at a time by :func:`row_gram` (8 MB of scratch)."""
+"""Elements per input converted to float64 at a time by :func:`row_gram` (8 MB of scratch)
+for up to ``_GRAM_AT_ONCE`` inputs."""
 
 _GRAM_AT_ONCE = 3
-"""Up to this many inputs :func:`row_gram` converts a block of each to float64 at once;
-beyond, two at a time (converted again per pair: the same products, a little more work,
-float64 scratch that does not grow with the number of models)."""
+"""Beyond this many inputs :func:`row_gram` converts fewer elements of each at a time, so
+its float64 scratch (``_GRAM_AT_ONCE × _BLOCK`` numbers) does not grow with the number of
+models."""
 
 _PARALLEL = 1e-8
 """A vector whose component orthogonal to another is below this (relative to unit length)
@@ -40,74 +41,69 @@ is treated as (anti)parallel to it: its great-circle direction is undefined."""
 
 
 class _GramScratch:
-    """Reused float64 buffers for :func:`row_gram` of ``k`` vectors: its pieces are
-    converted and multiplied into the same memory every time instead of fresh allocations
-    (same values, same sums; a streamed pass over a large tensor otherwise allocates and
-    faults in megabytes per piece). Buffers ``0 … held − 1`` hold converted pieces, the
-    last one their products."""
+    """A reused float64 buffer for :func:`row_gram`: its pieces are converted into the same
+    memory every time instead of fresh allocations (a streamed pass over a large tensor
+    otherwise allocates and faults in megabytes per piece)."""
 
-    def __init__(self, k: int, elements: int, device: torch.device) -> None:
-        self.held = k if k <= _GRAM_AT_ONCE else 2
-        self.buffers = [torch.empty(elements, dtype=torch.float64, device=device)
-                        for _ in range(self.held + 1)]
+    def __init__(self, elements: int, device: torch.device) -> None:
+        self.buffer = torch.empty(elements, dtype=torch.float64, device=device)
 
-    def fits(self, k: int, elements: int, device: torch.device) -> bool:
-        return (self.held >= (k if k <= _GRAM_AT_ONCE else 2)
-                and self.buffers[0].numel() >= elements and self.buffers[0].device == device)
+    def fits(self, elements: int, device: torch.device) -> bool:
+        return self.buffer.numel() >= elements and self.buffer.device == device
 
-    def view(self, index: int, shape: torch.Size) -> torch.Tensor:
-        """Buffer ``index`` as a contiguous tensor of ``shape`` (so reductions over it run
-        exactly as over a freshly allocated one)."""
-        return self.buffers[index][:math.prod(shape)].view(shape)
+    def view(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.buffer[:math.prod(shape)].view(shape)
 
 
 def row_gram(vectors: Sequence[torch.Tensor], gram: torch.Tensor | None = None,
              scratch: _GramScratch | None = None) -> torch.Tensor:
     """Row-wise dot products of equally shaped 2-D tensors: ``G[r, i, j] = ⟨vᵢ[r], vⱼ[r]⟩``.
 
-    Accumulated in float64 over blocks of at most ``_BLOCK`` elements, so the float64
-    scratch stays small however large the tensors are (strided views are fine; any
-    floating dtype: the conversion to float64 is exact). ``gram``: go on accumulating into
-    it (the next pieces of the same vectors: :func:`whole_gram`, which also passes its
-    ``scratch`` along).
+    Accumulated in float64 over pieces of at most ``_BLOCK`` elements per input (fewer
+    beyond ``_GRAM_AT_ONCE`` inputs), so the float64 scratch stays small however large the
+    tensors are and however many there are (any floating dtype: the conversion to float64
+    is exact, and so is the product of two float32 numbers). Contiguous pieces are stacked
+    ``[rows, k, cols]`` and multiplied by their transpose: every pair in one batched
+    product, one pass over memory. Strided pieces (nuslerp's columns) are multiplied pair
+    by pair and summed along their layout, which a contiguous copy would have to gather.
+    ``gram``: go on accumulating into it (the next pieces of the same vectors:
+    :func:`whole_gram`, which also passes its ``scratch`` along). Each piece's sums are
+    symmetric by construction (its upper triangle, mirrored).
     """
     rows, n = vectors[0].shape
     k = len(vectors)
     device = vectors[0].device
     if gram is None:
         gram = torch.zeros(rows, k, k, dtype=torch.float64, device=device)
-    step_r = max(1, _BLOCK // max(n, 1))
-    step_c = max(1, min(n, _BLOCK))
-    at_once = k <= _GRAM_AT_ONCE
-    elements = min(rows, step_r) * min(n, step_c)
-    if scratch is None or not scratch.fits(k, elements, device):
-        scratch = _GramScratch(k, elements, device)
+    block = _BLOCK * _GRAM_AT_ONCE // max(k, _GRAM_AT_ONCE)
+    step_r = max(1, block // max(n, 1))
+    step_c = max(1, min(n, block))
+    elements = k * min(rows, step_r) * min(n, step_c)
+    if scratch is None or not scratch.fits(elements, device):
+        scratch = _GramScratch(elements, device)
     for r in range(0, rows, step_r):
         for c in range(0, n, step_c):
             pieces = [v[r:r + step_r, c:c + step_c] for v in vectors]
-            shape = pieces[0].shape
-            # A strided piece is converted as it is: its layout decides the order of the
-            # sums over it, which reused contiguous memory would change.
-            reuse = all(p.is_contiguous() for p in pieces)
-            product = scratch.view(scratch.held, shape) if reuse else None
-
-            def as_double(p: torch.Tensor, index: int) -> torch.Tensor:
-                return scratch.view(index, shape).copy_(p) if reuse else p.double()
-
-            if at_once:
-                pieces = [as_double(p, i) for i, p in enumerate(pieces)]
-            for i in range(k):
-                vi = pieces[i] if at_once else as_double(pieces[i], 0)
-                for j in range(i, k):
-                    if j == i:
-                        vj = vi
-                    else:
-                        vj = pieces[j] if at_once else as_double(pieces[j], 1)
-                    dot = torch.sum(torch.mul(vi, vj, out=product), dim=1)
-                    gram[r:r + step_r, i, j] += dot
-                    if j != i:
-                        gram[r:r + step_r, j, i] += dot
+            if all(p.is_contiguous() for p in pieces):
+                stacked = scratch.view((pieces[0].shape[0], k, pieces[0].shape[1]))
+                for i, p in enumerate(pieces):
+                    stacked[:, i].copy_(p)
+                product = torch.bmm(stacked, stacked.transpose(1, 2))
+            else:
+                product = _strided_gram([p.double() for p in pieces])
+            gram[r:r + step_r] += product.triu() + product.triu(1).transpose(1, 2)
     return gram
+
+
+def _strided_gram(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[rows, k, k]`` dot products of float64 pieces, pair by pair (upper triangle)."""
+    k = len(pieces)
+    product = torch.zeros(pieces[0].shape[0], k, k, dtype=torch.float64,
+                          device=pieces[0].device)
+    for i in range(k):
+        for j in range(i, k):
+            product[:, i, j] = torch.sum(pieces[i] * pieces[j], dim=1)
+    return product
 
 
 def _combine_(rows: Sequence[torch.Tensor], coefs: torch.Tensor) -> torch.Tensor:
@@ -190,7 +186,7 @@ def whole_gram(tensors: Sequence[torch.Tensor], gram: torch.Tensor | None = None
     for r in range(0, x.shape[0], step):
         pieces = [t[r:r + step].reshape(1, -1) for t in tensors]
         if scratch is None:  # sized for the first (largest) piece
-            scratch = _GramScratch(len(pieces), min(pieces[0].shape[1], _BLOCK), x.device)
+            scratch = _GramScratch(len(pieces) * min(pieces[0].shape[1], _BLOCK), x.device)
         row_gram(pieces, gram, scratch)
     return gram
 
