@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
 from . import __version__
 from .errors import MergeError
+from .hashing import crc32
 from .plan import Plan
 
 MANIFEST = "mergesmith_manifest.json"
@@ -154,7 +154,7 @@ def _crc_of(fh: Any, offset: int, length: int, crc: int = 0) -> int:
         block = fh.read(min(length, 16 << 20))
         if not block:
             return -1
-        crc = zlib.crc32(block, crc)
+        crc = crc32(block, crc)
         length -= len(block)
     return crc
 

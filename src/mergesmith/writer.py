@@ -21,13 +21,13 @@ import os
 import queue
 import shutil
 import threading
-import zlib
 from math import prod
 from typing import Protocol
 
 from ._torch import torch
 from .checkpoint.buffers import tensor_bytes
 from .errors import MergeIOError
+from .hashing import crc32
 from .memory import OUTPUT_MEMORY
 from .plan import OutputTensor, Shard
 from .units import format_bytes
@@ -353,7 +353,7 @@ class ShardWriter:
             raise _io_error(path, e) from None
         if self.digest and not self.shared:
             self._digests[file].keep(offset, view, data)
-        return zlib.crc32(view, crc)
+        return crc32(view, crc)
 
     def finished(self, t: OutputTensor, rows: tuple[int, int] | None) -> None:
         """The bytes of ``t`` (rows ``rows``) are written: extend the running checksum."""
