@@ -160,3 +160,44 @@ def test_check_of_a_plain_recipe_does_not_import_torch(tiny_models):
                           capture_output=True, text=True, timeout=120, cwd=tiny_models)
     assert "ok: the recipe is valid" in proc.stdout, proc.stdout + proc.stderr
     assert "TORCH:False" in proc.stdout, proc.stdout
+
+
+GC_PROBE = """
+import gc
+import click
+from mergesmith import _torch, cli
+
+@click.command()
+def touch():
+    enabled_before = gc.isenabled()
+    collections = sum(s["collections"] for s in gc.get_stats())
+    _torch.torch.zeros(1)
+    during = sum(s["collections"] for s in gc.get_stats()) - collections
+    print("GC:", enabled_before, gc.isenabled(), during, gc.get_freeze_count())
+
+if {console}:
+    cli.run_console_script(touch, "probe")
+else:
+    touch(standalone_mode=False)
+"""
+
+
+@pytest.mark.parametrize("console", [True, False], ids=["console script", "library"])
+def test_torch_is_imported_with_the_collector_paused(console):
+    """Importing torch through the package pauses the garbage collector (it would collect
+    many times over torch's new objects) and restores it. A console script (a process of
+    its own) also freezes torch's objects, so the collections that follow skip them; a
+    library user's process is left as it was."""
+    proc = subprocess.run([sys.executable, "-c", GC_PROBE.format(console=console)],
+                          capture_output=True, text=True, timeout=120)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("GC:")]
+    assert line, proc.stdout + proc.stderr
+    _, before, after, collections, frozen = line[0].split()
+    assert before == after == "True"
+    # none while torch was imported (unpaused: hundreds); in a library user's process the
+    # first allocation after it may start one young collection
+    assert int(collections) <= (0 if console else 1)
+    if console:
+        assert int(frozen) > 100_000  # torch's objects
+    else:
+        assert int(frozen) == 0

@@ -24,6 +24,19 @@ def skip_last_collection() -> None:
     gc.freeze()
 
 
+def run_console_script(command: click.Command, prog_name: str) -> None:
+    """Run ``command`` as a console script: a process of our own, so torch's objects are
+    frozen once it is imported (``_torch.FREEZE_AFTER_IMPORT``) and the last garbage
+    collection at exit is skipped (:func:`skip_last_collection`)."""
+    from . import _torch
+
+    _torch.FREEZE_AFTER_IMPORT = True
+    try:
+        command(prog_name=prog_name)
+    finally:
+        skip_last_collection()
+
+
 EPILOG = """\b
 Exit codes: 0 success, 1 I/O failure (disk full, unreadable file), 2 bad input
 (recipe, model folder, output path), 130 interrupted.
@@ -758,10 +771,7 @@ from .statistics import command as stats_command  # noqa: E402,F401
 
 
 def main() -> None:
-    try:
-        cli(prog_name="mergesmith")
-    finally:
-        skip_last_collection()
+    run_console_script(cli, "mergesmith")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from .cli import EPILOG, cli, friendly, merge_and_report, skip_last_collection
+from .cli import EPILOG, cli, friendly, merge_and_report, run_console_script
 from .errors import MergeError
 
 MAPPED = "mapped"
@@ -321,10 +321,7 @@ def _print_plan(plan: Any) -> None:
 
 def main() -> None:
     """The ``mergesmith-yaml`` console script."""
-    try:
-        mergekit_yaml(prog_name="mergesmith-yaml")
-    finally:
-        skip_last_collection()
+    run_console_script(mergekit_yaml, "mergesmith-yaml")
 
 
 cli.add_command(mergekit_yaml)
