@@ -273,6 +273,70 @@ def test_della_row_order_is_the_stable_argsort(rows, width, levels, seed):
         assert torch.equal(sparsify._stable_row_order(a), expected)
 
 
+@settings(max_examples=120, deadline=None)
+@given(rows=st.integers(1, 6), width=st.integers(1, 700), levels=st.integers(1, 40),
+       jitter=st.integers(0, 9), spread=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_della_narrow_keys_give_the_stable_argsort(rows, width, levels, jitter, spread, seed):
+    """The 32-bit keys give exactly argsort(stable=True): values that share their coarse
+    bits but differ in the low ones (``jitter`` ulps), zeros, and spans wide enough that
+    only a few bits of the value fit next to the column."""
+    pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(0, levels + 1, (rows, width), generator=g).float() / 7
+    bits = v.view(torch.int32)
+    bits += torch.randint(0, jitter + 1, bits.shape, generator=g, dtype=torch.int32) * (bits != 0)
+    if spread:
+        v.view(-1)[0] = 1e-30
+        v.view(-1)[-1] = float("inf")
+    expected = v.argsort(dim=1, stable=True)
+    narrow = sparsify._NarrowKeys()
+    assert torch.equal(narrow.order(v), expected)
+    assert torch.equal(sparsify._stable_row_order(v, narrow), expected)
+
+
+def test_della_narrow_keys_sort_misfits_again_and_give_up_when_most_rows_misfit():
+    """Rows whose near-equal values come out of column order are sorted again (exact);
+    once most of a block's rows had to be, the tensor's later blocks skip the path."""
+    pytest.importorskip("numpy")
+    width = 600
+    row = torch.linspace(1e-6, 1.0, width)  # a span of 2^28 ulps: coarse steps of 2^8
+    odd = row.clone()
+    low = int(row.view(torch.int32)[0])
+    start = low + ((int(row.view(torch.int32)[10]) - low) >> 8 << 8) + 16
+    odd.view(torch.int32)[10] = start + 1  # one ulp apart, in one coarse step, reversed
+    odd.view(torch.int32)[11] = start
+
+    few = torch.stack([row] * 7 + [odd])  # 1 of 8 rows misfits
+    narrow = sparsify._NarrowKeys()
+    assert torch.equal(narrow.order(few), few.argsort(dim=1, stable=True))
+    assert narrow.useful
+
+    most = torch.stack([odd] * 7 + [row])
+    assert torch.equal(narrow.order(most), most.argsort(dim=1, stable=True))
+    assert not narrow.useful
+    assert narrow.order(most) is None
+    assert torch.equal(sparsify._stable_row_order(most, narrow),
+                       most.argsort(dim=1, stable=True))
+
+
+def test_della_masks_are_the_same_with_and_without_narrow_keys(monkeypatch):
+    """The path that sorts narrow keys changes no decision (bf16-like deltas, rows in the
+    width range where it is used, and a float32 tensor where it gives up)."""
+    pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 1024, generator=g).mul(0.02).bfloat16().float()
+    tuned = (base + torch.randn(300, 1024, generator=g).mul(0.002)).bfloat16().float()
+    for delta in (tuned - base, torch.randn(300, 1024, generator=g)):
+        masks = []
+        for widths in (sparsify._NarrowKeys.WIDTHS, range(0)):
+            monkeypatch.setattr(sparsify._NarrowKeys, "WIDTHS", widths)
+            out = delta.clone()
+            sparsify.apply_mask_(out, sparsify.della_mask(
+                out, 0.5, 0.1, torch.Generator().manual_seed(9)))
+            masks.append(out != 0)
+        assert torch.equal(masks[0], masks[1])
+
+
 def test_della_row_order_uses_numpy_when_installed():
     """The fast sort is really taken where numpy is installed (the test environment)."""
     pytest.importorskip("numpy")

@@ -534,16 +534,86 @@ def bernoulli_decider(shape: tuple[int, ...], density: float,
     return _RandomDecider(math.prod(shape), CHUNK, draw, rescale)
 
 
-def _stable_row_order(a: torch.Tensor) -> torch.Tensor:
+def _stable_row_order(a: torch.Tensor, narrow: "_NarrowKeys | None" = None) -> torch.Tensor:
     """``a.argsort(dim=1, stable=True)`` for float32 ``a ≥ 0`` on the CPU, several times
     as fast: non-negative floats order as their bits, so sorting the keys
-    ``bits · 2³² + column`` (all distinct) of each row gives its stable order.
-    Elsewhere: argsort."""
+    ``bits · 2³² + column`` (all distinct) of each row gives its stable order. With
+    ``narrow``, 32-bit keys are tried first (see :class:`_NarrowKeys`). Elsewhere:
+    argsort."""
     if a.dtype != torch.float32 or a.device.type != "cpu" or a.shape[1] >= 1 << 31:
         return a.argsort(dim=1, stable=True)
+    if narrow is not None and _numpy() is not None and narrow.fits(a.shape[1]):
+        order = narrow.order(a)
+        if order is not None:
+            return order
+    return _wide_row_order(a)
+
+
+def _wide_row_order(a: torch.Tensor) -> torch.Tensor:
     columns = torch.arange(a.shape[1], dtype=torch.int64)
     keys = a.view(torch.int32).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(columns)
     return _sort_rows_of_distinct(keys).bitwise_and_(0xFFFFFFFF)
+
+
+class _NarrowKeys:
+    """Row orders from 32-bit keys, which sort about twice as fast as 64-bit ones.
+
+    A key is ``coarse · 2^c + column`` (``c`` bits for the column), where ``coarse`` keeps
+    the top bits of the value's bits above the block's smallest non-zero value (zeros stay
+    below everything). Sorting those keys orders the rows by coarse value, then column.
+    That is the exact stable order wherever the exact bits come out non-decreasing, which
+    is checked; rows where they do not (two values sharing a coarse value out of column
+    order) are sorted again with the 64-bit keys, so the result is always exact. Deltas
+    of 16-bit models almost always fit. Where most rows had to be sorted again (float32
+    deltas that differ only in their low bits), the rest of the tensor skips this path.
+    """
+
+    WIDTHS = range(257, (1 << 13) + 1)
+    """Where it pays: numpy sorts rows of up to 256 64-bit keys in registers anyway, and
+    wider rows leave too few bits for the value."""
+    GIVE_UP = 0.25
+    """Share of a block's rows sorted again above which the rest of the tensor uses
+    64-bit keys only."""
+
+    def __init__(self) -> None:
+        self.useful = True
+
+    def fits(self, width: int) -> bool:
+        return self.useful and width in self.WIDTHS
+
+    def order(self, a: torch.Tensor) -> torch.Tensor | None:
+        if not self.useful or a.numel() == 0:
+            return None
+        np = _numpy()
+        rows, width = a.shape
+        column_bits = max(1, (width - 1).bit_length())
+        bits = a.view(torch.int32)
+        values = bits.numpy()
+        high = int(values.max())
+        if high == 0:  # all zero: the stable order is the columns
+            return torch.arange(width, dtype=torch.int64).expand(rows, width).clone()
+        low = int((values.view(np.uint32) - np.uint32(1)).min()) + 1  # smallest non-zero
+        # 1 ≤ coarse < 2^(31 − column_bits) for non-zero values, 0 for zeros: the keys
+        # are non-negative int32
+        shift = max(0, (high - low).bit_length() - (30 - column_bits))
+        keys = values - np.int32(low)
+        keys >>= shift
+        keys += 1
+        np.maximum(keys, 0, out=keys)
+        keys <<= column_bits
+        keys |= np.arange(width, dtype=np.int32)
+        keys.sort(axis=1)
+        keys &= (1 << column_bits) - 1
+        order = torch.from_numpy(keys).to(torch.int64)
+        if shift:
+            exact = torch.gather(bits, 1, order).numpy()
+            if (exact[:, 1:] < exact[:, :-1]).any():
+                wrong = torch.from_numpy((exact[:, 1:] < exact[:, :-1]).any(axis=1))
+                wrong = wrong.nonzero().view(-1)
+                order[wrong] = _wide_row_order(a[wrong])
+                if wrong.numel() > self.GIVE_UP * rows:
+                    self.useful = False
+        return order
 
 
 def _sort_rows_of_distinct(keys: torch.Tensor) -> torch.Tensor:
@@ -577,11 +647,13 @@ def della_decider(shape: tuple[int, ...], density: float, epsilon: float,
     if density <= 0:
         return Fixed(_DropAll())
 
+    narrow = _NarrowKeys()
+
     def draw(c: torch.Tensor) -> torch.Tensor:
         block = c.view(-1, width)
         rank = torch.empty_like(block)
         steps = torch.arange(width, dtype=block.dtype, device=block.device)
-        rank.scatter_(1, _stable_row_order(block.abs()), steps.expand_as(block))
+        rank.scatter_(1, _stable_row_order(block.abs(), narrow), steps.expand_as(block))
         rank = rank / (width - 1) if width > 1 else rank.fill_(0.5)
         probs = rank.mul_(2 * epsilon).add_(density - epsilon)
         # torch.bernoulli(probs) draws one uniform per element and keeps it below p: the
