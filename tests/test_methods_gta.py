@@ -296,7 +296,8 @@ def test_della_narrow_keys_give_the_stable_argsort(rows, width, levels, jitter, 
 
 def test_della_narrow_keys_sort_misfits_again_and_give_up_when_most_rows_misfit():
     """Rows whose near-equal values come out of column order are sorted again (exact);
-    once most of a block's rows had to be, the tensor's later blocks skip the path."""
+    once most of a block's rows had to be (or of the rows probed first), the tensor's
+    later blocks skip the path."""
     pytest.importorskip("numpy")
     width = 600
     row = torch.linspace(1e-6, 1.0, width)  # a span of 2^28 ulps: coarse steps of 2^8
@@ -317,6 +318,13 @@ def test_della_narrow_keys_sort_misfits_again_and_give_up_when_most_rows_misfit(
     assert narrow.order(most) is None
     assert torch.equal(sparsify._stable_row_order(most, narrow),
                        most.argsort(dim=1, stable=True))
+
+    # a tensor whose first rows misfit is given up after a probe of those rows alone
+    narrow = sparsify._NarrowKeys()
+    block = torch.stack([odd] * 20 + [row] * 20)
+    assert narrow.order(block) is None and not narrow.useful
+    assert torch.equal(sparsify._stable_row_order(block, narrow),
+                       block.argsort(dim=1, stable=True))
 
 
 def test_della_masks_are_the_same_with_and_without_narrow_keys(monkeypatch):

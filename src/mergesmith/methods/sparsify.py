@@ -565,7 +565,9 @@ class _NarrowKeys:
     is checked; rows where they do not (two values sharing a coarse value out of column
     order) are sorted again with the 64-bit keys, so the result is always exact. Deltas
     of 16-bit models almost always fit. Where most rows had to be sorted again (float32
-    deltas that differ only in their low bits), the rest of the tensor skips this path.
+    deltas that differ only in their low bits), the rest of the tensor skips this path;
+    a tensor's first block is probed on a few rows first, so such a tensor pays for
+    little more than those.
     """
 
     WIDTHS = range(257, (1 << 13) + 1)
@@ -574,9 +576,10 @@ class _NarrowKeys:
     GIVE_UP = 0.25
     """Share of a block's rows sorted again above which the rest of the tensor uses
     64-bit keys only."""
+    PROBE_ROWS = 8
 
     def __init__(self) -> None:
-        self.useful = True
+        self.useful, self.probed = True, False
 
     def fits(self, width: int) -> bool:
         return self.useful and width in self.WIDTHS
@@ -584,6 +587,12 @@ class _NarrowKeys:
     def order(self, a: torch.Tensor) -> torch.Tensor | None:
         if not self.useful or a.numel() == 0:
             return None
+        if not self.probed:
+            self.probed = True
+            if a.shape[0] > self.PROBE_ROWS:
+                self.order(a[:self.PROBE_ROWS])
+                if not self.useful:
+                    return None
         np = _numpy()
         rows, width = a.shape
         column_bits = max(1, (width - 1).bit_length())
