@@ -110,8 +110,8 @@ MODEL_STOCK_STATISTIC = TensorStatistic(gram_block_rows, _accumulate, _finish,
     reference="https://arxiv.org/abs/2403.19522",
     differences="""
         Float32 arithmetic (mergekit: the input dtype); norms and dot products are summed
-        in float64 over fixed pieces of whole rows (at most 2^18 elements: exact products,
-        one order on every CPU).
+        in float64 over fixed pieces of whole rows (at most 2^18 elements; exact products,
+        each piece's sums one batched product, the same for any thread count).
         t is clamped to [0, 1], with a
         warning naming the tensor; mergekit 0.1.5 applies it unclamped, so fine-tunes whose
         task vectors point in opposite directions (negative mean cosine) push the result
