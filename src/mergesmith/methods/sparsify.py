@@ -658,14 +658,22 @@ def della_decider(shape: tuple[int, ...], density: float, epsilon: float,
         return Fixed(_DropAll())
 
     narrow = _NarrowKeys()
+    by_rank: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def keep_probabilities(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The keep probability of each rank, computed once per dtype and device with the
+        same operations as element by element (so the same numbers)."""
+        if (dtype, device) not in by_rank:
+            rank = torch.arange(width, dtype=dtype, device=device)
+            rank = rank / (width - 1) if width > 1 else rank.fill_(0.5)
+            by_rank[dtype, device] = rank.mul_(2 * epsilon).add_(density - epsilon)
+        return by_rank[dtype, device]
 
     def draw(c: torch.Tensor) -> torch.Tensor:
         block = c.view(-1, width)
-        rank = torch.empty_like(block)
-        steps = torch.arange(width, dtype=block.dtype, device=block.device)
-        rank.scatter_(1, _stable_row_order(block.abs(), narrow), steps.expand_as(block))
-        rank = rank / (width - 1) if width > 1 else rank.fill_(0.5)
-        probs = rank.mul_(2 * epsilon).add_(density - epsilon)
+        probs = torch.empty_like(block)
+        probs.scatter_(1, _stable_row_order(block.abs(), narrow),
+                       keep_probabilities(block.dtype, block.device).expand_as(block))
         # torch.bernoulli(probs) draws one uniform per element and keeps it below p: the
         # same numbers, state and decisions as this, four times slower on the CPU
         keep = torch.rand(probs.shape, generator=generator, dtype=probs.dtype,
