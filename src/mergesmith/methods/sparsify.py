@@ -617,9 +617,9 @@ class _NarrowKeys:
         order = torch.from_numpy(keys).to(torch.int64)
         if shift:
             exact = torch.gather(bits, 1, order).numpy()
-            if (exact[:, 1:] < exact[:, :-1]).any():
-                wrong = torch.from_numpy((exact[:, 1:] < exact[:, :-1]).any(axis=1))
-                wrong = wrong.nonzero().view(-1)
+            falls = exact[:, 1:] < exact[:, :-1]
+            if falls.any():
+                wrong = torch.from_numpy(falls.any(axis=1)).nonzero().view(-1)
                 order[wrong] = _wide_row_order(a[wrong])
                 if wrong.numel() > self.GIVE_UP * rows:
                     self.useful = False
